@@ -1,0 +1,297 @@
+"""`DevAgent`: the embedded agent as a running thing on the current event loop.
+
+Owns the HTTP server, the health-check runners (TTL expiry, TCP and HTTP probes), and the
+leaf renewal timers. Every task it starts is tracked and cancelled by `close()`.
+
+Rule 1: state changes go through `State`; this module only schedules and reports.
+Rule 2: probes only ever dial the addresses written in the checks the user registered.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import random
+import ssl
+import time
+from dataclasses import replace
+from typing import Any
+
+import httpx
+from aiohttp import web
+
+from proxy.devagent.acl import ACLStore, Authorizer
+from proxy.devagent.ca import CertificateAuthority
+from proxy.devagent.config import AgentConfig
+from proxy.devagent.http import create_app
+from proxy.devagent.state import CRITICAL, PASSING, WARNING, LeafEntry, State
+
+log = logging.getLogger("devagent")
+
+# Leaves are renewed at a random point between 60 % and 90 % of their lifetime, as Consul's
+# agent does, so a fleet of proxies does not rotate all at once.
+RENEW_MIN, RENEW_MAX = 0.6, 0.9
+OUTPUT_MAX = 4096
+
+
+def _split_host_port(addr: str) -> tuple[str, int]:
+    host, _, port = addr.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class DevAgent:
+    """An in-process Consul-compatible agent.
+
+    Use as `async with DevAgent(config) as agent:` or call `start()` / `close()`. After start,
+    `agent.http_addr` is `host:port` of the HTTP API and `agent.url` its base URL.
+    """
+
+    def __init__(self, config: AgentConfig | None = None, **overrides: Any) -> None:
+        config = config or AgentConfig()
+        if overrides:
+            config = replace(config, **overrides)
+        self.config = config
+        ca = CertificateAuthority(
+            config.cluster_id,
+            key_type=config.private_key_type,  # type: ignore[arg-type]
+            key_bits=config.private_key_bits,
+            private_key_pem=config.private_key_pem,
+            leaf_ttl=config.leaf_cert_ttl,
+            use_intermediate=config.use_intermediate,
+        )
+        acl = ACLStore(
+            enabled=config.acl_enabled,
+            default_policy=config.acl_default_policy,
+            initial_management=config.acl_initial_management,
+            default_token=config.acl_default_token,
+            agent_token=config.acl_agent_token,
+        )
+        self.state = State(
+            ca=ca,
+            acl=acl,
+            datacenter=config.datacenter,
+            node_name=config.node_name,
+            node_id=config.node_id,
+            default_intention_policy=config.default_intention_policy,
+            sidecar_port_range=(config.sidecar_min_port, config.sidecar_max_port),
+            sidecar_check_interval=config.sidecar_check_interval,
+        )
+        self.bind_address = "127.0.0.1"
+        self.http_host = config.http_host
+        self.http_port = config.http_port
+        self._runner: web.AppRunner | None = None
+        self._probes: dict[str, asyncio.Task[None]] = {}
+        self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
+        self._leaf_timers: dict[str, asyncio.TimerHandle] = {}
+        self._http_client: httpx.AsyncClient | None = None
+        self._started = False
+        self._closed = False
+        self.state.check_listeners.append(self._checks_changed)
+        self.state.leaf_listeners.append(self._leaf_issued)
+
+    # -- lifecycle -----------------------------------------------------------------------
+
+    @property
+    def http_addr(self) -> str:
+        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
+        return f"{host}:{self.http_port}"
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.http_addr}"
+
+    async def start(self, host: str | None = None, port: int | None = None) -> None:
+        """Load the configured services and intentions, then serve HTTP.
+
+        Args:
+            host, port: override the configured HTTP address (port 0 picks a free port).
+
+        Raises:
+            OSError: the address cannot be bound.
+            StateError: a service or config entry from the configuration is invalid.
+        """
+        if self._started:
+            raise RuntimeError("DevAgent.start() called twice")
+        self._started = True
+        management = Authorizer(enabled=False, default_allow=True)
+        for entry in self.config.config_entries:
+            self.state.put_config_entry(entry, management)
+        for service in self.config.services:
+            self.state.register_service(service, management)
+        self._http_client = httpx.AsyncClient(verify=False, follow_redirects=True)
+        app = create_app(self)
+        # Access logs are off: request lines can carry ?token= and must never be logged.
+        self._runner = web.AppRunner(
+            app, access_log=None, handle_signals=False, shutdown_timeout=1.0
+        )
+        await self._runner.setup()
+        site = web.TCPSite(
+            self._runner,
+            self.http_host if host is None else host,
+            self.http_port if port is None else port,
+            reuse_address=True,
+        )
+        try:
+            await site.start()
+        except BaseException:
+            await self.close()
+            raise
+        sockname = self._runner.addresses[0]
+        self.http_host, self.http_port = str(sockname[0]), int(sockname[1])
+        log.info("dev agent serving the HTTP API on %s", self.url)
+
+    async def close(self) -> None:
+        """Stop serving, release blocked queries, stop probes and timers. Idempotent."""
+        if self._closed:
+            return
+        self._closed = True
+        self.state.notifier.close()
+        for handle in [*self._ttl_timers.values(), *self._leaf_timers.values()]:
+            handle.cancel()
+        self._ttl_timers.clear()
+        self._leaf_timers.clear()
+        probes = list(self._probes.values())
+        self._probes.clear()
+        for task in probes:
+            task.cancel()
+        for task in probes:
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+        if self._runner is not None:
+            await self._runner.cleanup()
+        if self._http_client is not None:
+            await self._http_client.aclose()
+
+    async def __aenter__(self) -> DevAgent:
+        if not self._started:
+            await self.start()
+        return self
+
+    async def __aexit__(self, *exc: object) -> None:
+        await self.close()
+
+    # -- conveniences for tests and the demo ---------------------------------------------
+
+    def rotate_ca(self, **kwargs: Any) -> None:
+        """Rotate the CA now: new root, cross-signed by the old, every cached leaf re-issued."""
+        self.state.rotate_ca(**kwargs)
+
+    def set_check_status(self, check_id: str, status: str, output: str = "") -> None:
+        """Force a check's status (any check type) until its runner next reports."""
+        if check_id not in self.state.checks:
+            raise KeyError(check_id)
+        self.state.update_check(check_id, status, output)
+
+    # -- health checks -------------------------------------------------------------------
+
+    def _checks_changed(self, added: set[str], removed: set[str]) -> None:
+        if self._closed:
+            return
+        for cid in removed | added:
+            handle = self._ttl_timers.pop(cid, None)
+            if handle is not None:
+                handle.cancel()
+            task = self._probes.pop(cid, None)
+            if task is not None:
+                task.cancel()
+        if not self._started:
+            return
+        loop = asyncio.get_running_loop()
+        for cid in added:
+            spec = self.state.check_specs.get(cid)
+            if spec is None:
+                continue
+            if spec.kind == "ttl":
+                self._ttl_timers[cid] = loop.call_later(spec.ttl, self._ttl_expired, cid)
+            elif spec.kind in ("tcp", "http"):
+                self._probes[cid] = loop.create_task(self._probe_loop(cid), name=f"check {cid}")
+
+    def _ttl_expired(self, check_id: str) -> None:
+        self._ttl_timers.pop(check_id, None)
+        self.state.update_check(check_id, CRITICAL, "TTL expired")
+
+    async def _probe_loop(self, check_id: str) -> None:
+        # Consul staggers the first run randomly within the interval; the dev agent runs it at
+        # once so a freshly started proxy shows up as healthy without a wait.
+        spec = self.state.check_specs[check_id]
+        while not self._closed and self.state.check_specs.get(check_id) is spec:
+            try:
+                if spec.kind == "tcp":
+                    status, output = await self._probe_tcp(spec.target, spec.timeout)
+                else:
+                    status, output = await self._probe_http(spec)
+            except asyncio.CancelledError:
+                raise
+            except Exception as exc:  # a probe must never kill its loop
+                status, output = CRITICAL, f"check failed: {exc}"
+            if self.state.check_specs.get(check_id) is not spec:
+                return
+            self.state.update_check(check_id, status, output)
+            await asyncio.sleep(spec.interval)
+
+    @staticmethod
+    async def _probe_tcp(target: str, timeout: float) -> tuple[str, str]:
+        host, port = _split_host_port(target)
+        try:
+            async with asyncio.timeout(timeout):
+                _, writer = await asyncio.open_connection(host, port)
+        except (OSError, TimeoutError) as exc:
+            reason = (
+                "i/o timeout"
+                if isinstance(exc, TimeoutError)
+                else (exc.strerror or str(exc)).lower()
+            )
+            return CRITICAL, f"dial tcp {target}: connect: {reason}"
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return PASSING, f"TCP connect {target}: Success"
+
+    async def _probe_http(self, spec: Any) -> tuple[str, str]:
+        assert self._http_client is not None
+        headers = {k: (v[0] if isinstance(v, list) else str(v)) for k, v in spec.header.items()}
+        try:
+            response = await self._http_client.request(
+                spec.method,
+                spec.target,
+                headers=headers,
+                content=spec.body or None,
+                timeout=spec.timeout,
+            )
+        except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
+            return CRITICAL, f"{spec.method} {spec.target}: {exc}"
+        body = response.text[:OUTPUT_MAX]
+        output = (
+            f"HTTP {spec.method} {spec.target}: {response.status_code} "
+            f"{response.reason_phrase} Output: {body}"
+        )
+        if 200 <= response.status_code < 300:
+            return PASSING, output
+        if response.status_code == 429:
+            return WARNING, output
+        return CRITICAL, output
+
+    # -- leaf renewal --------------------------------------------------------------------
+
+    def _leaf_issued(self, service: str, entry: LeafEntry) -> None:
+        old = self._leaf_timers.pop(service, None)
+        if old is not None:
+            old.cancel()
+        if self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        leaf = entry.leaf
+        lifetime = (leaf.valid_before - leaf.valid_after).total_seconds()
+        renew_at = leaf.valid_after.timestamp() + lifetime * random.uniform(RENEW_MIN, RENEW_MAX)
+        delay = max(0.0, renew_at - time.time())
+        self._leaf_timers[service] = loop.call_later(delay, self._renew_leaf, service)
+
+    def _renew_leaf(self, service: str) -> None:
+        self._leaf_timers.pop(service, None)
+        if not self._closed and service in self.state.leaves:
+            log.info("renewing leaf certificate for service %s", service)
+            self.state.issue_leaf(service)

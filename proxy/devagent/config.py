@@ -1,0 +1,293 @@
+"""The dev agent's configuration, and loading of Consul agent config files (JSON or HCL).
+
+Owns: the `AgentConfig` value and the mapping from Consul's config-file keys onto it. Reads
+the keys a Connect dev setup uses (`service`, `services`, `config_entries.bootstrap`,
+`datacenter`, `node_name`, `ports`, `addresses`, `client_addr`, `acl`, `connect.ca_config`,
+`default_intention_policy`); other Consul keys are reported as ignored, and an unknown key
+inside a service definition is an error naming it, as Consul's own loader does.
+
+Rule 1: pure apart from reading the named files. Returns a valid object or raises ConfigError.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+from proxy.devagent import decode
+from proxy.devagent.ca import DEFAULT_LEAF_TTL
+from proxy.errors import ConfigError
+
+_IGNORED_TOP = {
+    "data_dir",
+    "server",
+    "bootstrap",
+    "bootstrap_expect",
+    "log_level",
+    "log_json",
+    "ui",
+    "ui_config",
+    "bind_addr",
+    "advertise_addr",
+    "retry_join",
+    "enable_script_checks",
+    "enable_local_script_checks",
+    "encrypt",
+    "telemetry",
+    "performance",
+    "limits",
+    "dns_config",
+    "recursors",
+    "domain",
+    "primary_datacenter",
+    "disable_update_check",
+    "enable_debug",
+    "leave_on_terminate",
+    "log_file",
+    "pid_file",
+    "raft_protocol",
+    "tls",
+    "verify_incoming",
+    "verify_outgoing",
+    "auto_encrypt",
+    "auto_config",
+    "license_path",
+    "peering",
+    "node_meta",
+}
+
+
+@dataclass(frozen=True, slots=True)
+class AgentConfig:
+    """Everything a `DevAgent` is started with. Durations are float seconds."""
+
+    datacenter: str = "dc1"
+    node_name: str = field(default_factory=lambda: socket.gethostname() or "dev-agent")
+    node_id: str | None = None
+    http_host: str = "127.0.0.1"
+    http_port: int = 8500
+    grpc_port: int = 8502
+    acl_enabled: bool = False
+    acl_default_policy: str = "allow"
+    acl_initial_management: str = ""
+    acl_default_token: str = ""
+    acl_agent_token: str = ""
+    default_intention_policy: str | None = None
+    cluster_id: str | None = None
+    leaf_cert_ttl: float = DEFAULT_LEAF_TTL
+    private_key_type: str = "ec"
+    private_key_bits: int = 256
+    private_key_pem: str | None = None
+    use_intermediate: bool = False
+    sidecar_min_port: int = 21000
+    sidecar_max_port: int = 21255
+    sidecar_check_interval: float = 10.0
+    services: tuple[Mapping[str, Any], ...] = ()
+    config_entries: tuple[Mapping[str, Any], ...] = ()
+    ignored_keys: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        if self.acl_default_policy not in ("allow", "deny"):
+            raise ConfigError(
+                f'acl.default_policy must be "allow" or "deny", got "{self.acl_default_policy}"'
+            )
+        if self.default_intention_policy not in (None, "allow", "deny"):
+            raise ConfigError(
+                'default_intention_policy must be "allow" or "deny", '
+                f'got "{self.default_intention_policy}"'
+            )
+        if not 0 < self.sidecar_min_port <= self.sidecar_max_port < 65536:
+            raise ConfigError(
+                "ports.sidecar_min_port and ports.sidecar_max_port must give a range within "
+                f"1-65535, got {self.sidecar_min_port}-{self.sidecar_max_port}"
+            )
+        if self.leaf_cert_ttl <= 0:
+            raise ConfigError("connect.ca_config.leaf_cert_ttl must be a positive duration")
+        if self.sidecar_check_interval <= 0:
+            raise ConfigError("sidecar check interval must be a positive duration")
+
+
+def parse_file(path: str | Path) -> dict[str, Any]:
+    """Read one config file: JSON when it ends in .json, HCL when in .hcl, else by content.
+
+    Raises:
+        ConfigError: unreadable or unparsable, naming the file.
+    """
+    p = Path(path)
+    try:
+        text = p.read_text()
+    except OSError as exc:
+        raise ConfigError(f"Error reading config file {p}: {exc.strerror or exc}") from exc
+    as_json = p.suffix == ".json" or (p.suffix != ".hcl" and text.lstrip().startswith("{"))
+    try:
+        data = json.loads(text) if as_json else decode.load_hcl(text)
+    except (json.JSONDecodeError, ValueError) as exc:
+        kind = "JSON" if as_json else "HCL"
+        raise ConfigError(f"Error parsing {p} as {kind}: {exc}") from exc
+    if not isinstance(data, dict):
+        raise ConfigError(f"Error parsing {p}: the top level must be an object")
+    return data
+
+
+def _as_list(value: Any) -> list[Any]:
+    if value is None:
+        return []
+    return value if isinstance(value, list) else [value]
+
+
+def _sub(data: Mapping[str, Any], key: str, where: str) -> Mapping[str, Any]:
+    value = data.get(key)
+    if isinstance(value, list) and len(value) == 1:
+        value = value[0]
+    if value is None:
+        return {}
+    if not isinstance(value, Mapping):
+        raise ConfigError(f"{where}{key} must be an object")
+    return value
+
+
+def _typed(value: Any, kind: type, name: str) -> Any:
+    if kind is int and isinstance(value, float) and value.is_integer():
+        value = int(value)
+    if not isinstance(value, kind) or (kind is int and isinstance(value, bool)):
+        raise ConfigError(f"{name} must be a {kind.__name__}, got {value!r}")
+    return value
+
+
+def _duration(value: Any, name: str) -> float:
+    try:
+        return decode.duration_seconds(value, name)
+    except decode.DecodeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def apply_file(config: AgentConfig, data: Mapping[str, Any], source: str) -> AgentConfig:
+    """Merge one parsed config file onto `config` (later files win, services accumulate)."""
+    changes: dict[str, Any] = {}
+    ignored = list(config.ignored_keys)
+    services = list(config.services)
+    entries = list(config.config_entries)
+    for key, value in data.items():
+        if key in ("service", "services"):
+            for n, raw in enumerate(_as_list(value)):
+                where = f"{key}[{n}]" if key == "services" or isinstance(value, list) else key
+                if not isinstance(raw, Mapping):
+                    raise ConfigError(f"{source}: {where} must be an object")
+                unknown: list[str] = []
+                try:
+                    svc = decode.decode(raw, decode.SERVICE, unknown=unknown, _path=where)
+                except decode.DecodeError as exc:
+                    raise ConfigError(f"{source}: {exc}") from exc
+                if unknown:
+                    raise ConfigError(f"{source}: invalid config key {unknown[0]}")
+                services.append(svc)
+        elif key == "config_entries":
+            boot = _sub(data, key, "")
+            for n, raw in enumerate(_as_list(boot.get("bootstrap"))):
+                if not isinstance(raw, Mapping):
+                    raise ConfigError(f"{source}: config_entries.bootstrap[{n}] must be an object")
+                unknown = []
+                try:
+                    entry = decode.decode(
+                        raw,
+                        decode.CONFIG_ENTRY,
+                        unknown=unknown,
+                        _path=f"config_entries.bootstrap[{n}]",
+                    )
+                except decode.DecodeError as exc:
+                    raise ConfigError(f"{source}: {exc}") from exc
+                if entry.get("Kind") == "service-intentions" and unknown:
+                    raise ConfigError(f"{source}: invalid config key {unknown[0]}")
+                if entry.get("Kind") != "service-intentions":
+                    entry = {**raw, "Kind": entry.get("Kind"), "Name": entry.get("Name")}
+                entries.append(entry)
+        elif key == "datacenter":
+            changes["datacenter"] = _typed(value, str, key)
+        elif key == "node_name":
+            changes["node_name"] = _typed(value, str, key)
+        elif key == "node_id":
+            changes["node_id"] = _typed(value, str, key)
+        elif key == "client_addr":
+            changes["http_host"] = _typed(value, str, key).split()[0]
+        elif key == "addresses":
+            http = _sub(data, key, "").get("http")
+            if http is not None:
+                changes["http_host"] = _typed(http, str, "addresses.http").split()[0]
+        elif key == "ports":
+            ports = _sub(data, key, "")
+            for name, target in (
+                ("http", "http_port"),
+                ("grpc", "grpc_port"),
+                ("sidecar_min_port", "sidecar_min_port"),
+                ("sidecar_max_port", "sidecar_max_port"),
+            ):
+                if name in ports:
+                    changes[target] = _typed(ports[name], int, f"ports.{name}")
+        elif key == "acl":
+            acl = _sub(data, key, "")
+            if "enabled" in acl:
+                changes["acl_enabled"] = _typed(acl["enabled"], bool, "acl.enabled")
+            if "default_policy" in acl:
+                changes["acl_default_policy"] = _typed(
+                    acl["default_policy"], str, "acl.default_policy"
+                )
+            tokens = _sub(acl, "tokens", "acl.")
+            for name, target in (
+                ("initial_management", "acl_initial_management"),
+                ("master", "acl_initial_management"),
+                ("default", "acl_default_token"),
+                ("agent", "acl_agent_token"),
+            ):
+                if name in tokens:
+                    changes[target] = _typed(tokens[name], str, f"acl.tokens.{name}")
+        elif key == "default_intention_policy":
+            changes["default_intention_policy"] = _typed(value, str, key)
+        elif key == "connect":
+            connect = _sub(data, key, "")
+            ca = _sub(connect, "ca_config", "connect.")
+            if "leaf_cert_ttl" in ca:
+                changes["leaf_cert_ttl"] = _duration(
+                    ca["leaf_cert_ttl"], "connect.ca_config.leaf_cert_ttl"
+                )
+            if "private_key_type" in ca:
+                changes["private_key_type"] = _typed(
+                    ca["private_key_type"], str, "connect.ca_config.private_key_type"
+                )
+            if "private_key_bits" in ca:
+                changes["private_key_bits"] = _typed(
+                    ca["private_key_bits"], int, "connect.ca_config.private_key_bits"
+                )
+            if "private_key" in ca:
+                changes["private_key_pem"] = _typed(
+                    ca["private_key"], str, "connect.ca_config.private_key"
+                )
+            if "cluster_id" in ca:
+                changes["cluster_id"] = _typed(
+                    ca["cluster_id"], str, "connect.ca_config.cluster_id"
+                )
+        elif key in _IGNORED_TOP:
+            ignored.append(key)
+        else:
+            raise ConfigError(f"{source}: invalid config key {key}")
+    try:
+        return replace(
+            config,
+            **changes,
+            services=tuple(services),
+            config_entries=tuple(entries),
+            ignored_keys=tuple(ignored),
+        )
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def load_files(paths: Iterable[str | Path], base: AgentConfig | None = None) -> AgentConfig:
+    """Load Consul agent config files in order onto `base` (or the defaults)."""
+    config = base or AgentConfig()
+    for path in paths:
+        config = apply_file(config, parse_file(path), str(path))
+    return config
