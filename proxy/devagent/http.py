@@ -446,7 +446,7 @@ async def _health(request: web.Request, connect: bool) -> web.StreamResponse:
     tags = request.query.getall("tag", [])
     authz = _authz(request)
     await state.block_on_index(
-        ("services", "checks"),
+        (state.health_topic(name, connect=connect),),
         _index(request),
         _wait(request, DEFAULT_WAIT),
         lambda: state.health_index(name, connect=connect),
@@ -471,7 +471,7 @@ async def _catalog(request: web.Request, connect: bool) -> web.StreamResponse:
     authz = _authz(request)
     tags = request.query.getall("tag", [])
     await state.block_on_index(
-        ("services",),
+        (state.health_topic(name, connect=connect),),
         _index(request),
         _wait(request, DEFAULT_WAIT),
         lambda: state.health_index(name, connect=connect),

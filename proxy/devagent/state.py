@@ -103,6 +103,7 @@ class Notifier:
 
     def __init__(self) -> None:
         self._waiters: dict[str, set[asyncio.Future[None]]] = {}
+        self._parked: asyncio.Event | None = None
         self.closed = False
 
     def watch(self, topics: Iterable[str]) -> asyncio.Future[None]:
@@ -112,6 +113,8 @@ class Notifier:
             return fut
         for t in topics:
             self._waiters.setdefault(t, set()).add(fut)
+        if self._parked is not None:
+            self._parked.set()
         return fut
 
     def unwatch(self, fut: asyncio.Future[None], topics: Iterable[str]) -> None:
@@ -134,7 +137,17 @@ class Notifier:
         self.notify(list(self._waiters))
 
     def waiting(self) -> int:
+        """How many blocked queries are parked right now."""
         return len({f for ws in self._waiters.values() for f in ws})
+
+    async def until_waiting(self, count: int) -> None:
+        """Return once at least `count` queries are parked (callers bound it with a timeout)."""
+        while self.waiting() < count:
+            self._parked = asyncio.Event()
+            try:
+                await self._parked.wait()
+            finally:
+                self._parked = None
 
 
 @dataclass(slots=True)
@@ -957,9 +970,14 @@ class State:
             out.append(entry)
         return out
 
+    @staticmethod
+    def health_topic(name: str, *, connect: bool) -> str:
+        return f"connect:{name}" if connect else f"svc:{name}"
+
     def health_index(self, name: str, *, connect: bool) -> int:
-        topic = f"connect:{name}" if connect else f"svc:{name}"
-        return self.index_of(topic, fallback="services")
+        # Per service name, so a watch on one service is not woken by changes to others. A
+        # name never registered has index 1; its first registration moves it past that.
+        return self.index_of(self.health_topic(name, connect=connect))
 
     # -- intentions and config entries ---------------------------------------------------
 

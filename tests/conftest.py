@@ -1,0 +1,54 @@
+"""Shared fixtures: an in-process dev agent on 127.0.0.1:0 and an HTTP client for it."""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any
+
+import httpx
+import pytest
+
+from proxy.devagent import AgentConfig, DevAgent
+
+
+async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:
+    """Await `predicate` becoming true, re-checking on each loop turn, under a deadline.
+
+    For state the test cannot subscribe to (another task's progress); never a fixed sleep.
+    """
+    async with asyncio.timeout(timeout):
+        while True:
+            result = predicate()
+            if isinstance(result, Awaitable):
+                result = await result
+            if result:
+                return
+            await asyncio.sleep(0.01)
+
+
+@pytest.fixture
+def agent_config() -> AgentConfig:
+    return AgentConfig(node_name="test-node", sidecar_check_interval=0.05)
+
+
+@pytest.fixture
+async def agent(agent_config: AgentConfig) -> AsyncIterator[DevAgent]:
+    dev = DevAgent(agent_config)
+    await dev.start("127.0.0.1", 0)
+    try:
+        yield dev
+    finally:
+        await dev.close()
+
+
+@pytest.fixture
+async def client(agent: DevAgent) -> AsyncIterator[httpx.AsyncClient]:
+    async with httpx.AsyncClient(base_url=agent.url, timeout=10.0) as c:
+        yield c
+
+
+async def register(client: httpx.AsyncClient, body: dict[str, Any], token: str = "") -> None:
+    headers = {"X-Consul-Token": token} if token else {}
+    r = await client.put("/v1/agent/service/register", json=body, headers=headers)
+    assert r.status_code == 200, r.text
