@@ -182,11 +182,14 @@ def dev_agent_main(argv: Sequence[str]) -> int:
             await agent.close()
             return 1
         print("==> Starting Consul dev agent (connect-proxy)...")
-        print(f"          Datacenter: '{agent.state.datacenter}'")
-        print(f"           Node name: '{agent.state.node_name}'")
-        print(f"     HTTP API address: {agent.http_addr}")
-        print(f"        Trust domain: {agent.state.ca.trust_domain}")
-        print(f"            Services: {len(agent.state.services)}")
+        for label, value in (
+            ("Datacenter", f"'{agent.state.datacenter}'"),
+            ("Node name", f"'{agent.state.node_name}'"),
+            ("HTTP API address", agent.http_addr),
+            ("Trust domain", agent.state.ca.trust_domain),
+            ("Services", str(len(agent.state.services))),
+        ):
+            print(f"{label:>20}: {value}")
         print("==> Consul dev agent running!", flush=True)
         try:
             await stop.wait()

@@ -22,7 +22,8 @@ Differences from a real Consul agent (what it leaves out or does differently):
   xDS port so `connect envoy -bootstrap` can render a bootstrap, but nothing listens there.
 - Namespaces and partitions are always `default`; peering, sameness groups, L7 intention
   permissions beyond "an L7 intention denies at L4", JWT and `?filter=` are not implemented.
-- Health checks: TTL, TCP, HTTP and alias checks run for real. Script checks are refused as
+- Health checks: TTL, TCP, HTTP and alias checks run for real (intervals below 1 s are
+  raised to 1 s, as in Consul). Script checks are refused as
   on an agent without `enable_script_checks`; gRPC, H2PING, Docker, UDP and OS-service checks
   are refused with a 400 naming the type. TCP/HTTP checks run once at registration and then
   every interval (Consul staggers the first run randomly within the interval).

@@ -12,6 +12,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import random
 import ssl
 import time
@@ -84,7 +85,7 @@ class DevAgent:
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self._leaf_timers: dict[str, asyncio.TimerHandle] = {}
-        self._http_client: httpx.AsyncClient | None = None
+        self._http_clients: dict[bool, httpx.AsyncClient] = {}
         self._started = False
         self._closed = False
         self.state.check_listeners.append(self._checks_changed)
@@ -119,7 +120,11 @@ class DevAgent:
             self.state.put_config_entry(entry, management)
         for service in self.config.services:
             self.state.register_service(service, management)
-        self._http_client = httpx.AsyncClient(verify=False, follow_redirects=True)
+        # HTTP checks verify TLS unless the check says TLSSkipVerify, as Consul does.
+        self._http_clients = {
+            False: httpx.AsyncClient(verify=True),
+            True: httpx.AsyncClient(verify=False),
+        }
         app = create_app(self)
         # Access logs are off: request lines can carry ?token= and must never be logged.
         self._runner = web.AppRunner(
@@ -160,8 +165,8 @@ class DevAgent:
                 await task
         if self._runner is not None:
             await self._runner.cleanup()
-        if self._http_client is not None:
-            await self._http_client.aclose()
+        for client in self._http_clients.values():
+            await client.aclose()
 
     async def __aenter__(self) -> DevAgent:
         if not self._started:
@@ -209,7 +214,12 @@ class DevAgent:
 
     def _ttl_expired(self, check_id: str) -> None:
         self._ttl_timers.pop(check_id, None)
-        self.state.update_check(check_id, CRITICAL, "TTL expired")
+        check = self.state.checks.get(check_id)
+        last = check["Output"] if check else ""
+        output = (
+            f"TTL expired (last output before timeout follows): {last}" if last else "TTL expired"
+        )
+        self.state.update_check(check_id, CRITICAL, output)
 
     async def _probe_loop(self, check_id: str) -> None:
         # Consul staggers the first run randomly within the interval; the dev agent runs it at
@@ -237,11 +247,12 @@ class DevAgent:
             async with asyncio.timeout(timeout):
                 _, writer = await asyncio.open_connection(host, port)
         except (OSError, TimeoutError) as exc:
-            reason = (
-                "i/o timeout"
-                if isinstance(exc, TimeoutError)
-                else (exc.strerror or str(exc)).lower()
-            )
+            if isinstance(exc, TimeoutError):
+                reason = "i/o timeout"
+            elif exc.errno:
+                reason = os.strerror(exc.errno).lower()  # "connection refused", as Go prints
+            else:
+                reason = str(exc)
             return CRITICAL, f"dial tcp {target}: connect: {reason}"
         writer.close()
         with contextlib.suppress(OSError):
@@ -249,15 +260,16 @@ class DevAgent:
         return PASSING, f"TCP connect {target}: Success"
 
     async def _probe_http(self, spec: Any) -> tuple[str, str]:
-        assert self._http_client is not None
+        client = self._http_clients[spec.tls_skip_verify]
         headers = {k: (v[0] if isinstance(v, list) else str(v)) for k, v in spec.header.items()}
         try:
-            response = await self._http_client.request(
+            response = await client.request(
                 spec.method,
                 spec.target,
                 headers=headers,
                 content=spec.body or None,
                 timeout=spec.timeout,
+                follow_redirects=not spec.disable_redirects,
             )
         except (httpx.HTTPError, ssl.SSLError, OSError) as exc:
             return CRITICAL, f"{spec.method} {spec.target}: {exc}"

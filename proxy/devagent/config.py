@@ -166,7 +166,18 @@ def _duration(value: Any, name: str) -> float:
 
 
 def apply_file(config: AgentConfig, data: Mapping[str, Any], source: str) -> AgentConfig:
-    """Merge one parsed config file onto `config` (later files win, services accumulate)."""
+    """Merge one parsed config file onto `config` (later files win, services accumulate).
+
+    Raises:
+        ConfigError: a key or value the agent cannot use; the message starts with `source`.
+    """
+    try:
+        return _apply(config, data)
+    except ConfigError as exc:
+        raise ConfigError(f"{source}: {exc}") from exc
+
+
+def _apply(config: AgentConfig, data: Mapping[str, Any]) -> AgentConfig:
     changes: dict[str, Any] = {}
     ignored = list(config.ignored_keys)
     services = list(config.services)
@@ -176,20 +187,20 @@ def apply_file(config: AgentConfig, data: Mapping[str, Any], source: str) -> Age
             for n, raw in enumerate(_as_list(value)):
                 where = f"{key}[{n}]" if key == "services" or isinstance(value, list) else key
                 if not isinstance(raw, Mapping):
-                    raise ConfigError(f"{source}: {where} must be an object")
+                    raise ConfigError(f"{where} must be an object")
                 unknown: list[str] = []
                 try:
                     svc = decode.decode(raw, decode.SERVICE, unknown=unknown, _path=where)
                 except decode.DecodeError as exc:
-                    raise ConfigError(f"{source}: {exc}") from exc
+                    raise ConfigError(str(exc)) from exc
                 if unknown:
-                    raise ConfigError(f"{source}: invalid config key {unknown[0]}")
+                    raise ConfigError(f"invalid config key {unknown[0]}")
                 services.append(svc)
         elif key == "config_entries":
             boot = _sub(data, key, "")
             for n, raw in enumerate(_as_list(boot.get("bootstrap"))):
                 if not isinstance(raw, Mapping):
-                    raise ConfigError(f"{source}: config_entries.bootstrap[{n}] must be an object")
+                    raise ConfigError(f"config_entries.bootstrap[{n}] must be an object")
                 unknown = []
                 try:
                     entry = decode.decode(
@@ -199,9 +210,9 @@ def apply_file(config: AgentConfig, data: Mapping[str, Any], source: str) -> Age
                         _path=f"config_entries.bootstrap[{n}]",
                     )
                 except decode.DecodeError as exc:
-                    raise ConfigError(f"{source}: {exc}") from exc
+                    raise ConfigError(str(exc)) from exc
                 if entry.get("Kind") == "service-intentions" and unknown:
-                    raise ConfigError(f"{source}: invalid config key {unknown[0]}")
+                    raise ConfigError(f"invalid config key {unknown[0]}")
                 if entry.get("Kind") != "service-intentions":
                     entry = {**raw, "Kind": entry.get("Kind"), "Name": entry.get("Name")}
                 entries.append(entry)
@@ -272,17 +283,14 @@ def apply_file(config: AgentConfig, data: Mapping[str, Any], source: str) -> Age
         elif key in _IGNORED_TOP:
             ignored.append(key)
         else:
-            raise ConfigError(f"{source}: invalid config key {key}")
-    try:
-        return replace(
-            config,
-            **changes,
-            services=tuple(services),
-            config_entries=tuple(entries),
-            ignored_keys=tuple(ignored),
-        )
-    except ConfigError as exc:
-        raise ConfigError(f"{source}: {exc}") from exc
+            raise ConfigError(f"invalid config key {key}")
+    return replace(
+        config,
+        **changes,
+        services=tuple(services),
+        config_entries=tuple(entries),
+        ignored_keys=tuple(ignored),
+    )
 
 
 def load_files(paths: Iterable[str | Path], base: AgentConfig | None = None) -> AgentConfig:

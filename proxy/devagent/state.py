@@ -36,6 +36,9 @@ from proxy.identity import SpiffeIDService, parse_spiffe_id
 PASSING, WARNING, CRITICAL, MAINTENANCE = "passing", "warning", "critical", "maintenance"
 _STATUS_RANK = {PASSING: 0, WARNING: 1, CRITICAL: 2, MAINTENANCE: 3}
 CONNECT_PROXY = "connect-proxy"
+MIN_CHECK_INTERVAL = 1.0
+# Marks the checks the agent itself adds to sidecars: their interval is the agent's setting.
+_AGENT_DEFINED = "_agent_defined"
 _KINDS = (
     "",
     CONNECT_PROXY,
@@ -163,6 +166,7 @@ class CheckSpec:
     header: dict[str, Any] = field(default_factory=dict)
     body: str = ""
     tls_skip_verify: bool = False
+    disable_redirects: bool = False
     alias_service: str = ""
 
 
@@ -517,7 +521,8 @@ class State:
                 {
                     "Name": "Connect Sidecar Listening",
                     "TCP": f"{host}:{svc['Port']}",
-                    "Interval": self.sidecar_check_interval,
+                    "Interval": f"{self.sidecar_check_interval:g}s",
+                    _AGENT_DEFINED: True,
                 },
                 {"Name": f"Connect Sidecar Aliasing {parent['ID']}", "AliasService": parent["ID"]},
             ]
@@ -546,7 +551,9 @@ class State:
                 f"service:{svc['ID']}" if len(checks) == 1 else f"service:{svc['ID']}:{n}"
             )
             name = check.get("Name") or f"Service '{svc['Service']}' check"
-            record, spec = self._prepare_check(check, check_id, name)
+            record, spec = self._prepare_check(
+                check, check_id, name, internal=bool(check.get(_AGENT_DEFINED))
+            )
             record.update(
                 ServiceID=svc["ID"], ServiceName=svc["Service"], ServiceTags=list(svc["Tags"])
             )
@@ -554,7 +561,7 @@ class State:
         return out
 
     def _prepare_check(
-        self, check: Mapping[str, Any], check_id: str, name: str
+        self, check: Mapping[str, Any], check_id: str, name: str, *, internal: bool = False
     ) -> tuple[dict[str, Any], CheckSpec]:
         if check.get("ScriptArgs") or check.get("Shell"):
             raise BadRequest(
@@ -569,8 +576,6 @@ class State:
             value = check.get(key)
             if value is None or value == "":
                 return default
-            if isinstance(value, float) and key == "Interval":
-                return value  # the agent's own sidecar default, already in seconds
             try:
                 return decode.duration_seconds(value, key)
             except decode.DecodeError as exc:
@@ -592,12 +597,16 @@ class State:
                 header=dict(check.get("Header") or {}),
                 body=check.get("Body") or "",
                 tls_skip_verify=bool(check.get("TLSSkipVerify")),
+                disable_redirects=bool(check.get("DisableRedirects")),
             )
             if spec.interval <= 0:
                 raise BadRequest(
                     "Invalid check: Interval must be > 0 for Script, HTTP, H2PING, TCP, UDP or "
                     "GRPC checks"
                 )
+            if not internal:
+                # Consul raises intervals below one second to one second.
+                spec.interval = max(spec.interval, MIN_CHECK_INTERVAL)
         elif check.get("AliasService"):
             spec = CheckSpec("alias", alias_service=check["AliasService"])
             ctype = "alias"
@@ -731,6 +740,9 @@ class State:
             topics.append("nodes")
         index = self.index + 1
         old = self.checks.get(check_id)
+        if old is not None and not check.get("Status"):
+            # Consul keeps a re-registered check's last result unless a status is given.
+            record["Status"], record["Output"] = old["Status"], old["Output"]
         record["CreateIndex"] = old["CreateIndex"] if old else index
         record["ModifyIndex"] = index
         self.checks[check_id] = record
@@ -800,8 +812,9 @@ class State:
         return True
 
     def _refresh_aliases(self) -> None:
-        # Alias checks mirror the worst status of the aliased service's own checks. Two passes
-        # settle an alias of an alias; longer chains converge on later changes.
+        # Alias checks mirror the worst status of the aliased service's checks and of the
+        # node's own checks, as Consul's CheckAlias does. Two passes settle an alias of an
+        # alias; longer chains converge on later changes.
         for _ in range(2):
             changed = False
             for cid, spec in self.check_specs.items():
@@ -811,19 +824,20 @@ class State:
                 if target is None:
                     status, output = CRITICAL, f'Service "{spec.alias_service}" could not be found'
                 else:
-                    statuses = [
-                        c["Status"]
+                    aliased = [
+                        c
                         for c in self.checks.values()
-                        if c["ServiceID"] == spec.alias_service and c["CheckID"] != cid
+                        if c["CheckID"] != cid and c["ServiceID"] in (spec.alias_service, "")
                     ]
-                    status = worst_status(statuses)
-                    output = (
-                        "All checks passing."
-                        if status == PASSING
-                        else "Aliased service is not healthy"
-                    )
-                    if not statuses:
+                    status = worst_status(c["Status"] for c in aliased)
+                    failing = next((c for c in aliased if c["Status"] == status), None)
+                    if not aliased:
                         output = "No checks found."
+                    elif status == PASSING or failing is None:
+                        output = "All checks passing."
+                    else:
+                        output = f'Aliased check "{failing["Name"]}" failing: {failing["Output"]}'
+
                 check = self.checks[cid]
                 if check["Status"] != status or check["Output"] != output:
                     check["Status"], check["Output"] = status, output
