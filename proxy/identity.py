@@ -149,3 +149,46 @@ def matches_expected(peer_uri: str, expected: SpiffeIDService) -> bool:
         partition=expected.partition,
     ).uri()
     return peer_uri.lower() == want.lower()
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """The outcome of authorizing one inbound connection. A denial is a value, not an error."""
+
+    allowed: bool
+    reason: str
+
+
+@dataclass(frozen=True, slots=True)
+class PeerIdentity:
+    """What a peer's leaf certificate says about it."""
+
+    uri: str | None  # the first URI SAN, if any
+    serial: int
+    subject_cn: str | None
+
+
+def peer_identity(der: bytes) -> PeerIdentity:
+    """Read the first URI SAN, the serial and the subject CN of a DER certificate.
+
+    Raises:
+        IdentityError: the bytes are not a certificate.
+    """
+    from cryptography import x509
+
+    try:
+        cert = x509.load_der_x509_certificate(der)
+    except ValueError as exc:
+        raise IdentityError(f"peer certificate does not parse: {exc}") from exc
+    uri: str | None = None
+    try:
+        san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+        uris = san.get_values_for_type(x509.UniformResourceIdentifier)
+        uri = uris[0] if uris else None
+    except x509.ExtensionNotFound:
+        uri = None
+    cns = cert.subject.get_attributes_for_oid(x509.NameOID.COMMON_NAME)
+    cn = cns[0].value if cns else None
+    return PeerIdentity(
+        uri=uri, serial=cert.serial_number, subject_cn=cn if isinstance(cn, str) else None
+    )

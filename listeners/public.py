@@ -1,0 +1,151 @@
+"""The public listener: inbound mTLS -> authorize -> dial the local app -> pump.
+
+Order per connection (consul-spec.md 3.2, 5.3, and where we differ):
+1. accept, and start TLS at once with the server context current at accept;
+2. the handshake must finish within the handshake timeout (Go parses
+   `handshake_timeout_ms` and ignores it);
+3. the client chain is verified by OpenSSL against the current roots, then the leaf's SPIFFE
+   URI and serial are authorized by the agent, once;
+4. only then is the local app dialled (Go dials it before the handshake, so the app sees
+   connections from clients that are later refused);
+5. bytes are pumped with half-close.
+
+Rule 1: no byte from the client reaches the app, and no connection is opened to the app,
+before the authorizer has allowed the connection.
+Rule 2: this module takes only `proxy.errors` and `proxy.identity` from `proxy/`; its
+collaborators are Protocols.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from typing import Protocol
+
+from listeners.pump import Pipe
+from listeners.serve import Listener, is_routine_close, join_host_port, tune_socket
+from listeners.tls import HandshakeError, TLSTransport
+from proxy.identity import Decision
+
+log = logging.getLogger("proxy.inbound")
+
+
+class ServerContexts(Protocol):
+    def server_context(self) -> ssl.SSLContext | None: ...
+    async def wait_ready(self) -> None: ...
+
+
+class InboundAuthorizer(Protocol):
+    async def authorize(self, peer_der: bytes | None) -> Decision: ...
+
+
+def explain_handshake_error(exc: BaseException) -> str:
+    text = str(exc) or type(exc).__name__
+    if "subtree" in text or "name constraint" in text.lower():
+        return (
+            f"{text}: a name constraint of the CA rejects the client's leaf. OpenSSL checks a "
+            "subject common name that looks like a host name against DNS name constraints "
+            "when the leaf has no DNS SAN; Consul's Go proxy does not"
+        )
+    return text
+
+
+class _InboundTLS(TLSTransport):
+    def __init__(self, listener: PublicListener, context: ssl.SSLContext) -> None:
+        super().__init__(context, server_side=True)
+        self.listener = listener
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        super().connection_made(transport)
+        tune_socket(transport)
+        peer = transport.get_extra_info("peername")
+        self.listener.spawn(self.listener.handle(self), name=f"inbound {peer}")
+
+
+class PublicListener(Listener):
+    """Accepts mTLS connections for the proxied service and forwards authorized ones."""
+
+    def __init__(
+        self,
+        *,
+        bind_host: str,
+        bind_port: int,
+        app_host: str,
+        app_port: int,
+        contexts: ServerContexts,
+        authorizer: InboundAuthorizer,
+        handshake_timeout: float = 10.0,
+        app_connect_timeout: float = 1.0,
+        close_timeout: float = 10.0,
+        name: str = "public_listener",
+    ) -> None:
+        super().__init__(name, bind_host, bind_port, log)
+        # Go dials ":8080" as the local host; Python needs a name or an address.
+        self.app_host = app_host or "127.0.0.1"
+        self.app_port = app_port
+        self.contexts = contexts
+        self.authorizer = authorizer
+        self.handshake_timeout = handshake_timeout
+        self.app_connect_timeout = app_connect_timeout
+        self.close_timeout = close_timeout
+        self.accepted = 0
+        self.denied = 0
+        self.bytes_in = 0  # client -> app
+        self.bytes_out = 0  # app -> client
+
+    async def start(self) -> None:
+        """Wait for certificates, then bind (a public listener never serves without them)."""
+        await self.contexts.wait_ready()
+        await self.bind(self._accept)
+
+    def _accept(self) -> asyncio.BaseProtocol:
+        context = self.contexts.server_context()
+        assert context is not None  # bound only once ready
+        return _InboundTLS(self, context)
+
+    async def handle(self, tls: TLSTransport) -> None:
+        self.accepted += 1
+        pipe: Pipe | None = None
+        try:
+            try:
+                await tls.handshake(self.handshake_timeout)
+            except (HandshakeError, ssl.SSLError, OSError) as exc:
+                level = logging.DEBUG if is_routine_close(exc) else logging.INFO
+                log.log(level, "TLS handshake failed: %s", explain_handshake_error(exc))
+                return
+            decision = await self.authorizer.authorize(tls.peer_certificate())
+            if not decision.allowed:
+                self.denied += 1
+                log.info("authz call denied reason=%r", decision.reason)
+                tls.close()
+                return
+            pipe = Pipe(close_timeout=self.close_timeout)
+            loop = asyncio.get_running_loop()
+            b = pipe.b
+            try:
+                async with asyncio.timeout(self.app_connect_timeout):
+                    transport, _ = await loop.create_connection(
+                        lambda: b, self.app_host, self.app_port
+                    )
+            except (OSError, TimeoutError) as exc:
+                log.error(
+                    "failed to dial local app addr=%s error=%s",
+                    join_host_port(self.app_host, self.app_port),
+                    exc or "timeout",
+                )
+                tls.close()
+                return
+            tune_socket(transport)
+            tls.attach(pipe.a)
+            pipe.start()
+            stats = await pipe.done
+            self.bytes_in += stats.a_to_b
+            self.bytes_out += stats.b_to_a
+            if pipe.error is not None and not is_routine_close(pipe.error):
+                log.info("connection failed: %s", pipe.error)
+        except asyncio.CancelledError:
+            if pipe is not None:
+                pipe.abort()
+            tls.abort()
+            raise

@@ -1,0 +1,169 @@
+"""Two-way byte copy between two transports: backpressure, half-close, counters.
+
+Works on asyncio transports and on `listeners.tls.TLSTransport` alike: each side gets a small
+protocol that writes what it receives into the other side's transport.
+
+- Backpressure: when a transport's write buffer passes its high-water mark, reading from the
+  other side is paused until it drains, so memory per connection stays bounded whatever the
+  peers do.
+- Half-close: EOF from one side becomes `write_eof()` on the other (TCP FIN, or TLS
+  close_notify) and the other direction keeps flowing. Consul's Go proxy closes both sides
+  on the first EOF instead (consul-spec.md 5.4), losing responses still in flight.
+  Where a transport cannot write EOF, the connection is closed `close_timeout` seconds
+  after the EOF unless it finishes first.
+- Counters: bytes copied in each direction.
+
+Rule 1: no Consul and no TLS knowledge here; only transports.
+Rule 2: each transport is closed exactly once, by this module, once the pipe owns it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from dataclasses import dataclass
+from typing import Protocol
+
+
+class Transport(Protocol):
+    """What the pump needs of a transport (asyncio.Transport and TLSTransport have it)."""
+
+    def write(self, data: bytes) -> None: ...
+    def write_eof(self) -> None: ...
+    def can_write_eof(self) -> bool: ...
+    def pause_reading(self) -> None: ...
+    def resume_reading(self) -> None: ...
+    def close(self) -> None: ...
+    def abort(self) -> None: ...
+    def is_closing(self) -> bool: ...
+
+
+@dataclass(slots=True)
+class PipeStats:
+    """Bytes copied: `a_to_b` from side A (the accepted connection) to side B, and back."""
+
+    a_to_b: int = 0
+    b_to_a: int = 0
+
+
+class _Side(asyncio.Protocol):
+    """Reads from its own transport and writes into the peer's."""
+
+    def __init__(self, pipe: Pipe, name: str) -> None:
+        self.pipe = pipe
+        self.name = name
+        self.transport: Transport | None = None
+        self.peer: _Side | None = None
+        self.eof = False  # this side sent EOF (its direction is finished)
+        self.lost = False
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        # Nothing flows until both sides exist: `Pipe.start()` resumes reading.
+        self.transport = transport  # type: ignore[assignment]
+        transport.pause_reading()  # type: ignore[attr-defined]
+
+    def data_received(self, data: bytes) -> None:
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if self.name == "a":
+            self.pipe.stats.a_to_b += len(data)
+        else:
+            self.pipe.stats.b_to_a += len(data)
+        peer.transport.write(data)
+
+    def eof_received(self) -> bool:
+        self.eof = True
+        peer = self.peer
+        assert peer is not None and peer.transport is not None
+        if peer.lost or peer.transport.is_closing():
+            return False
+        if peer.transport.can_write_eof():
+            peer.transport.write_eof()
+            if peer.eof:
+                self.pipe.close()  # both directions are done
+                return True
+            return True
+        # No way to pass the EOF on: give the other direction a bounded time to finish.
+        self.pipe.close_later()
+        return True
+
+    def pause_writing(self) -> None:
+        # Our transport's buffer is full: stop reading what would be written into it.
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            peer.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        peer = self.peer
+        if peer is not None and peer.transport is not None and not peer.lost:
+            peer.transport.resume_reading()
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.lost = True
+        self.pipe.side_lost(self, exc)
+
+
+class Pipe:
+    """Copies bytes between transports A and B until both are closed.
+
+    Create it, hand `pipe.a` and `pipe.b` to the transports as their protocols (or via
+    `set_protocol`/`attach`), then call `start()`. `done` resolves with the stats.
+    """
+
+    def __init__(self, *, close_timeout: float = 10.0) -> None:
+        self.stats = PipeStats()
+        self.close_timeout = close_timeout
+        self.a = _Side(self, "a")
+        self.b = _Side(self, "b")
+        self.a.peer, self.b.peer = self.b, self.a
+        self.error: Exception | None = None
+        self.done: asyncio.Future[PipeStats] = asyncio.get_running_loop().create_future()
+        self._closing = False
+        self._close_handle: asyncio.TimerHandle | None = None
+
+    def start(self) -> None:
+        """Begin the flow; both sides' transports must be set."""
+        for side in (self.a, self.b):
+            if side.transport is None:
+                raise RuntimeError(f"pipe side {side.name} has no transport")
+        for side in (self.a, self.b):
+            if side.lost:
+                self.side_lost(side, None)
+                return
+        for side in (self.a, self.b):
+            assert side.transport is not None
+            side.transport.resume_reading()
+
+    def side_lost(self, side: _Side, exc: Exception | None) -> None:
+        if exc is not None and self.error is None:
+            self.error = exc
+        peer = side.peer
+        assert peer is not None
+        if not peer.lost and peer.transport is not None and not peer.transport.is_closing():
+            # Whatever was already written to the peer is flushed before it closes.
+            peer.transport.close()
+        if self.a.lost and self.b.lost:
+            if self._close_handle is not None:
+                self._close_handle.cancel()
+            if not self.done.done():
+                self.done.set_result(self.stats)
+
+    def close(self) -> None:
+        """Close both sides gracefully (buffered data is flushed first). Idempotent."""
+        if self._closing:
+            return
+        self._closing = True
+        for side in (self.a, self.b):
+            if side.transport is not None and not side.transport.is_closing():
+                side.transport.close()
+
+    def close_later(self) -> None:
+        if self._close_handle is None and not self._closing:
+            loop = asyncio.get_running_loop()
+            self._close_handle = loop.call_later(self.close_timeout, self.close)
+
+    def abort(self) -> None:
+        """Cut both sides now."""
+        self._closing = True
+        for side in (self.a, self.b):
+            if side.transport is not None:
+                side.transport.abort()

@@ -1,0 +1,103 @@
+"""What every listener shares: bind, readiness, per-connection tasks, drain-then-cancel close.
+
+Rule 1: every connection task has an owner (the listener's task set); none is fire-and-forget.
+Rule 2: `close()` stops accepting first, lets connections finish up to a deadline, then
+cancels the rest; it is idempotent.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import socket
+from collections.abc import Callable, Coroutine
+from typing import Any
+
+KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
+
+
+def tune_socket(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY and keepalive (15 s) on a connection's socket, as Go sets by default."""
+    sock = transport.get_extra_info("socket")
+    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    with contextlib.suppress(OSError):
+        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_IDLE)
+
+
+def is_routine_close(exc: BaseException | None) -> bool:
+    """Peer resets, broken pipes and EOFs: part of life, logged at debug only."""
+    return exc is None or isinstance(
+        exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | EOFError
+    )
+
+
+def join_host_port(host: str, port: int) -> str:
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
+
+
+class Listener:
+    """A bound TCP server whose connections are handled by tracked tasks."""
+
+    def __init__(self, name: str, host: str, port: int, log: logging.Logger) -> None:
+        self.name = name
+        self.host = host
+        self.port = port
+        self.log = log
+        self.ready = asyncio.Event()
+        self._server: asyncio.Server | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self._closed = False
+
+    @property
+    def address(self) -> str:
+        return join_host_port(self.host, self.port)
+
+    @property
+    def active(self) -> int:
+        """Connections being handled right now."""
+        return len(self._tasks)
+
+    async def bind(self, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+        """Listen; `port` becomes the bound port (useful with port 0).
+
+        Raises:
+            OSError: the address cannot be bound.
+        """
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_server(
+            factory, self.host, self.port, reuse_address=True, backlog=1024
+        )
+        self.port = self._server.sockets[0].getsockname()[1]
+        self.log.info("Starting listener listener=%s bind_addr=%s", self.name, self.address)
+        self.ready.set()
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        if self._closed:
+            coro.close()
+            return
+        task = asyncio.get_running_loop().create_task(coro, name=name)
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def close(self, drain_timeout: float = 0.0) -> None:
+        """Stop accepting, wait up to `drain_timeout` for connections, cancel the rest."""
+        if self._closed:
+            return
+        self._closed = True
+        if self._server is not None:
+            self._server.close()
+        if self._tasks and drain_timeout > 0:
+            await asyncio.wait(set(self._tasks), timeout=drain_timeout)
+        for task in list(self._tasks):
+            task.cancel()
+        if self._tasks:
+            await asyncio.gather(*self._tasks, return_exceptions=True)
+        if self._server is not None:
+            await self._server.wait_closed()
+        self.log.info("listener stopped listener=%s", self.name)

@@ -1,0 +1,286 @@
+"""TLS over an asyncio TCP transport, driven through `ssl.MemoryBIO`, with half-close.
+
+Why not asyncio's own SSL transport: it cannot `write_eof()`, and it turns a received
+close_notify into a full shutdown, so a client that sends a request and then shuts down its
+write side would lose the response (Consul's Go proxy loses it too, consul-spec.md 5.4).
+Here a local EOF sends close_notify while we keep reading, and a received close_notify is
+delivered as `eof_received()` while we keep writing (both allowed by RFC 8446 and OpenSSL).
+
+Owning the raw byte stream from the first packet also means no early ClientHello can be lost
+between accept and the start of TLS, and the SSLContext is chosen per connection (the one
+current at accept), which is how certificates are hot-swapped.
+
+Rule 1: this module knows nothing of Consul. It is a transport: bytes in, bytes out, flow
+control, half-close, close.
+Rule 2: decrypted data is only produced while an app protocol is attached and reading is not
+paused, so memory stays bounded by the kernel buffers and the transports' high-water marks.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+from typing import Any
+
+READ_SIZE = 256 * 1024
+
+
+class HandshakeError(ConnectionError):
+    """The TLS handshake failed, timed out, or the peer went away during it."""
+
+
+class TLSTransport(asyncio.Protocol):
+    """The protocol of a raw TCP transport, and the transport of an app protocol above it.
+
+    Lifecycle: create it as the protocol of a TCP connection (`create_connection`,
+    `create_server`) with the context to use, await `handshake()`, inspect
+    `peer_certificate()`, then `attach(app_protocol)` to start the byte flow.
+    """
+
+    def __init__(self, context: ssl.SSLContext, *, server_side: bool) -> None:
+        self._context = context
+        self._server_side = server_side
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(
+            self._incoming, self._outgoing, server_side=server_side, server_hostname=None
+        )
+        self._raw: asyncio.Transport | None = None
+        self._app: asyncio.BaseProtocol | None = None
+        self._handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self._reading_paused = False
+        self._writing_paused = False  # the raw transport asked us to stop writing
+        self._eof_sent = False
+        self._eof_received = False
+        self._closed = False
+        self._lost = False
+
+    # -- raw side (asyncio.Protocol) -----------------------------------------------------
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self._raw = transport
+        if not self._server_side:
+            self._step_handshake()
+
+    def data_received(self, data: bytes) -> None:
+        self._incoming.write(data)
+        if not self._handshake.done():
+            self._step_handshake()
+        elif self._app is not None and not self._reading_paused:
+            self._read_records()
+
+    def eof_received(self) -> bool:
+        # TCP FIN from the peer. Before the handshake it is a failure; after it, a peer that
+        # ended without close_notify (a "ragged" EOF): deliver what we have, then EOF.
+        if not self._handshake.done():
+            self._fail_handshake(HandshakeError("connection closed during TLS handshake"))
+            return False
+        self._incoming.write_eof()
+        if self._app is not None and not self._reading_paused:
+            self._read_records()
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._lost = True
+        if not self._handshake.done():
+            self._fail_handshake(exc or HandshakeError("connection closed during TLS handshake"))
+            return
+        if self._app is not None:
+            self._app.connection_lost(exc)
+
+    def pause_writing(self) -> None:
+        self._writing_paused = True
+        if self._app is not None:
+            self._app.pause_writing()
+
+    def resume_writing(self) -> None:
+        self._writing_paused = False
+        if self._app is not None:
+            self._app.resume_writing()
+
+    # -- handshake -----------------------------------------------------------------------
+
+    def _step_handshake(self) -> None:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            self._flush()
+            return
+        except (ssl.SSLError, OSError) as exc:
+            self._flush()  # send the alert, if OpenSSL produced one
+            self._fail_handshake(exc)
+            return
+        self._flush()
+        # Hold further records in the incoming BIO until someone attaches: nothing is
+        # decrypted for a connection that has not been authorized yet.
+        if self._raw is not None:
+            self._raw.pause_reading()
+        self._handshake.set_result(None)
+
+    def _fail_handshake(self, exc: BaseException) -> None:
+        if not self._handshake.done():
+            self._handshake.set_exception(exc)
+            # Retrieved here so an unawaited failure never logs "exception never retrieved".
+            self._handshake.exception()
+        if self._raw is not None:
+            self._raw.abort()
+
+    async def handshake(self, timeout: float) -> None:
+        """Wait for the handshake to complete.
+
+        Raises:
+            HandshakeError: timeout, or the peer closed during the handshake.
+            ssl.SSLError: the handshake failed (bad certificate, protocol mismatch, ...).
+        """
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self._handshake)
+        except TimeoutError:
+            self.abort()
+            raise HandshakeError(f"TLS handshake timed out after {timeout:g}s") from None
+
+    # -- app side (transport-like) -------------------------------------------------------
+
+    def attach(self, app: asyncio.BaseProtocol) -> None:
+        """Make `app` the protocol above this transport (`app.connection_made(self)`).
+
+        Reading stays paused until the app calls `resume_reading()`.
+        """
+        if not self._handshake.done() or self._handshake.exception() is not None:
+            raise RuntimeError("attach() before a successful handshake")
+        self._app = app
+        self._reading_paused = True
+        app.connection_made(self)  # type: ignore[arg-type]
+        if self._lost:
+            app.connection_lost(None)
+            return
+        if self._writing_paused:
+            app.pause_writing()
+
+    def _read_records(self) -> None:
+        app = self._app
+        assert isinstance(app, asyncio.Protocol)
+        while not self._reading_paused and not self._eof_received:
+            try:
+                chunk = self._ssl.read(READ_SIZE)
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                chunk = b""  # SSLEOFError: the peer closed TCP without close_notify
+            except ssl.SSLError as exc:
+                self._flush()
+                self._abort_with(exc)
+                return
+            if not chunk:
+                # close_notify from the peer, or TCP EOF without it: the peer's write side is
+                # done. Ours stays open until the app says otherwise.
+                self._eof_received = True
+                self._flush()
+                if not app.eof_received():
+                    self.close()
+                return
+            app.data_received(chunk)
+        # TLS 1.3 key updates and session tickets may have produced records to send.
+        self._flush()
+
+    def _abort_with(self, exc: Exception) -> None:
+        if self._raw is not None:
+            self._raw.abort()
+        if self._app is not None and not self._lost:
+            self._lost = True
+            self._app.connection_lost(exc)
+
+    def _flush(self) -> None:
+        if self._outgoing.pending and self._raw is not None and not self._raw.is_closing():
+            self._raw.write(self._outgoing.read())
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if self._eof_sent or self._closed:
+            raise RuntimeError("write after write_eof() or close()")
+        if not data:
+            return
+        self._ssl.write(data)
+        self._flush()
+
+    def writelines(self, chunks: Any) -> None:
+        for chunk in chunks:
+            self.write(chunk)
+
+    def can_write_eof(self) -> bool:
+        return True
+
+    def write_eof(self) -> None:
+        """Send close_notify and keep reading: TLS half-close."""
+        if self._eof_sent or self._closed:
+            return
+        self._eof_sent = True
+        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
+            self._ssl.unwrap()
+        self._flush()
+
+    def pause_reading(self) -> None:
+        self._reading_paused = True
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.pause_reading()
+
+    def resume_reading(self) -> None:
+        self._reading_paused = False
+        if self._raw is not None and not self._raw.is_closing():
+            self._raw.resume_reading()
+        if self._app is not None and (
+            self._incoming.pending or self._ssl.pending() or self._incoming.eof
+        ):
+            self._read_records()
+
+    def is_reading(self) -> bool:
+        return not self._reading_paused
+
+    def close(self) -> None:
+        """Send close_notify (if not yet sent), flush, and close the TCP connection."""
+        if self._closed:
+            return
+        self.write_eof()
+        self._closed = True
+        if self._raw is not None:
+            self._raw.close()
+
+    def abort(self) -> None:
+        self._closed = True
+        if self._raw is not None:
+            self._raw.abort()
+
+    def is_closing(self) -> bool:
+        return self._closed or self._raw is None or self._raw.is_closing()
+
+    def get_write_buffer_size(self) -> int:
+        raw = self._raw.get_write_buffer_size() if self._raw is not None else 0
+        return raw + self._outgoing.pending
+
+    def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
+        if self._raw is not None:
+            self._raw.set_write_buffer_limits(high, low)
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        if name == "ssl_object":
+            return self._ssl
+        if name == "peercert":
+            return self._ssl.getpeercert(binary_form=True) if self._handshake.done() else None
+        if name == "cipher":
+            return self._ssl.cipher()
+        if self._raw is None:
+            return default
+        return self._raw.get_extra_info(name, default)
+
+    # -- inspection ----------------------------------------------------------------------
+
+    def peer_certificate(self) -> bytes | None:
+        """The peer's leaf certificate, DER, once the handshake has completed."""
+        return self._ssl.getpeercert(binary_form=True)
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    def selected_alpn_protocol(self) -> str | None:
+        return self._ssl.selected_alpn_protocol()

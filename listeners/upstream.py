@@ -1,0 +1,182 @@
+"""An upstream listener: local plain TCP -> resolve -> mTLS dial -> verify identity -> pump.
+
+Per connection (consul-spec.md 3.3, 6, and where we differ):
+- a connection that arrives before certificates are ready waits for them, up to the connect
+  timeout, instead of failing with `tls: no certificates configured` (Consul issue #12286);
+- instances are resolved, then tried in random order until one completes the TCP dial, the
+  TLS handshake and the identity check, all within the connect timeout (Go tries one);
+- the server's chain is verified by OpenSSL against the current roots, then its first URI
+  SAN against the expected service identity (trust domain ignored, case-insensitive); a
+  mismatch closes that connection before one byte of application data is sent.
+
+Rule 1: the local client's bytes are not read until the upstream connection is verified.
+Rule 2: this module takes only `proxy.errors` and `proxy.identity` from `proxy/`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import ssl
+from collections.abc import Callable, Sequence
+from typing import Protocol
+
+from listeners.pump import Pipe
+from listeners.serve import Listener, join_host_port, tune_socket
+from listeners.tls import HandshakeError, TLSTransport
+from proxy.errors import IdentityError, ProxyError
+from proxy.identity import SpiffeIDService, matches_expected, peer_identity
+
+log = logging.getLogger("proxy.upstream")
+
+Endpoint = tuple[str, int, SpiffeIDService]
+
+
+class ClientContexts(Protocol):
+    def client_context(self) -> ssl.SSLContext | None: ...
+    async def wait_ready(self) -> None: ...
+
+
+class Resolver(Protocol):
+    async def resolve(self) -> Sequence[Endpoint]: ...
+
+
+def _factory(protocol: TLSTransport) -> Callable[[], TLSTransport]:
+    return lambda: protocol
+
+
+class _Local(asyncio.Protocol):
+    """The accepted local connection, held paused until the upstream side is ready."""
+
+    def __init__(self, listener: UpstreamListener) -> None:
+        self.listener = listener
+        self.transport: asyncio.Transport | None = None
+        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.pause_reading()
+        tune_socket(transport)
+        peer = transport.get_extra_info("peername")
+        self.listener.spawn(
+            self.listener.handle(self), name=f"upstream {self.listener.name} {peer}"
+        )
+
+    def eof_received(self) -> bool:
+        return True  # reading is paused; a FIN here is handled once the pipe takes over
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        if not self.lost.done():
+            self.lost.set_result(None)
+
+
+class UpstreamListener(Listener):
+    """Listens on `LocalBindAddress:LocalBindPort` and forwards to one upstream service."""
+
+    def __init__(
+        self,
+        *,
+        name: str,
+        bind_host: str,
+        bind_port: int,
+        contexts: ClientContexts,
+        resolver: Resolver,
+        connect_timeout: float = 10.0,
+        close_timeout: float = 10.0,
+    ) -> None:
+        super().__init__(name, bind_host or "127.0.0.1", bind_port, log)
+        self.contexts = contexts
+        self.resolver = resolver
+        self.connect_timeout = connect_timeout
+        self.close_timeout = close_timeout
+        self.connections = 0
+        self.failed = 0
+        self.bytes_out = 0  # local client -> upstream
+        self.bytes_in = 0  # upstream -> local client
+
+    async def start(self) -> None:
+        """Bind now; connections that come before certificates wait for them."""
+        await self.bind(lambda: _Local(self))
+
+    async def handle(self, local: _Local) -> None:
+        self.connections += 1
+        assert local.transport is not None
+        tls: TLSTransport | None = None
+        pipe: Pipe | None = None
+        try:
+            try:
+                async with asyncio.timeout(self.connect_timeout):
+                    tls = await self._dial()
+            except TimeoutError:
+                log.error(
+                    "failed to dial upstream=%s error=timed out after %gs",
+                    self.name,
+                    self.connect_timeout,
+                )
+            except ProxyError as exc:
+                log.error("failed to dial upstream=%s error=%s", self.name, exc)
+            if tls is None or local.lost.done():
+                self.failed += tls is None
+                if tls is not None:
+                    tls.close()
+                local.transport.close()
+                return
+            pipe = Pipe(close_timeout=self.close_timeout)
+            local.transport.set_protocol(pipe.a)
+            pipe.a.connection_made(local.transport)
+            tls.attach(pipe.b)
+            pipe.start()
+            stats = await pipe.done
+            self.bytes_out += stats.a_to_b
+            self.bytes_in += stats.b_to_a
+        except asyncio.CancelledError:
+            if pipe is not None:
+                pipe.abort()
+            else:
+                local.transport.abort()
+                if tls is not None:
+                    tls.abort()
+            raise
+
+    async def _dial(self) -> TLSTransport:
+        """Resolve and connect to the first instance that passes every check.
+
+        Raises:
+            ProxyError: no instance could be reached and verified (the last reason).
+        """
+        await self.contexts.wait_ready()
+        endpoints = await self.resolver.resolve()
+        if not endpoints:
+            raise ProxyError("no healthy instances found")
+        loop = asyncio.get_running_loop()
+        last: Exception | None = None
+        for host, port, expected in endpoints:
+            context = self.contexts.client_context()
+            assert context is not None
+            tls = TLSTransport(context, server_side=False)
+            addr = join_host_port(host, port)
+            try:
+                raw, _ = await loop.create_connection(_factory(tls), host, port)
+                tune_socket(raw)
+                await tls.handshake(self.connect_timeout)
+                peer = peer_identity(tls.peer_certificate() or b"")
+                if peer.uri is None or not matches_expected(peer.uri, expected):
+                    raise IdentityError(
+                        f"peer certificate mismatch got {peer.uri}, want {expected.uri()}"
+                    )
+            except (OSError, ssl.SSLError, HandshakeError, IdentityError) as exc:
+                tls.abort()
+                last = exc
+                log.warning(
+                    "failed to connect to instance addr=%s upstream=%s error=%s",
+                    addr,
+                    self.name,
+                    exc,
+                )
+                continue
+            log.debug(
+                "successfully connected to service instance addr=%s identity=%s", addr, peer.uri
+            )
+            return tls
+        raise ProxyError(str(last) if last else "no healthy instances found")

@@ -1,0 +1,165 @@
+"""AgentClient: the proxy's only HTTP code, talking to the local Consul agent.
+
+Owns: request shapes (paths, parameters, the token header), blocking-query parameters and
+timeouts, and the translation of transport failures and non-200 answers into `AgentError`s
+whose text matches Consul's Go client (`Unexpected response code: <code> (<body>)`).
+
+Rule 1: the token travels only in the `X-Consul-Token` header, never in a URL, and never
+appears in an error text or a log line.
+Rule 2: one persistent `httpx.AsyncClient` (keep-alive) serves every call; it is passed in.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+import httpx
+
+from proxy.errors import AgentResponseError, AgentUnavailable
+
+# Watches block for this long per request; the agent adds up to wait/16 of jitter.
+DEFAULT_WAIT = 300.0
+REQUEST_TIMEOUT = 10.0
+
+
+@dataclass(frozen=True, slots=True)
+class Answer:
+    """A decoded JSON body with the blocking metadata of its response."""
+
+    body: Any
+    index: int
+    content_hash: str
+
+
+def _wait_param(seconds: float) -> str:
+    # The Go client always sends integer milliseconds with a unit.
+    return f"{max(1, int(seconds * 1000))}ms"
+
+
+class AgentClient:
+    """Calls to the local agent. Construct with a configured `httpx.AsyncClient`."""
+
+    def __init__(
+        self,
+        client: httpx.AsyncClient,
+        *,
+        token: str = "",
+        datacenter: str = "",
+        wait: float = DEFAULT_WAIT,
+    ) -> None:
+        self._client = client
+        self._headers = {"X-Consul-Token": token} if token else {}
+        self.datacenter = datacenter
+        self.wait = wait
+
+    async def aclose(self) -> None:
+        await self._client.aclose()
+
+    async def _request(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+        timeout: float = REQUEST_TIMEOUT,
+    ) -> Answer:
+        content = None if body is None else (json.dumps(body) + "\n").encode()
+        headers = dict(self._headers)
+        if content is not None:
+            headers["Content-Type"] = "application/json"
+        try:
+            response = await self._client.request(
+                method, path, params=params, content=content, headers=headers, timeout=timeout
+            )
+        except httpx.TransportError as exc:
+            raise AgentUnavailable(
+                f"error talking to the agent: {type(exc).__name__}: {exc}"
+            ) from exc
+        if response.status_code != 200:
+            raise AgentResponseError(
+                f"Unexpected response code: {response.status_code} ({response.text.strip()})",
+                status=response.status_code,
+            )
+        try:
+            decoded = response.json() if response.content else None
+        except json.JSONDecodeError as exc:
+            raise AgentResponseError(f"the agent answered {path} with invalid JSON: {exc}") from exc
+        raw_index = response.headers.get("X-Consul-Index", "0")
+        return Answer(
+            body=decoded,
+            index=int(raw_index) if raw_index.isdigit() else 0,
+            content_hash=response.headers.get("X-Consul-ContentHash", ""),
+        )
+
+    def _blocking(
+        self, index: int, params: dict[str, str] | None = None
+    ) -> tuple[dict[str, str], float]:
+        params = dict(params or {})
+        if index > 0:
+            params["index"] = str(index)
+            params["wait"] = _wait_param(self.wait)
+            # Longer than the wait plus the agent's jitter (wait/16) and a margin.
+            return params, self.wait * 17 / 16 + 15
+        return params, REQUEST_TIMEOUT
+
+    async def roots(self, index: int = 0) -> Answer:
+        """`GET /v1/agent/connect/ca/roots`, blocking when `index` > 0."""
+        params, timeout = self._blocking(index)
+        return await self._request(
+            "GET", "/v1/agent/connect/ca/roots", params=params, timeout=timeout
+        )
+
+    async def leaf(self, service: str, index: int = 0) -> Answer:
+        """`GET /v1/agent/connect/ca/leaf/:service`, blocking when `index` > 0."""
+        params, timeout = self._blocking(index)
+        return await self._request(
+            "GET", f"/v1/agent/connect/ca/leaf/{service}", params=params, timeout=timeout
+        )
+
+    async def authorize(self, target: str, client_cert_uri: str, client_cert_serial: str) -> Answer:
+        """`POST /v1/agent/connect/authorize`."""
+        return await self._request(
+            "POST",
+            "/v1/agent/connect/authorize",
+            body={
+                "Target": target,
+                "ClientCertURI": client_cert_uri,
+                "ClientCertSerial": client_cert_serial,
+            },
+        )
+
+    def _discovery_params(self, datacenter: str) -> dict[str, str]:
+        params = {"stale": ""}
+        dc = datacenter or self.datacenter
+        if dc:
+            params["dc"] = dc
+        return params
+
+    async def health_connect(self, service: str, *, datacenter: str = "", index: int = 0) -> Answer:
+        """`GET /v1/health/connect/:service?passing&stale`: healthy Connect endpoints."""
+        params, timeout = self._blocking(index, self._discovery_params(datacenter))
+        params["passing"] = "1"
+        return await self._request(
+            "GET", f"/v1/health/connect/{service}", params=params, timeout=timeout
+        )
+
+    async def query_execute(self, query: str, *, datacenter: str = "") -> Answer:
+        """`GET /v1/query/:name/execute?connect=true&stale`."""
+        params = self._discovery_params(datacenter)
+        params["connect"] = "true"
+        return await self._request("GET", f"/v1/query/{query}/execute", params=params)
+
+    async def agent_service(self, service_id: str, content_hash: str = "") -> Answer:
+        """`GET /v1/agent/service/:id`, hash-blocking when `content_hash` is given."""
+        params: dict[str, str] = {}
+        timeout = REQUEST_TIMEOUT
+        if content_hash:
+            params = {"hash": content_hash, "wait": _wait_param(self.wait)}
+            timeout = self.wait * 17 / 16 + 15
+        return await self._request(
+            "GET", f"/v1/agent/service/{service_id}", params=params, timeout=timeout
+        )

@@ -1,0 +1,53 @@
+"""Authorizer: an inbound peer's certificate -> identity -> the agent's decision.
+
+Owns the inbound identity rules of Consul's proxy (consul-spec.md 3.2): the leaf must carry a
+URI SAN that parses as a Connect *service* SPIFFE ID; the agent is asked once per connection
+with the target service name, the URI and the colon-hex serial; any failure denies.
+
+Rule 1: fail closed. A transport error, a non-200 answer or an unreadable body is a denial
+with a reason, never an exception and never an allow.
+Rule 2: the decision is a value (`Decision`); logging it is the listener's job.
+"""
+
+from __future__ import annotations
+
+from proxy.agent import AgentClient
+from proxy.errors import AgentError, IdentityError
+from proxy.identity import Decision, SpiffeIDService, encode_serial, parse_spiffe_id, peer_identity
+
+
+class Authorizer:
+    """Authorizes inbound connections to `target` (the proxied service name)."""
+
+    def __init__(self, agent: AgentClient, target: str) -> None:
+        self.agent = agent
+        self.target = target
+
+    async def authorize(self, peer_der: bytes | None) -> Decision:
+        if not peer_der:
+            return Decision(False, "connect: no client certificate")
+        try:
+            peer = peer_identity(peer_der)
+        except IdentityError as exc:
+            return Decision(False, f"connect: invalid leaf certificate: {exc}")
+        if peer.uri is None:
+            return Decision(False, "connect: invalid leaf certificate")
+        try:
+            ident = parse_spiffe_id(peer.uri)
+        except IdentityError:
+            return Decision(False, "connect: invalid leaf certificate URI")
+        if not isinstance(ident, SpiffeIDService):
+            return Decision(False, "connect: invalid leaf certificate URI")
+        try:
+            answer = await self.agent.authorize(
+                self.target, ident.uri(), encode_serial(peer.serial)
+            )
+        except AgentError as exc:
+            return Decision(False, f"connect: authz call failed: {exc}")
+        body = answer.body
+        if not isinstance(body, dict) or not isinstance(body.get("Authorized"), bool):
+            return Decision(False, "connect: authz call failed: unexpected answer from the agent")
+        reason = str(body.get("Reason", ""))
+        if not body["Authorized"]:
+            return Decision(False, f"connect: authz denied: {reason}")
+        return Decision(True, reason)

@@ -1,0 +1,259 @@
+"""TLSStore: the current roots and leaf, as ready-to-use server and client SSLContexts.
+
+Owns: building contexts from PEM (Consul's TLS settings, consul-spec.md 3.1), loading the leaf
+key without it ever touching the filesystem, checking that a new leaf chains to the roots
+before it is used, and swapping the contexts in with one assignment.
+
+Rule 1: a rotation that fails (bad PEM, leaf not chaining to the roots) logs once and keeps
+the previous material; new connections never see a half-built state.
+Rule 2: the private key exists only in memory: on Linux it is loaded through an anonymous
+memory file (memfd); elsewhere through a 0600 file in a private directory, unlinked at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+from proxy.errors import TLSMaterialError
+from proxy.identity import PeerIdentity, peer_identity
+
+log = logging.getLogger("proxy.tls")
+
+# Consul's TLS 1.2 cipher suites, in its preference order (TLS 1.3 suites are not configurable).
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ]
+)
+
+KEY_LOADER = "memfd" if hasattr(os, "memfd_create") else "tempfile"
+
+
+def load_cert_chain(
+    ctx: ssl.SSLContext, cert_pem: str, key_pem: str, *, use_memfd: bool = True
+) -> None:
+    """Load a certificate chain and its private key into `ctx` from memory.
+
+    `ssl.SSLContext.load_cert_chain` only reads paths. On Linux the path is an anonymous
+    memory file (`/proc/self/fd/N` of a memfd), so the key is never written to any
+    filesystem. Elsewhere it is a 0600 file inside a fresh 0700 directory, removed right
+    after OpenSSL has read it.
+
+    Raises:
+        TLSMaterialError: the certificate or key does not load.
+    """
+    data = (cert_pem.strip() + "\n" + key_pem.strip() + "\n").encode()
+    try:
+        if use_memfd and hasattr(os, "memfd_create"):
+            fd = os.memfd_create("connect-proxy-leaf", os.MFD_CLOEXEC)
+            try:
+                os.write(fd, data)
+                ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            return
+        directory = tempfile.mkdtemp(prefix="connect-proxy-")  # created 0700
+        path = os.path.join(directory, "leaf.pem")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            ctx.load_cert_chain(path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.rmdir(directory)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSMaterialError(f"failed to load the leaf certificate and key: {exc}") from exc
+
+
+def _base(ctx: ssl.SSLContext, roots: Sequence[str]) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # No ALPN: Consul's proxy neither offers nor selects a protocol.
+    try:
+        ctx.load_verify_locations(cadata="\n".join(r.strip() for r in roots) + "\n")
+    except (ssl.SSLError, ValueError) as exc:
+        raise TLSMaterialError(f"failed to load the CA roots: {exc}") from exc
+    return ctx
+
+
+def build_contexts(
+    roots: Sequence[str], cert_pem: str, key_pem: str
+) -> tuple[ssl.SSLContext, ssl.SSLContext]:
+    """Server and client contexts for a leaf and a set of roots (not yet checked)."""
+    server = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), roots)
+    client = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), roots)
+    # The peer's identity is its URI SAN, checked by the proxy; there is no host name.
+    client.check_hostname = False
+    load_cert_chain(server, cert_pem, key_pem)
+    load_cert_chain(client, cert_pem, key_pem)
+    return server, client
+
+
+def _self_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
+    """Run one mutual handshake between the two contexts in memory.
+
+    This checks the new leaf exactly as peers will: the client verifies the server's chain
+    (server purpose) and the server verifies the client's (client purpose), both with
+    OpenSSL and the new roots.
+    """
+    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+    srv = server.wrap_bio(s_in, s_out, server_side=True)
+    cli = client.wrap_bio(c_in, c_out, server_side=False)
+    done = [False, False]
+    for _ in range(8):  # a TLS 1.3 mutual handshake takes 3 flights
+        for i, side in enumerate((cli, srv)):
+            if done[i]:
+                continue
+            try:
+                side.do_handshake()
+                done[i] = True
+            except ssl.SSLWantReadError:
+                pass
+        if c_out.pending:
+            s_in.write(c_out.read())
+        if s_out.pending:
+            c_in.write(s_out.read())
+        if all(done):
+            break
+    # With TLS 1.3 the server checks the client's certificate in its last step; read once
+    # more so a rejection surfaces here.
+    with contextlib.suppress(ssl.SSLWantReadError):
+        srv.read(1)
+    if not all(done):
+        raise ssl.SSLError("self-test handshake did not complete")
+
+
+def _name_constraints(pems: Sequence[str]) -> list[str]:
+    from cryptography import x509
+
+    permitted: list[str] = []
+    for pem in pems:
+        try:
+            certs = x509.load_pem_x509_certificates(pem.strip().encode())
+        except ValueError:
+            continue
+        for cert in certs:
+            with contextlib.suppress(x509.ExtensionNotFound):
+                nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+                permitted += [str(n.value) for n in nc.permitted_subtrees or []]
+    return permitted
+
+
+def explain_verify_failure(error: str, roots: Sequence[str], leaf_cn: str | None = None) -> str:
+    """Plain words for a chain OpenSSL rejects where Go would accept it (consul-spec.md 9).
+
+    OpenSSL checks a subject common name that looks like a host name against the CA's DNS
+    name constraints when the leaf has no DNS SAN; Go never does. Consul 1.7-1.10 leaves
+    (`CN=<svc>.svc.<ns>.<td8>.consul`) under a constrained root hit this.
+    """
+    if "subtree" not in error and "name constraint" not in error.lower():
+        return error
+    permitted = ", ".join(_name_constraints(roots)) or "unknown"
+    cn = f" {leaf_cn!r}" if leaf_cn else ""
+    return (
+        f"{error}: the CA's name constraints (permitted DNS names: {permitted}) reject the "
+        f"leaf's subject common name{cn}. OpenSSL checks a common name that looks like a host "
+        "name against DNS name constraints when the leaf has no DNS SAN; Consul's Go proxy "
+        "does not. Leaves with an empty subject (Consul 1.11 and later) avoid this."
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class TLSMaterial:
+    """One consistent set of roots, leaf and the contexts built from them."""
+
+    roots: tuple[str, ...]
+    cert_pem: str
+    server: ssl.SSLContext
+    client: ssl.SSLContext
+    leaf: PeerIdentity
+
+
+def _leaf_identity(cert_pem: str) -> PeerIdentity:
+    from cryptography import x509
+    from cryptography.hazmat.primitives.serialization import Encoding
+
+    try:
+        leaf = x509.load_pem_x509_certificates(cert_pem.encode())[0]
+    except (ValueError, IndexError) as exc:
+        raise TLSMaterialError(f"the leaf certificate does not parse: {exc}") from exc
+    return peer_identity(leaf.public_bytes(Encoding.DER))
+
+
+class TLSStore:
+    """Holds the current `TLSMaterial`; `ready` is set once roots and a leaf that chains exist."""
+
+    def __init__(self) -> None:
+        self._roots: tuple[str, ...] | None = None
+        self._leaf: tuple[str, str] | None = None
+        self.material: TLSMaterial | None = None
+        self.ready = asyncio.Event()
+        self.rotations = 0
+
+    def server_context(self) -> ssl.SSLContext | None:
+        m = self.material
+        return m.server if m is not None else None
+
+    def client_context(self) -> ssl.SSLContext | None:
+        m = self.material
+        return m.client if m is not None else None
+
+    async def wait_ready(self) -> None:
+        await self.ready.wait()
+
+    def set_roots(self, roots: Sequence[str]) -> bool:
+        """Adopt new roots (PEM each). Returns whether the contexts were swapped."""
+        return self._update(tuple(r for r in roots if r.strip()), self._leaf)
+
+    def set_leaf(self, cert_pem: str, key_pem: str) -> bool:
+        """Adopt a new leaf (CertPEM may carry intermediates). Returns whether it was swapped."""
+        return self._update(self._roots, (cert_pem, key_pem))
+
+    def _update(self, roots: tuple[str, ...] | None, leaf: tuple[str, str] | None) -> bool:
+        if roots is not None:
+            self._roots = roots
+        if leaf is not None:
+            self._leaf = leaf
+        if not self._roots or self._leaf is None:
+            return False
+        cert_pem, key_pem = self._leaf
+        try:
+            identity = _leaf_identity(cert_pem)
+            server, client = build_contexts(self._roots, cert_pem, key_pem)
+            try:
+                _self_handshake(server, client)
+            except ssl.SSLError as exc:
+                raise TLSMaterialError(
+                    "the leaf certificate does not verify against the CA roots: "
+                    + explain_verify_failure(str(exc), self._roots, identity.subject_cn)
+                ) from exc
+        except TLSMaterialError as exc:
+            log.error("failed to rotate TLS material, keeping the previous one: %s", exc)
+            return False
+        # One assignment: a connection accepted from now on sees the whole new set.
+        self.material = TLSMaterial(self._roots, cert_pem, server, client, identity)
+        self.rotations += 1
+        if not self.ready.is_set():
+            log.info("Parsed TLS identity uri=%s", identity.uri)
+            self.ready.set()
+        else:
+            log.info("TLS material updated uri=%s serial=%x", identity.uri, identity.serial)
+        return True

@@ -1,0 +1,232 @@
+"""Fixtures for proxy tests: echo apps, a proxy pair on the dev agent, raw mTLS clients."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import ssl
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+import httpx
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+
+from proxy.agent import AgentClient
+from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
+from proxy.devagent import DevAgent
+from proxy.devagent.ca import key_id
+from proxy.supervisor import Proxy
+from tests.certs import load_chain
+
+
+@dataclass
+class EchoApp:
+    """A TCP echo server that records how many connections it ever saw."""
+
+    server: asyncio.Server | None = None
+    port: int = 0
+    connections: int = 0
+    writers: set[asyncio.StreamWriter] = field(default_factory=set)
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.connections += 1
+        self.writers.add(writer)
+        try:
+            while data := await reader.read(65536):
+                writer.write(data)
+                await writer.drain()
+            writer.write_eof()
+            await writer.drain()
+        except (ConnectionError, OSError):
+            pass
+        finally:
+            self.writers.discard(writer)
+            writer.close()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            for w in list(self.writers):
+                w.close()
+            await self.server.wait_closed()
+
+
+@contextlib.asynccontextmanager
+async def echo_app() -> AsyncIterator[EchoApp]:
+    app = EchoApp()
+    await app.start()
+    try:
+        yield app
+    finally:
+        await app.close()
+
+
+def agent_client(agent: DevAgent, token: str = "") -> AgentClient:
+    return AgentClient(httpx.AsyncClient(base_url=agent.url), token=token)
+
+
+async def register_proxy(
+    agent: DevAgent, name: str, port: int, destination: str, app_port: int
+) -> None:
+    async with httpx.AsyncClient(base_url=agent.url) as c:
+        r = await c.put(
+            "/v1/agent/service/register",
+            json={
+                "Kind": "connect-proxy",
+                "Name": name,
+                "ID": name,
+                "Port": port,
+                "Address": "127.0.0.1",
+                "Proxy": {"DestinationServiceName": destination, "LocalServicePort": app_port},
+            },
+        )
+        assert r.status_code == 200, r.text
+
+
+@contextlib.asynccontextmanager
+async def running_proxy(
+    agent: DevAgent, config: ProxyConfig, **kwargs: object
+) -> AsyncIterator[Proxy]:
+    proxy = Proxy(agent_client(agent), config, watch_backoff=0.05, **kwargs)  # type: ignore[arg-type]
+    await proxy.start()
+    try:
+        async with asyncio.timeout(5):
+            await proxy.wait_ready()
+        yield proxy
+    finally:
+        await proxy.close(drain_timeout=1.0)
+        await proxy.agent.aclose()
+
+
+@contextlib.asynccontextmanager
+async def db_sidecar(agent: DevAgent, app: EchoApp, **public: object) -> AsyncIterator[Proxy]:
+    """The `db` proxy: public listener on 127.0.0.1:0 in front of `app`, registered."""
+    cfg = ProxyConfig(
+        service="db",
+        public_listener=PublicListenerConfig(
+            bind_address="127.0.0.1",
+            bind_port=0,
+            local_service_address=f"127.0.0.1:{app.port}",
+            **public,  # type: ignore[arg-type]
+        ),
+    )
+    async with running_proxy(agent, ProxyConfig(service="db")) as proxy:
+        await proxy.apply(cfg, force=True)
+        async with asyncio.timeout(5):
+            await proxy.wait_ready()
+        assert proxy.public is not None
+        await register_proxy(agent, "db-sidecar-proxy", proxy.public.port, "db", app.port)
+        yield proxy
+
+
+def upstream(name: str = "db", **kwargs: object) -> UpstreamConfig:
+    return UpstreamConfig(destination_name=name, local_bind_port=0, **kwargs)  # type: ignore[arg-type]
+
+
+def local_port(proxy: Proxy) -> int:
+    (listener,) = proxy.upstreams.values()
+    return listener.port
+
+
+def client_ctx(agent: DevAgent, service: str | None) -> ssl.SSLContext:
+    """An mTLS client context with a leaf for `service` from the agent's CA (None: no cert)."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.check_hostname = False
+    ctx.load_verify_locations(cadata="".join(r.cert_pem for r in agent.state.ca.roots))
+    if service is not None:
+        leaf = agent.state.ca.sign_leaf(service, datacenter="dc1")
+        load_chain(ctx, leaf.cert_pem, leaf.private_key_pem)
+    return ctx
+
+
+def custom_leaf(
+    agent: DevAgent, *, serial: int, uri: str | None, cn: str | None = None
+) -> tuple[str, str]:
+    """A leaf signed by the agent's active root with a chosen serial and SAN (tests only)."""
+    root = agent.state.ca.active_root
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)]) if cn else x509.Name([])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(root.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(serial)
+        .not_valid_before(now - dt.timedelta(minutes=1))
+        .not_valid_after(now + dt.timedelta(hours=1))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [x509.ExtendedKeyUsageOID.CLIENT_AUTH, x509.ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier(key_id(root.key.public_key()), None, None), False
+        )
+    )
+    if uri is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=cn is None
+        )
+    cert = builder.sign(root.key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+
+
+async def tls_exchange(
+    port: int, ctx: ssl.SSLContext, payload: bytes, *, half_close: bool = False
+) -> bytes:
+    """Connect with asyncio's TLS, send `payload`, read until EOF (or an error: b'' so far)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=None)
+    received = b""
+    try:
+        writer.write(payload)
+        await writer.drain()
+        while len(received) < len(payload):
+            chunk = await reader.read(65536)
+            if not chunk:
+                break
+            received += chunk
+    except (ssl.SSLError, ConnectionError):
+        pass
+    finally:
+        writer.close()
+        with contextlib.suppress(ssl.SSLError, OSError):
+            await writer.wait_closed()
+    return received
+
+
+async def plain_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes:
+    """Send `payload` to 127.0.0.1:port, optionally shut down writing, read until EOF."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    try:
+        writer.write(payload)
+        if half_close:
+            writer.write_eof()
+        await writer.drain()
+        received = bytearray()
+        while True:
+            chunk = await reader.read(1 << 20)
+            if not chunk:
+                break
+            received += chunk
+            if not half_close and len(received) >= len(payload):
+                break
+        return bytes(received)
+    finally:
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
