@@ -53,6 +53,8 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
+        self.accepted_total = 0
+        self._accepted_event: asyncio.Event | None = None
 
     @property
     def address(self) -> str:
@@ -84,6 +86,23 @@ class Listener:
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+        self.accepted_total += 1
+        if self._accepted_event is not None:
+            self._accepted_event.set()
+
+    async def until_accepted(self, count: int) -> None:
+        """Return once `count` connections have been accepted in all (bound it with a timeout)."""
+        while self.accepted_total < count:
+            self._accepted_event = asyncio.Event()
+            try:
+                await self._accepted_event.wait()
+            finally:
+                self._accepted_event = None
+
+    async def until_idle(self) -> None:
+        """Return once no connection is being handled (bound it with a timeout)."""
+        while self._tasks:
+            await asyncio.wait(set(self._tasks))
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting, wait up to `drain_timeout` for connections, cancel the rest."""

@@ -207,6 +207,7 @@ class TLSStore:
         self.material: TLSMaterial | None = None
         self.ready = asyncio.Event()
         self.rotations = 0
+        self._swapped: asyncio.Event | None = None
 
     def server_context(self) -> ssl.SSLContext | None:
         m = self.material
@@ -218,6 +219,15 @@ class TLSStore:
 
     async def wait_ready(self) -> None:
         await self.ready.wait()
+
+    async def until_rotations(self, count: int) -> None:
+        """Return once `count` sets of material have been swapped in (bound it with a timeout)."""
+        while self.rotations < count:
+            self._swapped = asyncio.Event()
+            try:
+                await self._swapped.wait()
+            finally:
+                self._swapped = None
 
     def set_roots(self, roots: Sequence[str]) -> bool:
         """Adopt new roots (PEM each). Returns whether the contexts were swapped."""
@@ -251,6 +261,8 @@ class TLSStore:
         # One assignment: a connection accepted from now on sees the whole new set.
         self.material = TLSMaterial(self._roots, cert_pem, server, client, identity)
         self.rotations += 1
+        if self._swapped is not None:
+            self._swapped.set()
         if not self.ready.is_set():
             log.info("Parsed TLS identity uri=%s", identity.uri)
             self.ready.set()

@@ -210,14 +210,18 @@ async def tls_exchange(
 
 
 async def plain_exchange(port: int, payload: bytes, *, half_close: bool = True) -> bytes:
-    """Send `payload` to 127.0.0.1:port, optionally shut down writing, read until EOF."""
+    """Send `payload` to 127.0.0.1:port, optionally shut down writing, read until EOF.
+
+    A reset counts as the end of the stream: a proxy that refuses a connection closes it
+    with the request unread, which the kernel turns into a reset.
+    """
     reader, writer = await asyncio.open_connection("127.0.0.1", port)
+    received = bytearray()
     try:
         writer.write(payload)
         if half_close:
             writer.write_eof()
         await writer.drain()
-        received = bytearray()
         while True:
             chunk = await reader.read(1 << 20)
             if not chunk:
@@ -225,8 +229,10 @@ async def plain_exchange(port: int, payload: bytes, *, half_close: bool = True) 
             received += chunk
             if not half_close and len(received) >= len(payload):
                 break
-        return bytes(received)
+    except ConnectionResetError:
+        pass
     finally:
         writer.close()
         with contextlib.suppress(OSError):
             await writer.wait_closed()
+    return bytes(received)

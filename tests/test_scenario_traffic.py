@@ -1,0 +1,119 @@
+"""Traffic through both sidecars: half-close, large transfers both ways, many connections."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+from collections.abc import AsyncIterator
+
+from proxy.config import ProxyConfig
+from proxy.devagent import DevAgent
+from proxy.supervisor import Proxy
+from tests.proxyfix import (
+    EchoApp,
+    db_sidecar,
+    echo_app,
+    local_port,
+    plain_exchange,
+    running_proxy,
+    upstream,
+)
+
+
+@contextlib.asynccontextmanager
+async def mesh(agent: DevAgent, app: EchoApp) -> AsyncIterator[tuple[Proxy, Proxy]]:
+    async with db_sidecar(agent, app) as db:
+        async with running_proxy(
+            agent, ProxyConfig(service="web", upstreams=(upstream("db"),))
+        ) as web:
+            yield web, db
+
+
+async def test_response_after_client_half_close_arrives_whole(agent: DevAgent) -> None:
+    """The client sends a request and shuts down its write side; the app answers only after
+    it has seen EOF. Consul's Go proxy closes both sides on the first EOF and loses this."""
+
+    async def digest_app(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        data = await reader.read()  # until EOF: only possible if the EOF was propagated
+        writer.write(hashlib.sha256(data).hexdigest().encode() * 2000)  # a 128 KB answer
+        await writer.drain()
+        writer.close()
+
+    server = await asyncio.start_server(digest_app, "127.0.0.1", 0)
+    app = EchoApp(server=server, port=server.sockets[0].getsockname()[1])
+    try:
+        async with mesh(agent, app) as (web, _):
+            request = os.urandom(300_000)
+            answer = await plain_exchange(local_port(web), request, half_close=True)
+            assert answer == hashlib.sha256(request).hexdigest().encode() * 2000
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+async def test_16_mib_each_way_at_once(agent: DevAgent) -> None:
+    size = 16 << 20
+    payload = os.urandom(size)
+    async with echo_app() as app, mesh(agent, app) as (web, db):
+        reader, writer = await asyncio.open_connection("127.0.0.1", local_port(web))
+
+        async def send() -> None:
+            view = memoryview(payload)
+            for i in range(0, size, 1 << 20):
+                writer.write(view[i : i + (1 << 20)])
+                await writer.drain()
+            writer.write_eof()
+
+        async def receive() -> str:
+            digest = hashlib.sha256()
+            got = 0
+            while chunk := await reader.read(1 << 20):
+                digest.update(chunk)
+                got += len(chunk)
+            assert got == size
+            return digest.hexdigest()
+
+        try:
+            async with asyncio.timeout(60):
+                _, received = await asyncio.gather(send(), receive())
+        finally:
+            writer.close()
+        assert received == hashlib.sha256(payload).hexdigest()
+        (listener,) = web.upstreams.values()
+        async with asyncio.timeout(5):
+            await listener.until_idle()  # totals are recorded when both ends have closed
+        assert listener.bytes_out == size and listener.bytes_in == size
+
+
+async def test_500_concurrent_connections(agent: DevAgent) -> None:
+    async with echo_app() as app, mesh(agent, app) as (web, db):
+        port = local_port(web)
+        opened = asyncio.Event()
+        release = asyncio.Event()
+        count = 500
+        state = {"open": 0}
+
+        async def one(i: int) -> bytes:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            try:
+                message = f"conn {i}\n".encode()
+                writer.write(message)
+                echoed = await reader.readexactly(len(message))
+                state["open"] += 1
+                if state["open"] == count:
+                    opened.set()
+                await release.wait()  # hold every connection open at the same time
+                return echoed
+            finally:
+                writer.close()
+
+        async with asyncio.timeout(60):
+            tasks = [asyncio.create_task(one(i)) for i in range(count)]
+            await opened.wait()
+            assert app.connections == count
+            assert db.public is not None and db.public.active == count
+            release.set()
+            results = await asyncio.gather(*tasks)
+        assert results == [f"conn {i}\n".encode() for i in range(count)]
