@@ -56,7 +56,7 @@ async def test_response_after_client_half_close_arrives_whole(agent: DevAgent) -
 async def test_16_mib_each_way_at_once(agent: DevAgent) -> None:
     size = 16 << 20
     payload = os.urandom(size)
-    async with echo_app() as app, mesh(agent, app) as (web, db):
+    async with echo_app() as app, mesh(agent, app) as (web, _):
         reader, writer = await asyncio.open_connection("127.0.0.1", local_port(web))
 
         async def send() -> None:
