@@ -24,11 +24,11 @@ from tests.proxyfix import (
 
 @contextlib.asynccontextmanager
 async def mesh(agent: DevAgent, app: EchoApp) -> AsyncIterator[tuple[Proxy, Proxy]]:
-    async with db_sidecar(agent, app) as db:
-        async with running_proxy(
-            agent, ProxyConfig(service="web", upstreams=(upstream("db"),))
-        ) as web:
-            yield web, db
+    async with (
+        db_sidecar(agent, app) as db,
+        running_proxy(agent, ProxyConfig(service="web", upstreams=(upstream("db"),))) as web,
+    ):
+        yield web, db
 
 
 async def test_response_after_client_half_close_arrives_whole(agent: DevAgent) -> None:
