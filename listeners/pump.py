@@ -55,6 +55,10 @@ class _Side(asyncio.Protocol):
         self.peer: _Side | None = None
         self.eof = False  # this side sent EOF (its direction is finished)
         self.lost = False
+        # What arrived before the pipe started (an event loop may deliver data before a
+        # pause_reading() in connection_made takes effect; a server-first app may greet).
+        self.early = bytearray()
+        self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         # Nothing flows until both sides exist: `Pipe.start()` resumes reading.
@@ -62,6 +66,11 @@ class _Side(asyncio.Protocol):
         transport.pause_reading()  # type: ignore[attr-defined]
 
     def data_received(self, data: bytes) -> None:
+        if not self.pipe.started:
+            self.early += data
+            assert self.transport is not None
+            self.transport.pause_reading()
+            return
         peer = self.peer
         assert peer is not None and peer.transport is not None
         if self.name == "a":
@@ -71,6 +80,9 @@ class _Side(asyncio.Protocol):
         peer.transport.write(data)
 
     def eof_received(self) -> bool:
+        if not self.pipe.started:
+            self.early_eof = True
+            return True
         self.eof = True
         peer = self.peer
         assert peer is not None and peer.transport is not None
@@ -119,19 +131,29 @@ class Pipe:
         self.done: asyncio.Future[PipeStats] = asyncio.get_running_loop().create_future()
         self._closing = False
         self._close_handle: asyncio.TimerHandle | None = None
+        self.started = False
 
     def start(self) -> None:
         """Begin the flow; both sides' transports must be set."""
         for side in (self.a, self.b):
             if side.transport is None:
                 raise RuntimeError(f"pipe side {side.name} has no transport")
+        self.started = True
+        for side in (self.a, self.b):
+            if side.early:
+                data, side.early = bytes(side.early), bytearray()
+                side.data_received(data)
+        for side in (self.a, self.b):
+            if side.early_eof and not side.eof:
+                side.eof_received()
         for side in (self.a, self.b):
             if side.lost:
                 self.side_lost(side, None)
                 return
         for side in (self.a, self.b):
             assert side.transport is not None
-            side.transport.resume_reading()
+            if not side.eof:
+                side.transport.resume_reading()
 
     def side_lost(self, side: _Side, exc: Exception | None) -> None:
         if exc is not None and self.error is None:

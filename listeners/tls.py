@@ -21,7 +21,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import ssl
-from typing import Any
+from typing import Any, cast
 
 READ_SIZE = 256 * 1024
 
@@ -59,8 +59,8 @@ class TLSTransport(asyncio.Protocol):
     # -- raw side (asyncio.Protocol) -----------------------------------------------------
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self._raw = transport
+        # uvloop's transports do not subclass asyncio.Transport; they provide its methods.
+        self._raw = cast(asyncio.Transport, transport)
         if not self._server_side:
             self._step_handshake()
 
@@ -160,8 +160,7 @@ class TLSTransport(asyncio.Protocol):
             app.pause_writing()
 
     def _read_records(self) -> None:
-        app = self._app
-        assert isinstance(app, asyncio.Protocol)
+        app = cast(asyncio.Protocol, self._app)
         while not self._reading_paused and not self._eof_received:
             try:
                 chunk = self._ssl.read(READ_SIZE)

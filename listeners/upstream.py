@@ -19,7 +19,7 @@ import asyncio
 import logging
 import ssl
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import Protocol, cast
 
 from listeners.pump import Pipe
 from listeners.serve import Listener, join_host_port, tune_socket
@@ -52,10 +52,13 @@ class _Local(asyncio.Protocol):
         self.listener = listener
         self.transport: asyncio.Transport | None = None
         self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        self.early = bytearray()
+        self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        assert isinstance(transport, asyncio.Transport)
-        self.transport = transport
+        # uvloop's transports do not subclass asyncio.Transport; they provide its methods.
+        self.transport = cast(asyncio.Transport, transport)
+        transport = self.transport
         transport.pause_reading()
         tune_socket(transport)
         peer = transport.get_extra_info("peername")
@@ -63,8 +66,16 @@ class _Local(asyncio.Protocol):
             self.listener.handle(self), name=f"upstream {self.listener.name} {peer}"
         )
 
+    def data_received(self, data: bytes) -> None:
+        # Reading is paused in connection_made, but an event loop may already have data in
+        # flight: keep it for the pipe.
+        self.early += data
+        if self.transport is not None:
+            self.transport.pause_reading()
+
     def eof_received(self) -> bool:
-        return True  # reading is paused; a FIN here is handled once the pipe takes over
+        self.early_eof = True
+        return True  # the pipe passes the EOF on once the upstream side exists
 
     def connection_lost(self, exc: Exception | None) -> None:
         if not self.lost.done():
@@ -125,6 +136,8 @@ class UpstreamListener(Listener):
             pipe = Pipe(close_timeout=self.close_timeout)
             local.transport.set_protocol(pipe.a)
             pipe.a.connection_made(local.transport)
+            pipe.a.early += local.early
+            pipe.a.early_eof = local.early_eof
             tls.attach(pipe.b)
             pipe.start()
             stats = await pipe.done

@@ -204,6 +204,8 @@ class TLSStore:
     def __init__(self) -> None:
         self._roots: tuple[str, ...] | None = None
         self._leaf: tuple[str, str] | None = None
+        # The last roots and leaf that were swapped in together.
+        self._good: tuple[tuple[str, ...], tuple[str, str]] | None = None
         self.material: TLSMaterial | None = None
         self.ready = asyncio.Event()
         self.rotations = 0
@@ -231,35 +233,62 @@ class TLSStore:
 
     def set_roots(self, roots: Sequence[str]) -> bool:
         """Adopt new roots (PEM each). Returns whether the contexts were swapped."""
-        return self._update(tuple(r for r in roots if r.strip()), self._leaf)
+        roots = tuple(r for r in roots if r.strip())
+        self._roots = roots
+        return self._try(roots, self._leaf, self._good_leaf())
 
     def set_leaf(self, cert_pem: str, key_pem: str) -> bool:
         """Adopt a new leaf (CertPEM may carry intermediates). Returns whether it was swapped."""
-        return self._update(self._roots, (cert_pem, key_pem))
+        leaf = (cert_pem, key_pem)
+        self._leaf = leaf
+        return self._try_leaf(leaf)
 
-    def _update(self, roots: tuple[str, ...] | None, leaf: tuple[str, str] | None) -> bool:
-        if roots is not None:
-            self._roots = roots
-        if leaf is not None:
-            self._leaf = leaf
-        if not self._roots or self._leaf is None:
+    def _good_leaf(self) -> tuple[str, str] | None:
+        return self._good[1] if self._good else None
+
+    def _try_leaf(self, leaf: tuple[str, str]) -> bool:
+        good_roots = self._good[0] if self._good else None
+        for roots in dict.fromkeys(r for r in (self._roots, good_roots) if r):
+            if self._swap(roots, leaf, log_failure=roots is good_roots or not good_roots):
+                return True
+        return False
+
+    def _try(
+        self,
+        roots: tuple[str, ...],
+        latest_leaf: tuple[str, str] | None,
+        good_leaf: tuple[str, str] | None,
+    ) -> bool:
+        # The newest roots go with the newest leaf; if that pair is refused (say, a bad leaf
+        # is still pending), they go with the last leaf that worked. Roots and leaf arrive on
+        # two watches, so either may come first during a rotation.
+        candidates = list(dict.fromkeys(x for x in (latest_leaf, good_leaf) if x))
+        for n, leaf in enumerate(candidates):
+            if self._swap(roots, leaf, log_failure=n == len(candidates) - 1):
+                return True
+        return False
+
+    def _swap(self, roots: tuple[str, ...], leaf: tuple[str, str], *, log_failure: bool) -> bool:
+        if not roots:
             return False
-        cert_pem, key_pem = self._leaf
+        cert_pem, key_pem = leaf
         try:
             identity = _leaf_identity(cert_pem)
-            server, client = build_contexts(self._roots, cert_pem, key_pem)
+            server, client = build_contexts(roots, cert_pem, key_pem)
             try:
                 _self_handshake(server, client)
             except ssl.SSLError as exc:
                 raise TLSMaterialError(
                     "the leaf certificate does not verify against the CA roots: "
-                    + explain_verify_failure(str(exc), self._roots, identity.subject_cn)
+                    + explain_verify_failure(str(exc), roots, identity.subject_cn)
                 ) from exc
         except TLSMaterialError as exc:
-            log.error("failed to rotate TLS material, keeping the previous one: %s", exc)
+            if log_failure:
+                log.error("failed to rotate TLS material, keeping the previous one: %s", exc)
             return False
+        self._good = (roots, leaf)
         # One assignment: a connection accepted from now on sees the whole new set.
-        self.material = TLSMaterial(self._roots, cert_pem, server, client, identity)
+        self.material = TLSMaterial(roots, cert_pem, server, client, identity)
         self.rotations += 1
         if self._swapped is not None:
             self._swapped.set()

@@ -3,13 +3,34 @@
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Awaitable, Callable
+import os
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
 from typing import Any
 
 import httpx
 import pytest
 
 from proxy.devagent import AgentConfig, DevAgent
+
+
+def pytest_asyncio_loop_factories(
+    config: pytest.Config, item: pytest.Item
+) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
+    """Every async test runs on plain asyncio and, where installed, on uvloop.
+
+    CONNECT_PROXY_TEST_LOOPS=asyncio (or =uvloop) narrows it to one loop.
+    """
+    loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    try:
+        import uvloop
+    except ImportError:
+        pass
+    else:
+        loops["uvloop"] = uvloop.new_event_loop
+    wanted = os.environ.get("CONNECT_PROXY_TEST_LOOPS")
+    if wanted:
+        loops = {k: v for k, v in loops.items() if k in wanted.split(",")} or loops
+    return loops
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:

@@ -1,0 +1,164 @@
+"""Wire-level settings of the proxy: TLS versions and ciphers, SNI, socket options, IPv6,
+and graceful shutdown."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import socket
+import ssl
+import warnings
+
+import pytest
+
+from listeners.serve import tune_socket
+from proxy.config import ProxyConfig, PublicListenerConfig
+from proxy.devagent import DevAgent
+from tests.proxyfix import client_ctx, db_sidecar, echo_app, running_proxy, tls_exchange
+
+
+async def _handshake_ok(port: int, ctx: ssl.SSLContext) -> bool:
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=None)
+    except (ssl.SSLError, ConnectionError):
+        return False
+    writer.close()
+    with contextlib.suppress(ssl.SSLError, OSError):
+        await writer.wait_closed()
+    return True
+
+
+async def test_tls_12_with_consul_ciphers_only(agent: DevAgent) -> None:
+    async with echo_app() as app, db_sidecar(agent, app) as db:
+        assert db.public is not None
+        port = db.public.port
+        ctx = client_ctx(agent, "web")
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-ECDSA-AES128-GCM-SHA256")
+        assert await _handshake_ok(port, ctx)
+        ctx = client_ctx(agent, "web")
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+        ctx.set_ciphers("ECDHE-ECDSA-AES256-SHA384")  # CBC: not in Consul's list
+        assert not await _handshake_ok(port, ctx)
+
+
+async def test_tls_below_12_is_refused(agent: DevAgent) -> None:
+    async with echo_app() as app, db_sidecar(agent, app) as db:
+        assert db.public is not None
+        ctx = client_ctx(agent, "web")
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore", DeprecationWarning)  # offering TLS 1.1 on purpose
+            ctx.minimum_version = ssl.TLSVersion.TLSv1_1
+            ctx.maximum_version = ssl.TLSVersion.TLSv1_1
+        ctx.set_ciphers("ALL:@SECLEVEL=0")
+        assert not await _handshake_ok(db.public.port, ctx)
+
+
+async def test_upstream_dial_sends_no_sni(agent: DevAgent) -> None:
+    from tests.proxyfix import local_port, plain_exchange, upstream
+
+    seen: list[str | None] = []
+    async with echo_app() as app, db_sidecar(agent, app) as db:
+        assert db.public is not None and db.tls.material is not None
+        material = db.tls.material
+        original = material.server.sni_callback
+
+        def record(sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+            seen.append(name)
+
+        material.server.sni_callback = record
+        try:
+            async with running_proxy(
+                agent, ProxyConfig(service="web", upstreams=(upstream("db"),))
+            ) as web:
+                assert await plain_exchange(local_port(web), b"sni?") == b"sni?"
+        finally:
+            material.server.sni_callback = original
+    assert seen == [None]
+
+
+async def test_sockets_get_nodelay_and_keepalive() -> None:
+    server = await asyncio.start_server(lambda r, w: w.close(), "127.0.0.1", 0)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", server.sockets[0].getsockname()[1])
+        tune_socket(writer.transport)
+        sock = writer.get_extra_info("socket")
+        assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) == 1
+        assert sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE) == 1
+        if hasattr(socket, "TCP_KEEPIDLE"):
+            assert sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE) == 15
+        writer.close()
+    finally:
+        server.close()
+        await server.wait_closed()
+
+
+def _ipv6_loopback() -> bool:
+    try:
+        with socket.socket(socket.AF_INET6) as s:
+            s.bind(("::1", 0))
+        return True
+    except OSError:
+        return False
+
+
+@pytest.mark.skipif(not _ipv6_loopback(), reason="no IPv6 loopback on this machine")
+async def test_local_app_on_ipv6(agent: DevAgent) -> None:
+    async def echo(r: asyncio.StreamReader, w: asyncio.StreamWriter) -> None:
+        w.write(await r.read(100))
+        await w.drain()
+        w.close()
+
+    app = await asyncio.start_server(echo, "::1", 0)
+    port = app.sockets[0].getsockname()[1]
+    try:
+        cfg = ProxyConfig(
+            service="db", public_listener=PublicListenerConfig("127.0.0.1", 0, f"[::1]:{port}")
+        )
+        async with running_proxy(agent, cfg) as db:
+            assert db.public is not None
+            assert await tls_exchange(db.public.port, client_ctx(agent, "web"), b"v6") == b"v6"
+    finally:
+        app.close()
+        await app.wait_closed()
+
+
+async def test_close_drains_active_connections_then_cuts_the_rest(agent: DevAgent) -> None:
+    async with echo_app() as app, db_sidecar(agent, app) as db:
+        assert db.public is not None
+        ctx = client_ctx(agent, "web")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", db.public.port, ssl=ctx, server_hostname=None
+        )
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        # Closing stops accepting at once; the open connection is given the drain timeout,
+        # and cut when it passes.
+        closing = asyncio.create_task(db.close(drain_timeout=0.3))
+        async with asyncio.timeout(5):
+            await db.public.until_idle()
+            await closing
+        assert not await _handshake_ok(db.public.port, ctx)
+        with contextlib.suppress(ConnectionError, ssl.SSLError):
+            assert await reader.read(10) == b""
+        writer.close()
+
+
+async def test_close_waits_for_a_connection_that_finishes_in_time(agent: DevAgent) -> None:
+    async with echo_app() as app, db_sidecar(agent, app) as db:
+        assert db.public is not None
+        ctx = client_ctx(agent, "web")
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", db.public.port, ssl=ctx, server_hostname=None
+        )
+        writer.write(b"x")
+        assert await reader.readexactly(1) == b"x"
+        closing = asyncio.create_task(db.close(drain_timeout=30))
+        # The connection still works while the proxy drains...
+        writer.write(b"y")
+        assert await reader.readexactly(1) == b"y"
+        assert not closing.done()
+        # ...and the close completes as soon as it ends, long before the drain timeout.
+        writer.close()
+        async with asyncio.timeout(5):
+            await closing
