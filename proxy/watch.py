@@ -6,8 +6,9 @@ to 0; after an error the retry is a non-blocking read after a quadratic backoff 
 capped at 180 s); an unchanged result does not fire the handler.
 
 Rule 1: `next_index` and `backoff` are pure; the loop does I/O only through `fetch`.
-Rule 2: the loop never exits on its own except by cancellation; errors are logged once per
-failure streak change, never raised to the caller.
+Rule 2: the loop ends only when cancelled. Every failed fetch (the agent unreachable or
+answering an error, or a body `fetch` cannot use) is logged with its retry delay and retried;
+nothing is raised to the caller.
 """
 
 from __future__ import annotations
@@ -66,10 +67,19 @@ async def watch(
     while True:
         try:
             value, returned = await fetch(index)
-        except AgentError as exc:
+        except Exception as exc:  # CancelledError is a BaseException and ends the loop
             failures += 1
             delay = backoff(failures, backoff_base)
-            log.warning("Watch errored type=%s error=%s retry=%.1fs", name, exc, delay)
+            if isinstance(exc, AgentError):
+                log.warning("Watch errored type=%s error=%s retry=%.1fs", name, exc, delay)
+            else:
+                log.warning(
+                    "Watch errored type=%s error=unusable answer: %s: %s retry=%.1fs",
+                    name,
+                    type(exc).__name__,
+                    exc,
+                    delay,
+                )
             index = 0  # the retry is a non-blocking read, as in Consul's watch library
             await asyncio.sleep(delay)
             continue

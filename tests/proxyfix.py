@@ -13,6 +13,7 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.agent import AgentClient
 from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
@@ -165,7 +166,7 @@ def custom_leaf(
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
         .add_extension(
             x509.ExtendedKeyUsage(
-                [x509.ExtendedKeyUsageOID.CLIENT_AUTH, x509.ExtendedKeyUsageOID.SERVER_AUTH]
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
             ),
             False,
         )
