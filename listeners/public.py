@@ -89,8 +89,9 @@ class PublicListener(Listener):
         self.handshake_timeout = handshake_timeout
         self.app_connect_timeout = app_connect_timeout
         self.close_timeout = close_timeout
-        self.accepted = 0
-        self.denied = 0
+        self.accepted = 0  # TCP connections accepted
+        self.denied = 0  # refused by authorize
+        self.forwarded = 0  # authorized and connected to the app
         self.bytes_in = 0  # client -> app
         self.bytes_out = 0  # app -> client
 
@@ -137,6 +138,7 @@ class PublicListener(Listener):
                 tls.close()
                 return
             tune_socket(transport)
+            self.forwarded += 1
             tls.attach(pipe.a)
             pipe.start()
             stats = await pipe.done

@@ -104,13 +104,17 @@ class Listener:
         while self._tasks:
             await asyncio.wait(set(self._tasks))
 
+    def stop_accepting(self) -> None:
+        """Close the listening socket now (the address can be bound again at once)."""
+        if self._server is not None:
+            self._server.close()
+
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting, wait up to `drain_timeout` for connections, cancel the rest."""
         if self._closed:
             return
         self._closed = True
-        if self._server is not None:
-            self._server.close()
+        self.stop_accepting()
         if self._tasks and drain_timeout > 0:
             await asyncio.wait(set(self._tasks), timeout=drain_timeout)
         for task in list(self._tasks):

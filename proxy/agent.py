@@ -12,17 +12,55 @@ Rule 2: one persistent `httpx.AsyncClient` (keep-alive) serves every call; it is
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
-from proxy.errors import AgentResponseError, AgentUnavailable
+from proxy.config import HTTPOptions
+from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 
 # Watches block for this long per request; the agent adds up to wait/16 of jitter.
 DEFAULT_WAIT = 300.0
 REQUEST_TIMEOUT = 10.0
+
+
+def make_http_client(options: HTTPOptions) -> httpx.AsyncClient:
+    """An `httpx.AsyncClient` for the agent at `options` (TCP, TLS, or a Unix socket).
+
+    Raises:
+        ConfigError: TLS files that cannot be loaded.
+    """
+    transport: httpx.AsyncHTTPTransport | None = None
+    verify: ssl.SSLContext | bool = True
+    if options.scheme == "unix":
+        transport = httpx.AsyncHTTPTransport(uds=options.address)
+        base_url = f"http://localhost{options.path_prefix}"
+    else:
+        base_url = f"{options.scheme}://{options.address}{options.path_prefix}"
+    if options.scheme == "https":
+        try:
+            ctx = ssl.create_default_context(
+                cafile=options.ca_file or None, capath=options.ca_path or None
+            )
+            if options.client_cert:
+                ctx.load_cert_chain(options.client_cert, options.client_key or None)
+        except (OSError, ssl.SSLError) as exc:
+            raise ConfigError(f"Error loading TLS files for the agent connection: {exc}") from exc
+        if options.tls_skip_verify:
+            ctx.check_hostname = False
+            ctx.verify_mode = ssl.CERT_NONE
+        verify = ctx
+    return httpx.AsyncClient(
+        base_url=base_url,
+        transport=transport,
+        verify=verify,
+        auth=options.basic_auth,
+        timeout=REQUEST_TIMEOUT,
+        trust_env=False,  # the agent is local: no proxies from the environment
+    )
 
 
 @dataclass(frozen=True, slots=True)
@@ -49,9 +87,11 @@ class AgentClient:
         token: str = "",
         datacenter: str = "",
         wait: float = DEFAULT_WAIT,
+        tls_server_name: str = "",
     ) -> None:
         self._client = client
         self._headers = {"X-Consul-Token": token} if token else {}
+        self._extensions = {"sni_hostname": tls_server_name} if tls_server_name else {}
         self.datacenter = datacenter
         self.wait = wait
 
@@ -73,7 +113,13 @@ class AgentClient:
             headers["Content-Type"] = "application/json"
         try:
             response = await self._client.request(
-                method, path, params=params, content=content, headers=headers, timeout=timeout
+                method,
+                path,
+                params=params,
+                content=content,
+                headers=headers,
+                timeout=timeout,
+                extensions=self._extensions,
             )
         except httpx.TransportError as exc:
             raise AgentUnavailable(
@@ -163,3 +209,50 @@ class AgentClient:
         return await self._request(
             "GET", f"/v1/agent/service/{service_id}", params=params, timeout=timeout
         )
+
+    async def services(self) -> Answer:
+        """`GET /v1/agent/services`."""
+        return await self._request("GET", "/v1/agent/services")
+
+    async def managed_proxy(self, proxy_id: str, content_hash: str = "") -> Answer:
+        """`GET /v1/agent/connect/proxy/:id` (Consul 1.2-1.5), hash-blocking."""
+        params: dict[str, str] = {}
+        timeout = REQUEST_TIMEOUT
+        if content_hash:
+            params = {"hash": content_hash, "wait": _wait_param(self.wait)}
+            timeout = self.wait * 17 / 16 + 15
+        return await self._request(
+            "GET", f"/v1/agent/connect/proxy/{proxy_id}", params=params, timeout=timeout
+        )
+
+    async def catalog_service(self, name: str) -> Answer:
+        """`GET /v1/catalog/service/:name?stale`."""
+        return await self._request("GET", f"/v1/catalog/service/{name}", params={"stale": ""})
+
+    async def register(self, registration: Any) -> Answer:
+        """`PUT /v1/agent/service/register`."""
+        return await self._request("PUT", "/v1/agent/service/register", body=registration)
+
+    async def deregister(self, service_id: str) -> Answer:
+        """`PUT /v1/agent/service/deregister/:id`."""
+        return await self._request("PUT", f"/v1/agent/service/deregister/{service_id}")
+
+    async def pass_ttl(self, check_id: str, note: str = "") -> Answer:
+        """`PUT /v1/agent/check/pass/:id?note=`."""
+        return await self._request("PUT", f"/v1/agent/check/pass/{check_id}", params={"note": note})
+
+
+def explain(exc: Exception, service: str = "") -> str:
+    """An agent error in words a user can act on; never contains the token."""
+    if isinstance(exc, AgentResponseError) and exc.status == 403:
+        text = str(exc)
+        if "ACL not found" in text:
+            return (
+                f"{text}: the agent does not know the ACL token given to the proxy; pass a "
+                "valid one with -token, -token-file or CONSUL_HTTP_TOKEN"
+            )
+        if "Permission denied" in text or "lacks permission" in text:
+            need = f" (it needs service:write on {service!r})" if service else ""
+            return f"{text}: the proxy's ACL token lacks a permission{need}"
+        return f"{text}: the agent refused the proxy's ACL token"
+    return str(exc)

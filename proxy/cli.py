@@ -8,14 +8,28 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime as dt
+import json
 import logging
+import os
 import signal
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 from proxy import __version__
-from proxy.errors import ConfigError
+from proxy.config import (
+    HTTPOptions,
+    ProxyConfig,
+    UpstreamConfig,
+    flags_config,
+    load_http_options,
+    parse_upstream_flag,
+    split_host_port,
+)
+from proxy.errors import ConfigError, ProxyError
+from proxy.goflags import FlagError, FlagSet, HelpRequested
 
 _LOG_LEVELS = {
     "TRACE": logging.DEBUG,
@@ -57,20 +71,51 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
     parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), **kwargs)  # type: ignore[arg-type]
 
 
-def _setup_logging(level: str, json_format: bool = False) -> None:
-    handler = logging.StreamHandler(sys.stderr)
-    if json_format:
-        handler.setFormatter(
-            logging.Formatter(
-                '{"@timestamp":"%(asctime)s","@level":"%(levelname)s","@module":"%(name)s",'
-                '"@message":%(message)r}'
+_HCLOG_LEVELS = {
+    "DEBUG": "DEBUG",
+    "INFO": "INFO",
+    "WARNING": "WARN",
+    "ERROR": "ERROR",
+    "CRITICAL": "ERROR",
+}
+
+
+class _HCLogFormatter(logging.Formatter):
+    """Lines shaped like Consul's (hclog): `<time> [INFO]  proxy.inbound: message`."""
+
+    def __init__(self, json_lines: bool) -> None:
+        super().__init__()
+        self.json_lines = json_lines
+
+    def format(self, record: logging.LogRecord) -> str:
+        when = dt.datetime.fromtimestamp(record.created, dt.UTC)
+        stamp = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+        level = _HCLOG_LEVELS.get(record.levelname, record.levelname)
+        message = record.getMessage()
+        if record.exc_info:
+            message += "\n" + self.formatException(record.exc_info)
+        if self.json_lines:
+            return json.dumps(
+                {
+                    "@level": level.lower(),
+                    "@message": message,
+                    "@module": record.name,
+                    "@timestamp": stamp,
+                }
             )
-        )
-    else:
-        handler.setFormatter(logging.Formatter("%(asctime)s [%(levelname)s] %(name)s: %(message)s"))
+        return f"{stamp} [{level}] {' ' * (5 - len(level))}{record.name}: {message}"
+
+
+def _setup_logging(level: str, json_format: bool = False, stream: object = None) -> None:
+    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
+    handler.setFormatter(_HCLogFormatter(json_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LOG_LEVELS.get(level.upper(), logging.INFO))
+    # Request lines of the HTTP client stay out of the log (they are noise, and a URL is
+    # the one place a token could hide).
+    for name in ("httpx", "httpcore", "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)
 
 
 def _install_uvloop() -> None:
@@ -202,27 +247,361 @@ def dev_agent_main(argv: Sequence[str]) -> int:
     return asyncio.run(run())
 
 
-MAIN_HELP = f"""\
-Usage: connect-proxy [command] [options]
+PROXY_HELP = """\
+Usage: connect-proxy [options]
 
-connect-proxy {__version__}: Consul's built-in Connect proxy, in Python.
+  Starts a Consul Connect proxy and runs until an interrupt is received.
+  It is a drop-in replacement for `consul connect proxy`: same flags, same
+  environment variables, same configuration modes.
 
-Commands:
-    dev-agent    Run the embedded Consul-compatible dev agent
-    version      Print the version
+  The proxy requires service:write permissions for the service it represents.
+  The token may be passed with -token, -token-file or CONSUL_HTTP_TOKEN.
+
+  A sidecar for a service registered with `connect { sidecar_service {} }`:
+
+      $ connect-proxy -sidecar-for web
+
+  A local proxy for outbound connections to "db" as the "frontend" service; any
+  TCP connection to 127.0.0.1:8181 is carried over mutual TLS to "db":
+
+      $ connect-proxy -service frontend -upstream db:8181
+
+  Accept inbound connections on port 8443, authorize them, proxy them to 8080:
+
+      $ connect-proxy -service frontend -service-addr 127.0.0.1:8080 -listen ':8443'
+
+Other commands:
+
+      connect-proxy dev-agent [options]   run the embedded Consul-compatible dev agent
+      connect-proxy demo [-once]           a walk-through on the dev agent
+      connect-proxy version
+
+Options:
 """
 
 
+@dataclass(frozen=True, slots=True)
+class ProxyOptions:
+    """What the command line and the environment ask for, resolved."""
+
+    mode: str  # "agent", "sidecar", "flags"
+    proxy_id: str
+    sidecar_for: str
+    legacy: bool
+    http: HTTPOptions
+    static: ProxyConfig | None
+    register: bool
+    register_id: str
+    listen: str
+    log_level: str
+    log_json: bool
+    drain_timeout: float
+
+
+def _flag_set(upstreams: dict[str, UpstreamConfig]) -> FlagSet:
+    fs = FlagSet()
+
+    def add_upstream(value: str) -> None:
+        up = parse_upstream_flag(value)
+        upstreams[up.destination_name] = up  # a repeated name overrides, as in Consul
+
+    fs.string("proxy-id", "", "The proxy's ID on the local agent.")
+    fs.string(
+        "sidecar-for",
+        "",
+        "The ID of a service instance on the local agent that this proxy should become a "
+        "sidecar for. Exactly one connect-proxy must be registered with "
+        "Proxy.DestinationServiceID set to this value.",
+    )
+    fs.string("log-level", "INFO", "Specifies the log level.")
+    fs.boolean("log-json", False, "Output logs in JSON format.")
+    fs.string("pprof-addr", "", "Accepted for compatibility; Go's pprof has no Python equivalent.")
+    fs.string("service", "", "Name of the service this proxy is representing.")
+    fs.repeated(
+        "upstream",
+        "Upstream service to support connecting to. The format should be 'name:addr', such "
+        "as 'db:8181'. This will make 'db' available on port 8181. This can be repeated.",
+        add_upstream,
+    )
+    fs.string(
+        "service-addr",
+        "",
+        "Address of the local service to proxy. Only useful with -listen and -service.",
+    )
+    fs.string(
+        "listen",
+        "",
+        "Address to listen for inbound connections to the proxied service. "
+        "Must be specified with -service and -service-addr.",
+    )
+    fs.boolean(
+        "register", False, "Self-register with the local Consul agent. Only useful with -listen."
+    )
+    fs.string(
+        "register-id", "", "ID suffix for the service. Use this to disambiguate with other proxies."
+    )
+    fs.string(
+        "drain-timeout",
+        "10s",
+        "How long active connections may finish after SIGINT/SIGTERM (not in Consul).",
+    )
+    fs.string(
+        "http-addr", "", "The `address` and port of the Consul HTTP agent (CONSUL_HTTP_ADDR)."
+    )
+    fs.string("token", "", "ACL token to use in the request (CONSUL_HTTP_TOKEN).")
+    fs.string("token-file", "", "File containing the ACL token (CONSUL_HTTP_TOKEN_FILE).")
+    fs.string("ca-file", "", "Path to a CA file for TLS to Consul (CONSUL_CACERT).")
+    fs.string("ca-path", "", "Path to a directory of CA certificates (CONSUL_CAPATH).")
+    fs.string("client-cert", "", "Client certificate for TLS to Consul (CONSUL_CLIENT_CERT).")
+    fs.string("client-key", "", "Client key for TLS to Consul (CONSUL_CLIENT_KEY).")
+    fs.string("tls-server-name", "", "SNI host name for TLS to Consul (CONSUL_TLS_SERVER_NAME).")
+    fs.string("datacenter", "", "Name of the datacenter to query.")
+    fs.boolean("stale", False, "Permit any Consul server to answer.")
+    return fs
+
+
+def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOptions:
+    """argv and environment -> ProxyOptions, with Consul's precedence and messages.
+
+    Raises:
+        FlagError, HelpRequested: from the flag parser.
+        ConfigError: a combination Consul refuses, with its message.
+    """
+    from proxy.devagent.decode import parse_duration
+
+    upstreams: dict[str, UpstreamConfig] = {}
+    values, rest = _flag_set(upstreams).parse(args)
+    if rest:
+        raise ConfigError("Should have no non-flag arguments.")
+
+    def text(name: str) -> str:
+        value = values.get(name, "")
+        return value if isinstance(value, str) else ""
+
+    proxy_id = text("proxy-id")
+    legacy = False
+    if not proxy_id:
+        proxy_id = env.get("CONNECT_PROXY_ID") or env.get("CONSUL_PROXY_ID") or ""
+        # Consul 1.2-1.5 started managed proxies with the proxy ID and a proxy token in the
+        # environment; such a proxy reads the managed-proxy endpoint.
+        legacy = bool(proxy_id and env.get("CONNECT_PROXY_TOKEN"))
+    sidecar_for = text("sidecar-for") or env.get("CONNECT_SIDECAR_FOR", "")
+    service = text("service")
+    listen = text("listen")
+    register = values.get("register") is True
+    http = load_http_options(values, env)
+    try:
+        drain = parse_duration(text("drain-timeout") or "10s")
+    except ValueError as exc:
+        raise ConfigError(f"-drain-timeout: {exc}") from None
+    static = None
+    if proxy_id:
+        mode = "agent"
+    elif sidecar_for:
+        mode = "sidecar"
+    elif service:
+        mode = "flags"
+        static = flags_config(service, listen, text("service-addr"), upstreams)
+    else:
+        raise ConfigError(
+            "-service or -proxy-id must be specified so that proxy can configure itself."
+        )
+    if register and (not service or not listen):
+        raise ConfigError("-register may only be specified with -service and -listen")
+    return ProxyOptions(
+        mode=mode,
+        proxy_id=proxy_id,
+        sidecar_for=sidecar_for,
+        legacy=legacy,
+        http=http,
+        static=static,
+        register=register,
+        register_id=text("register-id"),
+        listen=listen,
+        log_level=text("log-level") or "INFO",
+        log_json=values.get("log-json") is True,
+        drain_timeout=drain,
+    )
+
+
+def _info(line: str) -> None:
+    print(f"    {line}", flush=True)
+
+
+def _output(line: str) -> None:
+    print(f"==> {line}", flush=True)
+
+
+def _error(line: str) -> None:
+    print(f"==> {line}", file=sys.stderr, flush=True)
+
+
+async def serve(
+    options: ProxyOptions,
+    stop: asyncio.Event,
+    *,
+    watch_backoff: float | None = None,
+    register_periods: tuple[float, float] | None = None,
+) -> int:
+    """Run the proxy described by `options` until `stop` is set. Returns the exit code."""
+    from proxy.agent import AgentClient, make_http_client
+    from proxy.supervisor import (
+        AgentConfigSource,
+        RegisterMonitor,
+        StaticConfigSource,
+        lookup_proxy_id_for_sidecar,
+        run,
+    )
+    from proxy.watch import BACKOFF_BASE
+
+    backoff_base = BACKOFF_BASE if watch_backoff is None else watch_backoff
+    try:
+        client = make_http_client(options.http)
+    except ConfigError as exc:
+        _error(f"Error connecting to Consul agent: {exc}")
+        return 1
+    agent = AgentClient(
+        client,
+        token=options.http.token,
+        datacenter=options.http.datacenter,
+        tls_server_name=options.http.tls_server_name,
+    )
+    register_task: asyncio.Task[None] | None = None
+    monitor: RegisterMonitor | None = None
+    try:
+        _output("Consul Connect proxy starting...")
+        source: AgentConfigSource | StaticConfigSource
+        proxy_id = options.proxy_id
+        if options.mode == "sidecar":
+            try:
+                proxy_id = await lookup_proxy_id_for_sidecar(agent, options.sidecar_for)
+            except ConfigError as exc:
+                _error(f"Error preparing configuration: {exc}")
+                return 1
+        if options.mode in ("agent", "sidecar"):
+            _info("Configuration mode: Agent API")
+            if options.mode == "sidecar":
+                _info(f"    Sidecar for ID: {options.sidecar_for}")
+            _info(f"          Proxy ID: {proxy_id}")
+            if options.legacy:
+                _info("      Config from: managed-proxy endpoint (Consul 1.2-1.5)")
+            source = AgentConfigSource(
+                agent, proxy_id, legacy=options.legacy, backoff_base=backoff_base
+            )
+        else:
+            assert options.static is not None
+            cfg = options.static
+            _info("Configuration mode: Flags")
+            _info(f"           Service: {cfg.service}")
+            for up in cfg.upstreams:
+                _info(
+                    f"          Upstream: {up.destination_name} => "
+                    f"{up.local_bind_address}:{up.local_bind_port}"
+                )
+            if cfg.public_listener is not None and options.listen:
+                host, port = split_host_port(options.listen, "-listen")
+                _info(
+                    f"   Public listener: {host}:{port} => "
+                    f"{cfg.public_listener.local_service_address}"
+                )
+            else:
+                _info("   Public listener: Disabled")
+            source = StaticConfigSource(cfg)
+        _info("")
+        _output("Log data will now stream in as it occurs:\n")
+
+        async def on_ready(proxy: object) -> None:
+            nonlocal register_task, monitor
+            if not options.register or options.static is None:
+                return
+            from proxy.supervisor import Proxy
+
+            assert isinstance(proxy, Proxy) and proxy.public is not None
+            host, _ = split_host_port(options.listen, "-listen")
+            reconcile, ttl = register_periods or (30.0, 30.0)
+            monitor = RegisterMonitor(
+                agent,
+                options.static.service,
+                host,
+                proxy.public.port,
+                options.register_id,
+                reconcile_period=reconcile,
+                ttl_period=ttl,
+            )
+            register_task = asyncio.get_running_loop().create_task(monitor.run(), name="register")
+
+        try:
+            await run(
+                agent,
+                source,
+                stop,
+                drain_timeout=options.drain_timeout,
+                watch_backoff=backoff_base,
+                on_ready=on_ready,
+            )
+        except (ProxyError, OSError) as exc:
+            _error(f"Failed running proxy: {exc}")
+            return 1
+        return 0
+    finally:
+        if register_task is not None:
+            register_task.cancel()
+            await asyncio.gather(register_task, return_exceptions=True)
+        if monitor is not None:
+            await monitor.deregister()
+        await agent.aclose()
+        _output("Consul Connect proxy shutdown")
+
+
+def proxy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
+    """`connect-proxy [flags]`: the `consul connect proxy` command."""
+    try:
+        options = parse_proxy_args(args, env)
+    except HelpRequested:
+        print(PROXY_HELP + _flag_set({}).usage())
+        return 0
+    except FlagError as exc:
+        print(str(exc), file=sys.stderr)
+        print(PROXY_HELP + _flag_set({}).usage(), file=sys.stderr)
+        return 1
+    except ConfigError as exc:
+        _error(str(exc))
+        return 1
+    _setup_logging(options.log_level, options.log_json)
+
+    async def main_async() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        signals = {"count": 0}
+
+        def on_signal(signum: int) -> None:
+            signals["count"] += 1
+            if signals["count"] == 1:
+                _output(f"Caught signal: {signal.Signals(signum).name}, draining connections")
+                stop.set()
+            else:
+                # A second signal: the user does not want to wait for the drain.
+                _output("Caught second signal, exiting now")
+                os._exit(1)
+
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, on_signal, sig)
+        return await serve(options, stop)
+
+    _install_uvloop()
+    return asyncio.run(main_async())
+
+
 def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the `connect-proxy` console script and of `python -m proxy`."""
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "dev-agent":
         return dev_agent_main(args[1:])
+    if args and args[0] == "demo":
+        from proxy.demo import demo_main
+
+        return demo_main(args[1:])
     if args and args[0] in ("version", "-version", "--version"):
         print(f"connect-proxy {__version__}")
         return 0
-    if args and args[0] in ("-h", "-help", "--help", "help"):
-        print(MAIN_HELP)
-        return 0
-    print(MAIN_HELP, file=sys.stderr)
-    print("The proxy itself is not implemented yet; only `dev-agent` runs.", file=sys.stderr)
-    return 1
+    return proxy_main(args, os.environ)

@@ -205,3 +205,269 @@ def plan_upstreams(
     stop = [key for key, cfg in running.items() if wanted_by_key.get(key) != cfg]
     start = [cfg for key, cfg in wanted_by_key.items() if running.get(key) != cfg]
     return stop, start
+
+
+# -- command line and environment ---------------------------------------------------------
+
+
+def parse_go_int(text: str) -> int:
+    """strconv.ParseInt(text, 0, 64): base from the prefix (0x, 0o, 0b, or a leading 0).
+
+    Raises:
+        ValueError: with Go's message (`strconv.ParseInt: parsing "x": invalid syntax`).
+    """
+    error = ValueError(f'strconv.ParseInt: parsing "{text}": invalid syntax')
+    body = text
+    sign = 1
+    if body[:1] in "+-" and body:
+        sign = -1 if body[0] == "-" else 1
+        body = body[1:]
+    base = 10
+    lowered = body.lower()
+    if lowered.startswith("0x"):
+        base, body = 16, body[2:]
+    elif lowered.startswith("0o"):
+        base, body = 8, body[2:]
+    elif lowered.startswith("0b"):
+        base, body = 2, body[2:]
+    elif len(body) > 1 and body[0] == "0":
+        base, body = 8, body[1:]
+    if not body or body.startswith("_") or body.endswith("_") or "__" in body:
+        raise error
+    if base == 10 and "_" in body:
+        raise error
+    try:
+        value = sign * int(body, base)
+    except ValueError:
+        raise error from None
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f'strconv.ParseInt: parsing "{text}": value out of range')
+    return value
+
+
+def parse_upstream_flag(value: str) -> UpstreamConfig:
+    """One `-upstream` value: `name:port`, `name:host:port`, `name.query:port`, ...
+
+    Raises:
+        ValueError: with Consul's message for that input.
+    """
+    name, sep, rest = value.partition(":")
+    if not sep:
+        raise ValueError(f'Upstream value should be name:addr in "{value}"')
+    host = ""
+    if ":" in rest:
+        host, _, rest = rest.partition(":")
+    dtype = "service"
+    if "." in name:
+        name, _, kind = name.partition(".")
+        if kind in ("", "service"):
+            dtype = "service"
+        elif kind == "query":
+            dtype = "prepared_query"
+        else:
+            raise ValueError(f"Upstream type must be blank, 'service', or 'query'. Got: \"{kind}\"")
+    port = parse_go_int(rest)
+    if not 0 < port < 65536:
+        raise ValueError(f"port {port} out of range 1-65535")
+    return UpstreamConfig(
+        destination_name=name,
+        local_bind_port=port,
+        destination_type=dtype,
+        local_bind_address=host or "127.0.0.1",
+    )
+
+
+def flags_config(
+    service: str, listen: str, service_addr: str, upstreams: Mapping[str, UpstreamConfig]
+) -> ProxyConfig:
+    """The ProxyConfig of flags mode (`-service`, `-listen`, `-service-addr`, `-upstream`).
+
+    Upstreams are keyed by name (a repeated name overrides, as in Consul) and sorted.
+
+    Raises:
+        ConfigError: with Consul's messages.
+    """
+    public = None
+    if listen:
+        host, port = split_host_port(listen, "-listen")
+        if not service_addr:
+            raise ConfigError(
+                "-service-addr must be specified with -listen so the proxy knows the "
+                "backend service address."
+            )
+        split_host_port(service_addr, "-service-addr")
+        public = PublicListenerConfig(
+            bind_address=host or "0.0.0.0", bind_port=port, local_service_address=service_addr
+        )
+    return ProxyConfig(
+        service=service,
+        public_listener=public,
+        upstreams=tuple(upstreams[name] for name in sorted(upstreams)),
+    )
+
+
+def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
+    """The legacy `/v1/agent/connect/proxy/:id` answer (Consul 1.2-1.5) as a ProxyConfig.
+
+    Raises:
+        ConfigError: a field that cannot be used.
+    """
+    name = body.get("TargetServiceName") or ""
+    if not name:
+        raise ConfigError("managed proxy config has no TargetServiceName")
+    config = body.get("Config") or {}
+    if not isinstance(config, Mapping):
+        raise ConfigError("managed proxy Config must be an object")
+    public = None
+    port = config.get("bind_port") or 0
+    if isinstance(port, float) and port.is_integer():
+        port = int(port)
+    if port:
+        if not isinstance(port, int) or not 0 < port < 65536:
+            raise ConfigError(f"bind_port must be a port number, got {port!r}")
+        local = config.get("local_service_address") or ""
+        if not isinstance(local, str) or not local:
+            raise ConfigError("local_service_address must be set")
+        split_host_port(local, "local_service_address")
+        public = PublicListenerConfig(
+            bind_address=str(config.get("bind_address") or "0.0.0.0"),
+            bind_port=port,
+            local_service_address=local,
+            local_connect_timeout=timeout_ms(
+                config.get("local_connect_timeout_ms"), "local_connect_timeout_ms", 1000
+            ),
+            handshake_timeout=timeout_ms(
+                config.get("handshake_timeout_ms"), "handshake_timeout_ms", 10000
+            ),
+        )
+    raw_upstreams = body.get("Upstreams")
+    if raw_upstreams is None:
+        # Consul 1.2 kept upstreams in Config with snake_case keys.
+        raw_upstreams = [
+            {
+                "DestinationName": u.get("destination_name"),
+                "DestinationType": u.get("destination_type"),
+                "DestinationNamespace": u.get("destination_namespace"),
+                "Datacenter": u.get("destination_datacenter"),
+                "LocalBindAddress": u.get("local_bind_address"),
+                "LocalBindPort": u.get("local_bind_port"),
+                "Config": {"connect_timeout_ms": u.get("connect_timeout_ms")}
+                if u.get("connect_timeout_ms") is not None
+                else {},
+            }
+            for u in config.get("upstreams") or []
+            if isinstance(u, Mapping)
+        ]
+    upstreams = tuple(load_upstream(u) for u in raw_upstreams or [])
+    return ProxyConfig(service=name, public_listener=public, upstreams=upstreams)
+
+
+@dataclass(frozen=True, slots=True)
+class HTTPOptions:
+    """How to reach the agent: Consul's HTTP flags and CONSUL_* environment variables."""
+
+    scheme: str = "http"  # http, https or unix
+    address: str = "127.0.0.1:8500"  # host:port, or the socket path for unix
+    path_prefix: str = ""
+    token: str = field(default="", repr=False)
+    ca_file: str = ""
+    ca_path: str = ""
+    client_cert: str = ""
+    client_key: str = ""
+    tls_server_name: str = ""
+    tls_skip_verify: bool = False
+    basic_auth: tuple[str, str] | None = field(default=None, repr=False)
+    datacenter: str = ""
+    stale: bool = False
+
+    @property
+    def display_address(self) -> str:
+        if self.scheme == "unix":
+            return f"unix://{self.address}"
+        return f"{self.scheme}://{self.address}{self.path_prefix}"
+
+
+def _env_bool(env: Mapping[str, str], name: str) -> bool | None:
+    raw = env.get(name)
+    if raw is None or raw == "":
+        return None
+    from proxy.goflags import parse_bool
+
+    try:
+        return parse_bool(raw)
+    except ValueError:
+        raise ConfigError(f"Could not parse {name}: {raw!r} is not a boolean") from None
+
+
+def load_http_options(values: Mapping[str, Any], env: Mapping[str, str]) -> HTTPOptions:
+    """Resolve the HTTP flags against the environment, with Consul's precedence.
+
+    The flag wins over the environment variable. Token: `-token-file` > `-token` >
+    `CONSUL_HTTP_TOKEN_FILE` > `CONSUL_HTTP_TOKEN` > `CONNECT_PROXY_TOKEN` (the token
+    Consul 1.2-1.5 gave managed proxies). Token files are read once and trimmed.
+
+    Raises:
+        ConfigError: an unknown scheme, an unreadable token file, a bad boolean.
+    """
+
+    def pick(flag: str, var: str, default: str = "") -> str:
+        value = values.get(flag)
+        if isinstance(value, str) and value:
+            return value
+        return env.get(var) or default
+
+    addr = pick("http-addr", "CONSUL_HTTP_ADDR", "127.0.0.1:8500")
+    scheme = "https" if _env_bool(env, "CONSUL_HTTP_SSL") else "http"
+    prefix = ""
+    if "://" in addr:
+        given, addr = addr.split("://", 1)
+        if given not in ("http", "https", "unix"):
+            raise ConfigError(f"Unknown protocol scheme: {given}")
+        scheme = given
+    if scheme != "unix" and "/" in addr:
+        addr, slash, rest = addr.partition("/")
+        prefix = (slash + rest).rstrip("/")
+    if not addr:
+        raise ConfigError("-http-addr: empty address")
+
+    def read_token(path: str) -> str:
+        try:
+            with open(path, encoding="utf-8") as f:
+                return f.read().strip()
+        except OSError as exc:
+            raise ConfigError(f"Error loading token file: {exc.strerror or exc}: {path}") from exc
+
+    if values.get("token-file"):
+        token = read_token(str(values["token-file"]))
+    elif values.get("token"):
+        token = str(values["token"])
+    elif env.get("CONSUL_HTTP_TOKEN_FILE"):
+        token = read_token(env["CONSUL_HTTP_TOKEN_FILE"])
+    else:
+        token = env.get("CONSUL_HTTP_TOKEN") or env.get("CONNECT_PROXY_TOKEN") or ""
+
+    auth = None
+    raw_auth = env.get("CONSUL_HTTP_AUTH")
+    if raw_auth:
+        user, _, password = raw_auth.partition(":")
+        auth = (user, password)
+    verify = _env_bool(env, "CONSUL_HTTP_SSL_VERIFY")
+    server_name = pick("tls-server-name", "CONSUL_TLS_SERVER_NAME")
+    if ":" in server_name and not server_name.startswith("["):
+        server_name = server_name.split(":", 1)[0]
+    stale = values.get("stale")
+    return HTTPOptions(
+        scheme=scheme,
+        address=addr,
+        path_prefix=prefix,
+        token=token,
+        ca_file=pick("ca-file", "CONSUL_CACERT"),
+        ca_path=pick("ca-path", "CONSUL_CAPATH"),
+        client_cert=pick("client-cert", "CONSUL_CLIENT_CERT"),
+        client_key=pick("client-key", "CONSUL_CLIENT_KEY"),
+        tls_server_name=server_name,
+        tls_skip_verify=verify is False,
+        basic_auth=auth,
+        datacenter=str(values.get("datacenter") or ""),
+        stale=bool(stale) if isinstance(stale, bool) else False,
+    )

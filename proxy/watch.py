@@ -18,6 +18,7 @@ import logging
 from collections.abc import Awaitable, Callable
 from typing import Any
 
+from proxy.agent import explain
 from proxy.errors import AgentError
 
 BACKOFF_BASE = 5.0
@@ -71,7 +72,7 @@ async def watch(
             failures += 1
             delay = backoff(failures, backoff_base)
             if isinstance(exc, AgentError):
-                log.warning("Watch errored type=%s error=%s retry=%.1fs", name, exc, delay)
+                log.warning("Watch errored type=%s error=%s retry=%.1fs", name, explain(exc), delay)
             else:
                 log.warning(
                     "Watch errored type=%s error=unusable answer: %s: %s retry=%.1fs",

@@ -1,0 +1,271 @@
+"""`connect-proxy demo`: a walk-through of Connect on the embedded dev agent.
+
+It starts the dev agent, a small HTTP `db` app, and the sidecars of `db` and `web` (web with
+the upstream `db`), each configured from the agent as `connect-proxy -sidecar-for <svc>`
+would be. It sends a request through web's upstream to db's public listener and shows what
+happened, then turns the intention web => db to deny and shows the refusal. With `-once` it
+exits after that (0 if every step behaved as expected); otherwise it allows web => db again
+and keeps running with a `curl` line to try, until Ctrl-C.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import signal
+import socket
+import sys
+import time
+from collections.abc import Sequence
+
+import httpx
+
+from proxy.agent import AgentClient
+from proxy.goflags import FlagError, FlagSet, HelpRequested
+from proxy.supervisor import AgentConfigSource, Proxy, run
+
+DEMO_HELP = """\
+Usage: connect-proxy demo [-once]
+
+  Starts the embedded dev agent, a `db` app, and the sidecars of `db` and `web`,
+  sends a request over mutual TLS from web to db, then denies web => db with an
+  intention and shows the refusal.
+
+Options:
+"""
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class _DbApp:
+    """A tiny HTTP/1.1 server: every request gets `hello from db` and the connection closes."""
+
+    def __init__(self) -> None:
+        self.requests = 0
+        self.server: asyncio.Server | None = None
+        self.port = 0
+
+    async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            async with asyncio.timeout(10):
+                await reader.readuntil(b"\r\n\r\n")
+            self.requests += 1
+            body = f"hello from db (request {self.requests})\n".encode()
+            writer.write(
+                b"HTTP/1.1 200 OK\r\nContent-Type: text/plain\r\nConnection: close\r\n"
+                + f"Content-Length: {len(body)}\r\n\r\n".encode()
+                + body
+            )
+            await writer.drain()
+        except (asyncio.IncompleteReadError, asyncio.LimitOverrunError, TimeoutError, OSError):
+            pass
+        finally:
+            writer.close()
+
+    async def start(self) -> None:
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        self.port = self.server.sockets[0].getsockname()[1]
+
+    async def close(self) -> None:
+        if self.server is not None:
+            self.server.close()
+            await self.server.wait_closed()
+
+
+def _say(text: str = "") -> None:
+    print(text, flush=True)
+
+
+async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
+    from proxy.devagent import AgentConfig, DevAgent
+
+    agent = DevAgent(AgentConfig(node_name="demo", sidecar_check_interval=1.0))
+    await agent.start("127.0.0.1", 0)
+    app = _DbApp()
+    await app.start()
+    api = httpx.AsyncClient(base_url=agent.url, timeout=10)
+    tasks: list[asyncio.Task[None]] = []
+    proxies: dict[str, Proxy] = {}
+    ready = {name: asyncio.Event() for name in ("db", "web")}
+    stop_proxies = asyncio.Event()
+    clients: list[AgentClient] = []
+    upstream_port = _free_port()
+    try:
+        _say(f"==> Dev agent running at {agent.url} (trust domain {agent.state.ca.trust_domain})")
+        for body in (
+            {
+                "Name": "db",
+                "Port": app.port,
+                "Connect": {"SidecarService": {"Port": _free_port(), "Address": "127.0.0.1"}},
+            },
+            {
+                "Name": "web",
+                "Port": _free_port(),
+                "Connect": {
+                    "SidecarService": {
+                        "Port": _free_port(),
+                        "Address": "127.0.0.1",
+                        "Proxy": {
+                            "Upstreams": [{"DestinationName": "db", "LocalBindPort": upstream_port}]
+                        },
+                    }
+                },
+            },
+        ):
+            r = await api.put("/v1/agent/service/register", json=body)
+            r.raise_for_status()
+        _say(f"==> Registered db (app on 127.0.0.1:{app.port}) and web, each with a sidecar")
+
+        for name in ("db", "web"):
+            client = AgentClient(httpx.AsyncClient(base_url=agent.url))
+            clients.append(client)
+
+            async def mark_ready(proxy: Proxy, name: str = name) -> None:
+                proxies[name] = proxy
+                ready[name].set()
+
+            source = AgentConfigSource(client, f"{name}-sidecar-proxy")
+            tasks.append(
+                asyncio.get_running_loop().create_task(
+                    run(client, source, stop_proxies, on_ready=mark_ready), name=f"{name} sidecar"
+                )
+            )
+            _say(
+                f"==> Started the {name} sidecar, as: connect-proxy -sidecar-for {name} "
+                f"-http-addr {agent.http_addr}"
+            )
+        async with asyncio.timeout(15):
+            await ready["db"].wait()
+            await ready["web"].wait()
+        db, web = proxies["db"], proxies["web"]
+        assert db.public is not None and db.tls.material and web.tls.material
+        _say(f"    db  identity: {db.tls.material.leaf.uri}")
+        _say(f"    web identity: {web.tls.material.leaf.uri}")
+        _say(
+            f"    db public listener: {db.public.address}; "
+            f"web upstream db: 127.0.0.1:{upstream_port}"
+        )
+        # The web sidecar finds db through the agent's health API: wait until db's sidecar
+        # check passes (its TCP check runs every second).
+        async with asyncio.timeout(15):
+            index = "0"
+            while True:
+                r = await api.get(f"/v1/health/connect/db?passing&index={index}&wait=5s")
+                if r.json():
+                    break
+                index = r.headers["X-Consul-Index"]
+
+        url = f"http://127.0.0.1:{upstream_port}/"
+        ok = True
+        _say()
+        _say("==> 1. GET " + url + "  (web's upstream -> mTLS -> db's public listener -> db app)")
+        started = time.perf_counter()
+        try:
+            async with httpx.AsyncClient(timeout=10) as c:
+                response = await c.get(url)
+            elapsed = (time.perf_counter() - started) * 1000
+            _say(f"    {response.status_code} {response.text.strip()!r} in {elapsed:.1f} ms")
+            ok &= response.status_code == 200
+        except httpx.HTTPError as exc:
+            _say(f"    failed: {exc!r}")
+            ok = False
+        uri = web.tls.material.leaf.uri or ""
+        decision = (
+            await api.post(
+                "/v1/agent/connect/authorize",
+                json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
+            )
+        ).json()
+        _say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
+        (listener,) = web.upstreams.values()
+        await listener.until_idle()
+        _say(
+            f"    bytes through web's upstream: {listener.bytes_out} sent, {listener.bytes_in} "
+            f"received; db's sidecar forwarded {db.public.forwarded}, denied {db.public.denied}"
+        )
+
+        _say()
+        _say("==> 2. Deny web => db:  PUT /v1/connect/intentions/exact?source=web&destination=db")
+        r = await api.put(
+            "/v1/connect/intentions/exact?source=web&destination=db", json={"Action": "deny"}
+        )
+        r.raise_for_status()
+        denied_before = db.public.denied
+        try:
+            async with httpx.AsyncClient(timeout=10) as c:
+                response = await c.get(url)
+            _say(f"    unexpectedly answered: {response.status_code} {response.text.strip()!r}")
+            ok = False
+        except httpx.HTTPError as exc:
+            _say(f"    refused: {type(exc).__name__} (db's sidecar closed it after authorize)")
+        decision = (
+            await api.post(
+                "/v1/agent/connect/authorize",
+                json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
+            )
+        ).json()
+        _say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
+        _say(
+            f"    db's sidecar denied {db.public.denied - denied_before} connection(s); "
+            "the db app saw none of them"
+        )
+        ok &= db.public.denied > denied_before and app.requests == 1
+        _say()
+        if once:
+            _say("==> Walk-through complete." if ok else "==> Walk-through FAILED: see above.")
+            return 0 if ok else 1
+        r = await api.put(
+            "/v1/connect/intentions/exact?source=web&destination=db", json={"Action": "allow"}
+        )
+        r.raise_for_status()
+        _say("==> web => db is allowed again. Try it:")
+        _say(f"        curl {url}")
+        _say(
+            f'        curl -X PUT -d \'{{"Action": "deny"}}\' '
+            f"'{agent.url}/v1/connect/intentions/exact?source=web&destination=db'"
+        )
+        _say("    Press Ctrl-C to stop.")
+        await stop.wait()
+        return 0 if ok else 1
+    finally:
+        stop_proxies.set()
+        await asyncio.gather(*tasks, return_exceptions=True)
+        for client in clients:
+            await client.aclose()
+        await api.aclose()
+        await app.close()
+        await agent.close()
+
+
+def demo_main(args: Sequence[str]) -> int:
+    fs = FlagSet()
+    fs.boolean("once", False, "Exit after the walk-through (0 if every step behaved as expected).")
+    try:
+        values, rest = fs.parse(args)
+    except HelpRequested:
+        print(DEMO_HELP + fs.usage())
+        return 0
+    except FlagError as exc:
+        print(str(exc), file=sys.stderr)
+        return 1
+    if rest:
+        print("Should have no non-flag arguments.", file=sys.stderr)
+        return 1
+    from proxy.cli import _install_uvloop, _setup_logging
+
+    _setup_logging("WARN", stream=sys.stderr)
+
+    async def main() -> int:
+        stop = asyncio.Event()
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            with contextlib.suppress(NotImplementedError):
+                loop.add_signal_handler(sig, stop.set)
+        return await _walkthrough(values.get("once") is True, stop)
+
+    _install_uvloop()
+    return asyncio.run(main())
