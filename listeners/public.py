@@ -60,7 +60,7 @@ class _InboundTLS(TLSTransport):
         super().connection_made(transport)
         tune_socket(transport)
         peer = transport.get_extra_info("peername")
-        self.listener.spawn(self.listener.handle(self), name=f"inbound {peer}")
+        self.listener.spawn(self.listener.handle(self), f"inbound {peer}", transport)
 
 
 class PublicListener(Listener):

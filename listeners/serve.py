@@ -79,13 +79,31 @@ class Listener:
         self.log.info("Starting listener listener=%s bind_addr=%s", self.name, self.address)
         self.ready.set()
 
-    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+    def spawn(
+        self, coro: Coroutine[Any, Any, None], name: str, transport: asyncio.BaseTransport
+    ) -> None:
+        """Handle the connection on `transport` in a tracked task.
+
+        The transport is aborted if the listener is already closing, and if the task ends
+        cancelled (a task cancelled before it first runs never reaches its own cleanup) or
+        with an unexpected exception (which is logged).
+        """
         if self._closed:
             coro.close()
+            transport.abort()  # type: ignore[attr-defined]
             return
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
+
+        def reap(t: asyncio.Task[None]) -> None:
+            if t.cancelled():
+                transport.abort()  # type: ignore[attr-defined]
+            elif (exc := t.exception()) is not None:
+                self.log.error("connection handler failed: %r", exc, exc_info=exc)
+                transport.abort()  # type: ignore[attr-defined]
+
+        task.add_done_callback(reap)
         self.accepted_total += 1
         if self._accepted_event is not None:
             self._accepted_event.set()
@@ -105,7 +123,12 @@ class Listener:
             await asyncio.wait(set(self._tasks))
 
     def stop_accepting(self) -> None:
-        """Close the listening socket now (the address can be bound again at once)."""
+        """Close the listening socket now (the address can be bound again at once).
+
+        A connection the kernel handed to asyncio in the same loop step as this close is
+        dropped by CPython's accept path (Server._attach asserts; the socket is left to the
+        garbage collector). The client sees it closed; nothing here can intercept it.
+        """
         if self._server is not None:
             self._server.close()
 

@@ -63,7 +63,7 @@ class _Local(asyncio.Protocol):
         tune_socket(transport)
         peer = transport.get_extra_info("peername")
         self.listener.spawn(
-            self.listener.handle(self), name=f"upstream {self.listener.name} {peer}"
+            self.listener.handle(self), f"upstream {self.listener.name} {peer}", transport
         )
 
     def data_received(self, data: bytes) -> None:

@@ -210,38 +210,63 @@ def plan_upstreams(
 # -- command line and environment ---------------------------------------------------------
 
 
+def _underscore_ok(s: str) -> bool:
+    """Go's rule for `_` digit separators with base 0: only between digits (or after a
+    base prefix such as `0x`)."""
+    saw = "^"
+    i = 0
+    if s[:1] in "+-":
+        s = s[1:]
+    if len(s) >= 2 and s[0] == "0" and s[1].lower() in "box":
+        i, saw = 2, "0"
+    for ch in s[i:]:
+        if ch.isascii() and ch.isalnum():
+            saw = "0"
+        elif ch == "_":
+            if saw != "0":
+                return False
+            saw = "_"
+        else:
+            if saw == "_":
+                return False
+            saw = "!"
+    return saw != "_"
+
+
 def parse_go_int(text: str) -> int:
-    """strconv.ParseInt(text, 0, 64): base from the prefix (0x, 0o, 0b, or a leading 0).
+    """strconv.ParseInt(text, 0, 64): base from the prefix (0x, 0o, 0b, or a leading 0),
+    `_` separators allowed between digits, nothing else (no spaces, one sign at most).
 
     Raises:
         ValueError: with Go's message (`strconv.ParseInt: parsing "x": invalid syntax`).
     """
-    error = ValueError(f'strconv.ParseInt: parsing "{text}": invalid syntax')
+    from proxy.goflags import go_quote
+
+    error = ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: invalid syntax")
     body = text
     sign = 1
-    if body[:1] in "+-" and body:
+    if body[:1] in ("+", "-"):
         sign = -1 if body[0] == "-" else 1
         body = body[1:]
+    if not body:
+        raise error
     base = 10
+    digits = body
     lowered = body.lower()
-    if lowered.startswith("0x"):
-        base, body = 16, body[2:]
-    elif lowered.startswith("0o"):
-        base, body = 8, body[2:]
-    elif lowered.startswith("0b"):
-        base, body = 2, body[2:]
-    elif len(body) > 1 and body[0] == "0":
-        base, body = 8, body[1:]
-    if not body or body.startswith("_") or body.endswith("_") or "__" in body:
+    if lowered.startswith(("0x", "0o", "0b")):
+        base = {"x": 16, "o": 8, "b": 2}[lowered[1]]
+        digits = body[2:]
+    elif body[0] == "0" and len(body) > 1:
+        base, digits = 8, body[1:]
+    allowed = "0123456789abcdef"[:base]
+    if "_" in body and not _underscore_ok(body):
         raise error
-    if base == 10 and "_" in body:
+    digits = digits.replace("_", "")
+    if not digits or any(ch.lower() not in allowed for ch in digits):
         raise error
-    try:
-        value = sign * int(body, base)
-    except ValueError:
-        raise error from None
+    value = sign * int(digits, base)
     if not -(1 << 63) <= value < (1 << 63):
-        raise ValueError(f'strconv.ParseInt: parsing "{text}": value out of range')
+        raise ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: value out of range")
     return value
 
 
@@ -423,7 +448,8 @@ def load_http_options(values: Mapping[str, Any], env: Mapping[str, str]) -> HTTP
         given, addr = addr.split("://", 1)
         if given not in ("http", "https", "unix"):
             raise ConfigError(f"Unknown protocol scheme: {given}")
-        scheme = given
+        if given != "http":  # as Go: never revert to http once TLS was asked for
+            scheme = given
     if scheme != "unix" and "/" in addr:
         addr, slash, rest = addr.partition("/")
         prefix = (slash + rest).rstrip("/")
@@ -435,16 +461,18 @@ def load_http_options(values: Mapping[str, Any], env: Mapping[str, str]) -> HTTP
             with open(path, encoding="utf-8") as f:
                 return f.read().strip()
         except OSError as exc:
-            raise ConfigError(f"Error loading token file: {exc.strerror or exc}: {path}") from exc
+            raise ConfigError(f"Error loading token file {path} : {exc.strerror or exc}") from exc
 
+    # Consul 1.2-1.5 put CONNECT_PROXY_TOKEN into the -token flag when it was empty.
+    token_flag = str(values.get("token") or "") or env.get("CONNECT_PROXY_TOKEN", "")
     if values.get("token-file"):
         token = read_token(str(values["token-file"]))
-    elif values.get("token"):
-        token = str(values["token"])
+    elif token_flag:
+        token = token_flag
     elif env.get("CONSUL_HTTP_TOKEN_FILE"):
         token = read_token(env["CONSUL_HTTP_TOKEN_FILE"])
     else:
-        token = env.get("CONSUL_HTTP_TOKEN") or env.get("CONNECT_PROXY_TOKEN") or ""
+        token = env.get("CONSUL_HTTP_TOKEN", "")
 
     auth = None
     raw_auth = env.get("CONSUL_HTTP_AUTH")
@@ -453,7 +481,9 @@ def load_http_options(values: Mapping[str, Any], env: Mapping[str, str]) -> HTTP
         auth = (user, password)
     verify = _env_bool(env, "CONSUL_HTTP_SSL_VERIFY")
     server_name = pick("tls-server-name", "CONSUL_TLS_SERVER_NAME")
-    if ":" in server_name and not server_name.startswith("["):
+    if server_name.startswith("[") and "]:" in server_name:
+        server_name = server_name[1 : server_name.index("]:")]  # [::1]:8501 -> ::1
+    elif server_name.count(":") == 1:
         server_name = server_name.split(":", 1)[0]
     stale = values.get("stale")
     return HTTPOptions(

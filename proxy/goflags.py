@@ -33,6 +33,32 @@ _TRUE = {"1", "t", "T", "TRUE", "true", "True"}
 _FALSE = {"0", "f", "F", "FALSE", "false", "False"}
 
 
+def go_quote(value: str) -> str:
+    """Go's %q for a string: double quotes, with backslash escapes (strconv.Quote)."""
+    out = []
+    for ch in value:
+        if ch in ('"', "\\"):
+            out.append("\\" + ch)
+        elif ch == "\n":
+            out.append("\\n")
+        elif ch == "\t":
+            out.append("\\t")
+        elif ch == "\r":
+            out.append("\\r")
+        elif not ch.isprintable():
+            code = ord(ch)
+            out.append(
+                f"\\x{code:02x}"
+                if code < 0x80
+                else f"\\u{code:04x}"
+                if code < 0x10000
+                else f"\\U{code:08x}"
+            )
+        else:
+            out.append(ch)
+    return '"' + "".join(out) + '"'
+
+
 def parse_bool(value: str) -> bool:
     """strconv.ParseBool."""
     if value in _TRUE:
@@ -105,7 +131,7 @@ class FlagSet:
                         values[name] = parse_bool(value)
                     except ValueError:
                         raise FlagError(
-                            f'invalid boolean value "{value}" for -{name}: parse error'
+                            f"invalid boolean value {go_quote(value)} for -{name}: parse error"
                         ) from None
                 else:
                     values[name] = True
@@ -118,7 +144,9 @@ class FlagSet:
                 try:
                     flag.on_value(value)
                 except ValueError as exc:
-                    raise FlagError(f'invalid value "{value}" for flag -{name}: {exc}') from None
+                    raise FlagError(
+                        f"invalid value {go_quote(value)} for flag -{name}: {exc}"
+                    ) from None
             values[name] = value
         return values, rest
 

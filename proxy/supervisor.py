@@ -131,6 +131,7 @@ class Proxy:
                     lambda leaf: self.tls.set_leaf(*leaf),
                     log=log,
                     backoff_base=self.watch_backoff,
+                    service=service,
                 ),
                 name=f"watch leaf {service}",
             ),

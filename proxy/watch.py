@@ -53,6 +53,7 @@ async def watch(
     *,
     log: logging.Logger,
     backoff_base: float = BACKOFF_BASE,
+    service: str = "",
 ) -> None:
     """Run a blocking-query watch until cancelled.
 
@@ -72,7 +73,9 @@ async def watch(
             failures += 1
             delay = backoff(failures, backoff_base)
             if isinstance(exc, AgentError):
-                log.warning("Watch errored type=%s error=%s retry=%.1fs", name, explain(exc), delay)
+                log.warning(
+                    "Watch errored type=%s error=%s retry=%.1fs", name, explain(exc, service), delay
+                )
             else:
                 log.warning(
                     "Watch errored type=%s error=unusable answer: %s: %s retry=%.1fs",

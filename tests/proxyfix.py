@@ -5,8 +5,9 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import datetime as dt
+import logging
 import ssl
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
@@ -237,3 +238,47 @@ async def plain_exchange(port: int, payload: bytes, *, half_close: bool = True) 
         with contextlib.suppress(OSError):
             await writer.wait_closed()
     return bytes(received)
+
+
+class LogWaiter(logging.Handler):
+    """Resolves `wait_for(text)` when a log record containing `text` is emitted.
+
+    For waiting on what another component reports (a listener started or stopped, a watch
+    failed) without polling.
+    """
+
+    def __init__(self) -> None:
+        super().__init__(logging.DEBUG)
+        self.lines: list[str] = []
+        self._waiters: list[tuple[str, asyncio.Future[None]]] = []
+
+    def emit(self, record: logging.LogRecord) -> None:
+        line = record.getMessage()
+        self.lines.append(line)
+        for text, fut in list(self._waiters):
+            if text in line and not fut.done():
+                fut.set_result(None)
+
+    async def wait_for(self, text: str) -> None:
+        if any(text in line for line in self.lines):
+            return
+        fut = asyncio.get_running_loop().create_future()
+        self._waiters.append((text, fut))
+        try:
+            await fut
+        finally:
+            self._waiters.remove((text, fut))
+
+
+@contextlib.contextmanager
+def log_waiter() -> Iterator[LogWaiter]:
+    waiter = LogWaiter()
+    root = logging.getLogger()
+    old_level = root.level
+    root.addHandler(waiter)
+    root.setLevel(logging.DEBUG)
+    try:
+        yield waiter
+    finally:
+        root.removeHandler(waiter)
+        root.setLevel(old_level)

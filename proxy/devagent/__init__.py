@@ -45,6 +45,8 @@ Differences from a real Consul agent (what it leaves out or does differently):
   negation, `IgnoreCheckIDs`, `Connect.Enabled`); no templates, failover or `Near` sorting.
 - The content hash of `/v1/agent/service/:id` is FNV-64a over the rendered JSON: opaque and
   stable, but not byte-equal to Consul's hashstructure value.
+- `emulate_consul_1_2` (a dev-agent option) answers `/v1/agent/service/:id` with 404, as
+  Consul 1.2 did, to exercise a proxy's fallback to the managed-proxy endpoint.
 - The legacy managed-proxy endpoint `/v1/agent/connect/proxy/:id` serves any connect-proxy
   registered with a `DestinationServiceID`; the agent starts no managed processes and issues
   no proxy tokens.

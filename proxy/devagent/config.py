@@ -86,6 +86,9 @@ class AgentConfig:
     sidecar_min_port: int = 21000
     sidecar_max_port: int = 21255
     sidecar_check_interval: float = 10.0
+    # Act like Consul 1.2, which had no /v1/agent/service/:id (proxies then read the
+    # managed-proxy endpoint). A dev-agent option for testing that fallback.
+    emulate_consul_1_2: bool = False
     services: tuple[Mapping[str, Any], ...] = ()
     config_entries: tuple[Mapping[str, Any], ...] = ()
     ignored_keys: tuple[str, ...] = ()

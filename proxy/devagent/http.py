@@ -244,6 +244,8 @@ async def agent_services(request: web.Request) -> web.StreamResponse:
 
 
 async def agent_service(request: web.Request) -> web.StreamResponse:
+    if _agent(request).config.emulate_consul_1_2:
+        return _text(404, "404 page not found")
     state = _agent(request).state
     service_id = request.match_info["id"]
     authz = _authz(request)
