@@ -129,8 +129,13 @@ class Listener:
         dropped by CPython's accept path (Server._attach asserts; the socket is left to the
         garbage collector). The client sees it closed; nothing here can intercept it.
         """
-        if self._server is not None:
+        if self._server is not None and self._server.is_serving():
             self._server.close()
+            self.log.info(
+                "listener stopped accepting listener=%s active_connections=%d",
+                self.name,
+                self.active,
+            )
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting, wait up to `drain_timeout` for connections, cancel the rest."""

@@ -1,0 +1,182 @@
+"""`connect-proxy` as a real process: signals, draining, exit codes, output hygiene."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hashlib
+import os
+import signal
+import socket
+import sys
+from collections.abc import AsyncIterator
+
+import pytest
+
+from proxy.devagent import DevAgent
+from tests.proxyfix import client_ctx, echo_app
+
+SECRET = "s3cret-token-3f9a"
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+class Proc:
+    def __init__(self, proc: asyncio.subprocess.Process) -> None:
+        self.proc = proc
+        self.out: list[str] = []
+
+    async def read_until(self, text: str) -> None:
+        assert self.proc.stdout is not None
+        async with asyncio.timeout(20):
+            while True:
+                line = (await self.proc.stdout.readline()).decode()
+                assert line, f"process ended before {text!r}: {''.join(self.out)}"
+                self.out.append(line)
+                if text in line:
+                    return
+
+    async def finish(self) -> tuple[int, str, str]:
+        async with asyncio.timeout(20):
+            stdout, stderr = await self.proc.communicate()
+        return self.proc.returncode or 0, "".join(self.out) + stdout.decode(), stderr.decode()
+
+
+@contextlib.asynccontextmanager
+async def spawn(*args: str) -> AsyncIterator[Proc]:
+    proc = await asyncio.create_subprocess_exec(
+        sys.executable,
+        "-m",
+        "proxy",
+        *args,
+        stdout=asyncio.subprocess.PIPE,
+        stderr=asyncio.subprocess.PIPE,
+        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+    )
+    try:
+        yield Proc(proc)
+    finally:
+        if proc.returncode is None:
+            proc.kill()
+            await proc.wait()
+
+
+async def test_sigterm_drains_a_transfer_in_flight_then_exits_0(agent: DevAgent) -> None:
+    async with echo_app() as app:
+        port = _free_port()
+        args = [
+            "-service",
+            "db",
+            "-listen",
+            f"127.0.0.1:{port}",
+            "-service-addr",
+            f"127.0.0.1:{app.port}",
+            "-http-addr",
+            agent.http_addr,
+            "-token",
+            SECRET,
+            "-log-level",
+            "DEBUG",
+        ]
+        async with spawn(*args) as p:
+            await p.read_until("Proxy loaded config and ready to serve")
+            ctx = client_ctx(agent, "web")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname=None
+            )
+            chunk = os.urandom(256 * 1024)
+            writer.write(chunk)
+            assert await reader.readexactly(len(chunk)) == chunk
+            p.proc.send_signal(signal.SIGTERM)
+            await p.read_until("Caught signal: SIGTERM")
+            # New connections are refused at once...
+            await p.read_until(
+                "listener stopped accepting listener=public_listener active_connections=1"
+            )
+            with pytest.raises(ConnectionRefusedError):
+                await asyncio.open_connection("127.0.0.1", port)
+            # ...while the transfer in flight goes on to its end.
+            digest = hashlib.sha256()
+            for _ in range(8):
+                writer.write(chunk)
+                digest.update(await reader.readexactly(len(chunk)))
+            assert digest.hexdigest() == hashlib.sha256(chunk * 8).hexdigest()
+            assert p.proc.returncode is None  # still draining
+            writer.close()
+            code, out, err = await p.finish()
+        assert code == 0, err
+        assert "==> Consul Connect proxy shutdown" in out
+        assert SECRET not in out and SECRET not in err
+
+
+async def test_second_signal_exits_at_once(agent: DevAgent) -> None:
+    async with echo_app() as app:
+        port = _free_port()
+        args = [
+            "-service",
+            "db",
+            "-listen",
+            f"127.0.0.1:{port}",
+            "-service-addr",
+            f"127.0.0.1:{app.port}",
+            "-http-addr",
+            agent.http_addr,
+            "-drain-timeout",
+            "60s",
+        ]
+        async with spawn(*args) as p:
+            await p.read_until("Proxy loaded config and ready to serve")
+            ctx = client_ctx(agent, "web")
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=ctx, server_hostname=None
+            )
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            p.proc.send_signal(signal.SIGTERM)
+            await p.read_until("Caught signal: SIGTERM")
+            p.proc.send_signal(signal.SIGINT)
+            code, out, _ = await p.finish()  # within the 20 s bound, not the 60 s drain
+            writer.close()
+        assert code == 1
+        assert "Caught second signal, exiting now" in out
+
+
+async def test_exit_code_is_nonzero_when_it_cannot_serve(agent: DevAgent) -> None:
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        args = [
+            "-service",
+            "db",
+            "-listen",
+            f"127.0.0.1:{port}",
+            "-service-addr",
+            "127.0.0.1:1",
+            "-http-addr",
+            agent.http_addr,
+        ]
+        async with spawn(*args) as p:
+            code, _, err = await p.finish()
+    assert code == 1
+    assert "Failed running proxy" in err and "in use" in err
+
+
+async def test_sidecar_lookup_errors_exit_1(agent: DevAgent) -> None:
+    async with spawn("-sidecar-for", "nothing", "-http-addr", agent.http_addr) as p:
+        code, _, err = await p.finish()
+    assert code == 1
+    assert "No sidecar proxy registered for nothing" in err
+
+
+async def test_demo_once_exits_0() -> None:
+    async with spawn("demo", "-once") as p:
+        code, out, err = await p.finish()
+    assert code == 0, out + err
+    assert "200 'hello from db (request 1)'" in out
+    assert "Authorized=False (Matched L4 intention: default/web => default/db" in out
+    assert "Walk-through complete." in out
