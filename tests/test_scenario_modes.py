@@ -311,3 +311,16 @@ async def test_403_is_explained_and_the_token_never_printed(
         assert "the proxy's ACL token lacks a permission (it needs service:write on 'db')" in text
     out = capsys.readouterr()
     assert secret not in text and secret not in out.out and secret not in out.err
+
+
+async def test_proxy_id_of_a_service_that_is_not_a_proxy_is_an_error(
+    agent: DevAgent, capsys: pytest.CaptureFixture[str]
+) -> None:
+    await _register(agent, {"Name": "web", "Port": 8080})
+    options = parse_proxy_args(["-proxy-id", "web", "-http-addr", agent.http_addr], {})
+    async with asyncio.timeout(10):
+        code = await serve(options, asyncio.Event(), watch_backoff=0.05)
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "Failed running proxy: service 'web' is not a valid connect proxy" in err
+    assert "want 'connect-proxy'" in err
