@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import datetime as dt
 import json
 import logging
@@ -15,7 +16,7 @@ import os
 import signal
 import sys
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from proxy import __version__
@@ -106,8 +107,18 @@ class _HCLogFormatter(logging.Formatter):
         return f"{stamp} [{level}] {' ' * (5 - len(level))}{record.name}: {message}"
 
 
+class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
+    """A stream handler that drops lines when its stream is gone (a closed pipe)."""
+
+    def handleError(self, record: logging.LogRecord) -> None:
+        exc = sys.exc_info()[1]
+        if isinstance(exc, OSError | ValueError):
+            return
+        super().handleError(record)
+
+
 def _setup_logging(level: str, json_format: bool = False, stream: object = None) -> None:
-    handler = logging.StreamHandler(stream or sys.stdout)  # type: ignore[arg-type]
+    handler = _QuietStreamHandler(stream or sys.stdout)
     handler.setFormatter(_HCLogFormatter(json_format))
     root = logging.getLogger()
     root.handlers[:] = [handler]
@@ -296,14 +307,21 @@ class ProxyOptions:
     log_level: str
     log_json: bool
     drain_timeout: float
+    upstream_hosts: Mapping[str, str] = field(default_factory=dict)
 
 
-def _flag_set(upstreams: dict[str, UpstreamConfig]) -> FlagSet:
+def _flag_set(
+    upstreams: dict[str, UpstreamConfig], given_hosts: dict[str, str] | None = None
+) -> FlagSet:
     fs = FlagSet()
 
     def add_upstream(value: str) -> None:
         up = parse_upstream_flag(value)
         upstreams[up.destination_name] = up  # a repeated name overrides, as in Consul
+        if given_hosts is not None:
+            # The banner shows the host as given (empty when only a port was), as Consul.
+            rest = value.partition(":")[2]
+            given_hosts[up.destination_name] = rest.partition(":")[0] if ":" in rest else ""
 
     fs.string("proxy-id", "", "The proxy's ID on the local agent.")
     fs.string(
@@ -370,7 +388,8 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
     from proxy.devagent.decode import parse_duration
 
     upstreams: dict[str, UpstreamConfig] = {}
-    values, rest = _flag_set(upstreams).parse(args)
+    given_hosts: dict[str, str] = {}
+    values, rest = _flag_set(upstreams, given_hosts).parse(args)
     if rest:
         raise ConfigError("Should have no non-flag arguments.")
 
@@ -421,19 +440,27 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         log_level=text("log-level") or "INFO",
         log_json=values.get("log-json") is True,
         drain_timeout=drain,
+        upstream_hosts=given_hosts,
     )
 
 
+def _print(text: str, stream: object) -> None:
+    # The output may be a pipe whose reader has gone (`| head`); that must never stop the
+    # proxy, and above all not its signal handling.
+    with contextlib.suppress(OSError, ValueError):
+        print(text, file=stream, flush=True)  # type: ignore[call-overload]
+
+
 def _info(line: str) -> None:
-    print(f"    {line}", flush=True)
+    _print(f"    {line}", sys.stdout)
 
 
 def _output(line: str) -> None:
-    print(f"==> {line}", flush=True)
+    _print(f"==> {line}", sys.stdout)
 
 
 def _error(line: str) -> None:
-    print(f"==> {line}", file=sys.stderr, flush=True)
+    _print(f"==> {line}", sys.stderr)
 
 
 async def serve(
@@ -496,7 +523,8 @@ async def serve(
             for up in cfg.upstreams:
                 _info(
                     f"          Upstream: {up.destination_name} => "
-                    f"{up.local_bind_address}:{up.local_bind_port}"
+                    f"{options.upstream_hosts.get(up.destination_name, up.local_bind_address)}:"
+                    f"{up.local_bind_port}"
                 )
             if cfg.public_listener is not None and options.listen:
                 host, port = split_host_port(options.listen, "-listen")
@@ -577,8 +605,8 @@ def proxy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
         def on_signal(signum: int) -> None:
             signals["count"] += 1
             if signals["count"] == 1:
+                stop.set()  # first: nothing below may prevent the shutdown
                 _output(f"Caught signal: {signal.Signals(signum).name}, draining connections")
-                stop.set()
             else:
                 # A second signal: the user does not want to wait for the drain.
                 _output("Caught second signal, exiting now")

@@ -324,3 +324,29 @@ async def test_proxy_id_of_a_service_that_is_not_a_proxy_is_an_error(
     err = capsys.readouterr().err
     assert "Failed running proxy: service 'web' is not a valid connect proxy" in err
     assert "want 'connect-proxy'" in err
+
+
+async def test_unusable_update_keeps_the_last_good_config(agent: DevAgent, logs: LogWaiter) -> None:
+    async with echo_app() as app:
+        port, up = _free_port(), _free_port()
+        await _register(
+            agent, _sidecar("web", app, port, [{"DestinationName": "db", "LocalBindPort": up}])
+        )
+        options = parse_proxy_args(["-sidecar-for", "web", "-http-addr", agent.http_addr], {})
+        async with serving(options):
+            async with asyncio.timeout(10):
+                await _wait_listening(logs, up)
+                # An upstream timeout that is not a number makes the new config unusable.
+                bad = [
+                    {
+                        "DestinationName": "db",
+                        "LocalBindPort": up,
+                        "Config": {"connect_timeout_ms": "soon"},
+                    }
+                ]
+                await _register(agent, _sidecar("web", app, port, bad))
+                await logs.wait_for("ignoring unusable configuration from the agent")
+            assert any("connect_timeout_ms" in line for line in logs.lines)
+            assert not any(
+                f"stopping upstream listener 127.0.0.1:{up}" in line for line in logs.lines
+            )

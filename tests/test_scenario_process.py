@@ -180,3 +180,17 @@ async def test_demo_once_exits_0() -> None:
     assert "200 'hello from db (request 1)'" in out
     assert "Authorized=False (Matched L4 intention: default/web => default/db" in out
     assert "Walk-through complete." in out
+
+
+async def test_sigterm_works_after_the_stdout_reader_has_gone(agent: DevAgent) -> None:
+    """`connect-proxy ... | head` must still stop on SIGTERM once head has exited."""
+    async with spawn(
+        "-service", "web", "-upstream", f"db:{_free_port()}", "-http-addr", agent.http_addr
+    ) as p:
+        await p.read_until("Log data will now stream in as it occurs")
+        transport = p.proc._transport  # type: ignore[attr-defined]
+        transport.get_pipe_transport(1).close()  # the reader of stdout goes away
+        p.proc.send_signal(signal.SIGTERM)
+        async with asyncio.timeout(20):
+            code = await p.proc.wait()
+    assert code == 0
