@@ -210,6 +210,14 @@ class AgentClient:
             "GET", f"/v1/agent/service/{service_id}", params=params, timeout=timeout
         )
 
+    async def self(self) -> Answer:
+        """`GET /v1/agent/self`."""
+        return await self._request("GET", "/v1/agent/self")
+
+    async def acl_token_self(self) -> Answer:
+        """`GET /v1/acl/token/self`."""
+        return await self._request("GET", "/v1/acl/token/self")
+
     async def services(self) -> Answer:
         """`GET /v1/agent/services`."""
         return await self._request("GET", "/v1/agent/services")

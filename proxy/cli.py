@@ -285,6 +285,7 @@ Other commands:
 
       connect-proxy dev-agent [options]   run the embedded Consul-compatible dev agent
       connect-proxy demo [-once]           a walk-through on the dev agent
+      connect-proxy envoy [options]        Consul's `connect envoy`, this proxy as fallback
       connect-proxy version
 
 Options:
@@ -308,6 +309,22 @@ class ProxyOptions:
     log_json: bool
     drain_timeout: float
     upstream_hosts: Mapping[str, str] = field(default_factory=dict)
+
+
+def add_http_flags(fs: FlagSet) -> None:
+    """Consul's HTTP client flags (`-http-addr`, `-token`, ...), shared by the commands."""
+    fs.string(
+        "http-addr", "", "The `address` and port of the Consul HTTP agent (CONSUL_HTTP_ADDR)."
+    )
+    fs.string("token", "", "ACL token to use in the request (CONSUL_HTTP_TOKEN).")
+    fs.string("token-file", "", "File containing the ACL token (CONSUL_HTTP_TOKEN_FILE).")
+    fs.string("ca-file", "", "Path to a CA file for TLS to Consul (CONSUL_CACERT).")
+    fs.string("ca-path", "", "Path to a directory of CA certificates (CONSUL_CAPATH).")
+    fs.string("client-cert", "", "Client certificate for TLS to Consul (CONSUL_CLIENT_CERT).")
+    fs.string("client-key", "", "Client key for TLS to Consul (CONSUL_CLIENT_KEY).")
+    fs.string("tls-server-name", "", "SNI host name for TLS to Consul (CONSUL_TLS_SERVER_NAME).")
+    fs.string("datacenter", "", "Name of the datacenter to query.")
+    fs.boolean("stale", False, "Permit any Consul server to answer.")
 
 
 def _flag_set(
@@ -363,18 +380,7 @@ def _flag_set(
         "10s",
         "How long active connections may finish after SIGINT/SIGTERM (not in Consul).",
     )
-    fs.string(
-        "http-addr", "", "The `address` and port of the Consul HTTP agent (CONSUL_HTTP_ADDR)."
-    )
-    fs.string("token", "", "ACL token to use in the request (CONSUL_HTTP_TOKEN).")
-    fs.string("token-file", "", "File containing the ACL token (CONSUL_HTTP_TOKEN_FILE).")
-    fs.string("ca-file", "", "Path to a CA file for TLS to Consul (CONSUL_CACERT).")
-    fs.string("ca-path", "", "Path to a directory of CA certificates (CONSUL_CAPATH).")
-    fs.string("client-cert", "", "Client certificate for TLS to Consul (CONSUL_CLIENT_CERT).")
-    fs.string("client-key", "", "Client key for TLS to Consul (CONSUL_CLIENT_KEY).")
-    fs.string("tls-server-name", "", "SNI host name for TLS to Consul (CONSUL_TLS_SERVER_NAME).")
-    fs.string("datacenter", "", "Name of the datacenter to query.")
-    fs.boolean("stale", False, "Permit any Consul server to answer.")
+    add_http_flags(fs)
     return fs
 
 
@@ -595,6 +601,11 @@ def proxy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return 1
+    return run_with_signals(options)
+
+
+def run_with_signals(options: ProxyOptions) -> int:
+    """Serve `options` on uvloop with Consul's signal behaviour; returns the exit code."""
     _setup_logging(options.log_level, options.log_json)
 
     async def main_async() -> int:
@@ -625,6 +636,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
     if args and args[0] == "dev-agent":
         return dev_agent_main(args[1:])
+    if args and args[0] == "envoy":
+        from proxy.envoy import envoy_main
+
+        return envoy_main(args[1:], os.environ)
     if args and args[0] == "demo":
         from proxy.demo import demo_main
 
