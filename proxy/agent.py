@@ -152,6 +152,11 @@ class AgentClient:
             return params, self.wait * 17 / 16 + 15
         return params, REQUEST_TIMEOUT
 
+    def _hash_blocking(self, content_hash: str) -> tuple[dict[str, str], float]:
+        if not content_hash:
+            return {}, REQUEST_TIMEOUT
+        return {"hash": content_hash, "wait": _wait_param(self.wait)}, self.wait * 17 / 16 + 15
+
     async def roots(self, index: int = 0) -> Answer:
         """`GET /v1/agent/connect/ca/roots`, blocking when `index` > 0."""
         params, timeout = self._blocking(index)
@@ -201,11 +206,7 @@ class AgentClient:
 
     async def agent_service(self, service_id: str, content_hash: str = "") -> Answer:
         """`GET /v1/agent/service/:id`, hash-blocking when `content_hash` is given."""
-        params: dict[str, str] = {}
-        timeout = REQUEST_TIMEOUT
-        if content_hash:
-            params = {"hash": content_hash, "wait": _wait_param(self.wait)}
-            timeout = self.wait * 17 / 16 + 15
+        params, timeout = self._hash_blocking(content_hash)
         return await self._request(
             "GET", f"/v1/agent/service/{service_id}", params=params, timeout=timeout
         )
@@ -224,11 +225,7 @@ class AgentClient:
 
     async def managed_proxy(self, proxy_id: str, content_hash: str = "") -> Answer:
         """`GET /v1/agent/connect/proxy/:id` (Consul 1.2-1.5), hash-blocking."""
-        params: dict[str, str] = {}
-        timeout = REQUEST_TIMEOUT
-        if content_hash:
-            params = {"hash": content_hash, "wait": _wait_param(self.wait)}
-            timeout = self.wait * 17 / 16 + 15
+        params, timeout = self._hash_blocking(content_hash)
         return await self._request(
             "GET", f"/v1/agent/connect/proxy/{proxy_id}", params=params, timeout=timeout
         )

@@ -237,6 +237,12 @@ class IntentionView:
         return out
 
 
+def _unknown_check(check_id: str) -> NotFound:
+    return NotFound(
+        f'Unknown check ID "{check_id}". Ensure that the check ID is passed, not the check name.'
+    )
+
+
 def precedence(source: str, destination: str) -> int:
     """Intention precedence with namespaces fixed to `default` (exact names beat `*`)."""
     top = 9 if destination != "*" else 6
@@ -755,10 +761,7 @@ class State:
     def deregister_check(self, check_id: str, authz: Authorizer) -> None:
         check = self.checks.get(check_id)
         if check is None:
-            raise NotFound(
-                f'Unknown check ID "{check_id}". '
-                "Ensure that the check ID is passed, not the check name."
-            )
+            raise _unknown_check(check_id)
         self._require_check_write(check, authz)
         del self.checks[check_id]
         self.check_specs.pop(check_id, None)
@@ -786,10 +789,7 @@ class State:
         """`PUT /v1/agent/check/pass|warn|fail/:id` and `/v1/agent/check/update/:id`."""
         check = self.checks.get(check_id)
         if check is None:
-            raise NotFound(
-                f'Unknown check ID "{check_id}". '
-                "Ensure that the check ID is passed, not the check name."
-            )
+            raise _unknown_check(check_id)
         self._require_check_write(check, authz)
         if self.check_specs[check_id].kind != "ttl":
             raise StateError(f'CheckID "{check_id}" does not have associated TTL')
