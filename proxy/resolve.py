@@ -12,12 +12,18 @@ Rule 2: an entry that is not a valid Connect endpoint is skipped, not fatal.
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import random
 from collections.abc import Iterable, Mapping, Sequence
 from typing import Any
 
 from proxy.agent import AgentClient
+from proxy.errors import AgentError
 from proxy.identity import SpiffeIDService
+from proxy.watch import backoff, next_index
+
+log = logging.getLogger("proxy.upstream")
 
 Endpoint = tuple[str, int, SpiffeIDService]
 
@@ -98,3 +104,96 @@ class StaticResolver:
         endpoints = list(self.endpoints)
         random.shuffle(endpoints)
         return endpoints
+
+
+class WatchingResolver:
+    """Keeps the healthy instances of one service upstream current with a blocking query.
+
+    Consul's Go proxy asks the agent once per connection; here one long-poll per upstream
+    follows `/v1/health/connect/<name>?passing` and connections read the last answer, so a
+    new connection costs no agent round trip. If the watch fails after a success, the last
+    known instances keep being used (a dial that fails moves on to the next instance) while
+    the watch retries with Consul's backoff; before any success, `resolve()` raises.
+    """
+
+    def __init__(
+        self,
+        agent: AgentClient,
+        name: str,
+        *,
+        datacenter: str = "",
+        backoff_base: float = 5.0,
+    ) -> None:
+        self.agent = agent
+        self.name = name
+        self.datacenter = datacenter
+        self.backoff_base = backoff_base
+        self._endpoints: list[Endpoint] | None = None
+        self._error: Exception | None = None
+        self._answered = asyncio.Event()
+        self._task: asyncio.Task[None] | None = None
+        self.updates = 0
+        self._updated: asyncio.Event | None = None
+
+    async def _run(self) -> None:
+        index = 0
+        failures = 0
+        while True:
+            try:
+                answer = await self.agent.health_connect(
+                    self.name, datacenter=self.datacenter, index=index
+                )
+            except AgentError as exc:
+                failures += 1
+                self._error = exc
+                self._answered.set()
+                delay = backoff(failures, self.backoff_base)
+                log.warning(
+                    "Watch errored type=health_connect service=%s error=%s retry=%.1fs",
+                    self.name,
+                    exc,
+                    delay,
+                )
+                index = 0
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            self._endpoints = endpoints_from_entries(answer.body or [])
+            self._answered.set()
+            self.updates += 1
+            if self._updated is not None:
+                self._updated.set()
+            index = next_index(index, answer.index)
+
+    async def resolve(self) -> Sequence[Endpoint]:
+        """The current healthy instances, in random order.
+
+        Raises:
+            AgentError: the agent has not answered successfully yet.
+        """
+        if self._task is None:
+            self._task = asyncio.get_running_loop().create_task(
+                self._run(), name=f"watch upstream {self.name}"
+            )
+        await self._answered.wait()
+        if self._endpoints is None:
+            assert self._error is not None
+            raise self._error
+        endpoints = list(self._endpoints)
+        random.shuffle(endpoints)
+        return endpoints
+
+    async def until_updates(self, count: int) -> None:
+        """Return once the watch has had `count` answers (bound it with a timeout)."""
+        while self.updates < count:
+            self._updated = asyncio.Event()
+            try:
+                await self._updated.wait()
+            finally:
+                self._updated = None
+
+    async def aclose(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)
+            self._task = None

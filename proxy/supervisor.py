@@ -31,7 +31,7 @@ from proxy.config import (
     split_host_port,
 )
 from proxy.errors import AgentError, AgentResponseError, ConfigError
-from proxy.resolve import AgentResolver
+from proxy.resolve import AgentResolver, WatchingResolver
 from proxy.tlsstore import TLSStore
 from proxy.watch import BACKOFF_BASE, backoff, watch
 
@@ -56,6 +56,7 @@ class Proxy:
         self.tls = TLSStore()
         self.public: PublicListener | None = None
         self.upstreams: dict[tuple[str, int], UpstreamListener] = {}
+        self._resolvers: dict[tuple[str, int], WatchingResolver] = {}
         self._upstream_configs: dict[tuple[str, int], UpstreamConfig] = {}
         self._watches: list[asyncio.Task[None]] = []
         self._draining: set[asyncio.Task[None]] = set()
@@ -93,6 +94,9 @@ class Proxy:
         if self.public is not None:
             closers.append(self.public.close(timeout))
         await asyncio.gather(*closers, *self._draining)
+        for resolver in self._resolvers.values():
+            await resolver.aclose()
+        self._resolvers.clear()
         for task in self._watches:
             task.cancel()
         await asyncio.gather(*self._watches, return_exceptions=True)
@@ -154,6 +158,9 @@ class Proxy:
             # Stop accepting now, so a changed upstream can bind again at once; its open
             # connections drain in the background (awaited by close()).
             listener.stop_accepting()
+            resolver = self._resolvers.pop(key, None)
+            if resolver is not None:
+                await resolver.aclose()
             task = asyncio.get_running_loop().create_task(listener.close(self.drain_timeout))
             self._draining.add(task)
             task.add_done_callback(self._draining.discard)
@@ -163,27 +170,41 @@ class Proxy:
             await self._restart_public()
 
     async def _start_upstream(self, upstream: UpstreamConfig, *, strict: bool = False) -> None:
+        key = (upstream.local_bind_address, upstream.local_bind_port)
+        resolver: AgentResolver | WatchingResolver
+        if upstream.destination_type == "prepared_query":
+            # A prepared query cannot be watched: it is executed per connection, as in Consul.
+            resolver = AgentResolver(
+                self.agent,
+                upstream.destination_name,
+                destination_type="prepared_query",
+                datacenter=upstream.datacenter,
+            )
+        else:
+            resolver = WatchingResolver(
+                self.agent,
+                upstream.destination_name,
+                datacenter=upstream.datacenter,
+                backoff_base=self.watch_backoff,
+            )
+            self._resolvers[key] = resolver
         listener = UpstreamListener(
             name=upstream.destination_name,
             bind_host=upstream.local_bind_address,
             bind_port=upstream.local_bind_port,
             contexts=self.tls,
-            resolver=AgentResolver(
-                self.agent,
-                upstream.destination_name,
-                destination_type=upstream.destination_type,
-                datacenter=upstream.datacenter,
-            ),
+            resolver=resolver,
             connect_timeout=upstream.connect_timeout,
         )
         try:
             await listener.start()
         except OSError as exc:
             log.error("failed to start upstream listener %s: %s", upstream.identity, exc)
+            if isinstance(resolver, WatchingResolver):
+                self._resolvers.pop(key, None)
             if strict:
                 raise
             return
-        key = (upstream.local_bind_address, upstream.local_bind_port)
         self.upstreams[key] = listener
         self._upstream_configs[key] = upstream
 
