@@ -38,13 +38,23 @@ class TLSTransport(asyncio.Protocol):
     `peer_certificate()`, then `attach(app_protocol)` to start the byte flow.
     """
 
-    def __init__(self, context: ssl.SSLContext, *, server_side: bool) -> None:
+    def __init__(
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        session: ssl.SSLSession | None = None,
+    ) -> None:
         self._context = context
         self._server_side = server_side
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
         self._ssl = context.wrap_bio(
-            self._incoming, self._outgoing, server_side=server_side, server_hostname=None
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=None,
+            session=session,
         )
         self._raw: asyncio.Transport | None = None
         self._app: asyncio.BaseProtocol | None = None
@@ -280,6 +290,19 @@ class TLSTransport(asyncio.Protocol):
 
     def version(self) -> str | None:
         return self._ssl.version()
+
+    @property
+    def context(self) -> ssl.SSLContext:
+        return self._context
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        """The TLS session, for resuming a later connection to the same server."""
+        return self._ssl.session
+
+    @property
+    def session_reused(self) -> bool:
+        return self._ssl.session_reused
 
     def selected_alpn_protocol(self) -> str | None:
         return self._ssl.selected_alpn_protocol()

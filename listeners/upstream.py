@@ -103,6 +103,10 @@ class UpstreamListener(Listener):
         self.close_timeout = close_timeout
         self.connections = 0
         self.failed = 0
+        self.resumed = 0
+        # Per server: a session to resume (TLS 1.3 ticket or 1.2 session), tied to the client
+        # context that made it. A rotation brings a new context, hence full handshakes again.
+        self._sessions: dict[tuple[str, int], tuple[ssl.SSLContext, ssl.SSLSession]] = {}
         self.bytes_out = 0  # local client -> upstream
         self.bytes_in = 0  # upstream -> local client
 
@@ -114,11 +118,12 @@ class UpstreamListener(Listener):
         self.connections += 1
         assert local.transport is not None
         tls: TLSTransport | None = None
+        endpoint = ("", 0)
         pipe: Pipe | None = None
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    tls = await self._dial()
+                    tls, endpoint = await self._dial()
             except TimeoutError:
                 log.error(
                     "failed to dial upstream=%s error=timed out after %gs",
@@ -143,6 +148,7 @@ class UpstreamListener(Listener):
             stats = await pipe.done
             self.bytes_out += stats.a_to_b
             self.bytes_in += stats.b_to_a
+            self._remember_session(tls, endpoint)
         except asyncio.CancelledError:
             if pipe is not None:
                 pipe.abort()
@@ -152,7 +158,16 @@ class UpstreamListener(Listener):
                     tls.abort()
             raise
 
-    async def _dial(self) -> TLSTransport:
+    def _remember_session(self, tls: TLSTransport, endpoint: tuple[str, int]) -> None:
+        session = tls.session
+        # TLS 1.3 tickets arrive after the handshake; by the end of the connection they have.
+        if session is None or not (session.has_ticket or session.id):
+            return
+        context = self.contexts.client_context()
+        if context is not None and tls.context is context:
+            self._sessions[endpoint] = (context, session)
+
+    async def _dial(self) -> tuple[TLSTransport, tuple[str, int]]:
         """Resolve and connect to the first instance that passes every check.
 
         Raises:
@@ -167,7 +182,9 @@ class UpstreamListener(Listener):
         for host, port, expected in endpoints:
             context = self.contexts.client_context()
             assert context is not None
-            tls = TLSTransport(context, server_side=False)
+            known = self._sessions.get((host, port))
+            session = known[1] if known is not None and known[0] is context else None
+            tls = TLSTransport(context, server_side=False, session=session)
             addr = join_host_port(host, port)
             try:
                 raw, _ = await loop.create_connection(_factory(tls), host, port)
@@ -180,6 +197,7 @@ class UpstreamListener(Listener):
                     )
             except (OSError, ssl.SSLError, HandshakeError, IdentityError) as exc:
                 tls.abort()
+                self._sessions.pop((host, port), None)
                 last = exc
                 log.warning(
                     "failed to connect to instance addr=%s upstream=%s error=%s",
@@ -189,7 +207,11 @@ class UpstreamListener(Listener):
                 )
                 continue
             log.debug(
-                "successfully connected to service instance addr=%s identity=%s", addr, peer.uri
+                "successfully connected to service instance addr=%s identity=%s resumed=%s",
+                addr,
+                peer.uri,
+                tls.session_reused,
             )
-            return tls
+            self.resumed += tls.session_reused
+            return tls, (host, port)
         raise ProxyError(str(last) if last else "no healthy instances found")

@@ -9,6 +9,7 @@ Rule 2: parsing failures raise IdentityError with Consul's own texts; nothing he
 
 from __future__ import annotations
 
+import functools
 import re
 from dataclasses import dataclass
 from urllib.parse import unquote, urlsplit
@@ -168,8 +169,12 @@ class PeerIdentity:
     subject_cn: str | None
 
 
+@functools.lru_cache(maxsize=1024)
 def peer_identity(der: bytes) -> PeerIdentity:
     """Read the first URI SAN, the serial and the subject CN of a DER certificate.
+
+    Cached: a peer presents the same leaf on every connection until its next rotation, so
+    the parse is done once per leaf, not once per connection.
 
     Raises:
         IdentityError: the bytes are not a certificate.

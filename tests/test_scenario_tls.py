@@ -283,3 +283,24 @@ async def test_server_leaf_from_foreign_ca_is_rejected_by_upstream(agent: DevAge
         finally:
             server.close()
             await server.wait_closed()
+
+
+async def test_upstream_dials_resume_tls_sessions(agent: DevAgent) -> None:
+    async with (
+        echo_app() as app,
+        db_sidecar(agent, app),
+        running_proxy(agent, ProxyConfig(service="web", upstreams=(upstream("db"),))) as web,
+    ):
+        (listener,) = web.upstreams.values()
+        for n in range(3):
+            assert await plain_exchange(local_port(web), b"again") == b"again"
+            async with asyncio.timeout(5):
+                await listener.until_idle()  # the session is kept when a connection ends
+            assert listener.resumed == n  # the first dial is a full handshake
+        # A rotation brings new contexts: the next dial is a full handshake again.
+        rotations = web.tls.rotations
+        agent.state.issue_leaf("web")
+        async with asyncio.timeout(5):
+            await web.tls.until_rotations(rotations + 1)
+        assert await plain_exchange(local_port(web), b"fresh") == b"fresh"
+        assert listener.resumed == 2
