@@ -79,8 +79,9 @@ class PublicListener(Listener):
         app_connect_timeout: float = 1.0,
         close_timeout: float = 10.0,
         name: str = "public_listener",
+        reuse_port: bool = False,
     ) -> None:
-        super().__init__(name, bind_host, bind_port, log)
+        super().__init__(name, bind_host, bind_port, log, reuse_port=reuse_port)
         # Go dials ":8080" as the local host; Python needs a name or an address.
         self.app_host = app_host or "127.0.0.1"
         self.app_port = app_port

@@ -44,8 +44,13 @@ def join_host_port(host: str, port: int) -> str:
 class Listener:
     """A bound TCP server whose connections are handled by tracked tasks."""
 
-    def __init__(self, name: str, host: str, port: int, log: logging.Logger) -> None:
+    def __init__(
+        self, name: str, host: str, port: int, log: logging.Logger, *, reuse_port: bool = False
+    ) -> None:
         self.name = name
+        # With -workers, several processes bind the same address; the kernel spreads the
+        # connections over them (SO_REUSEPORT).
+        self.reuse_port = reuse_port
         self.host = host
         self.port = port
         self.log = log
@@ -73,7 +78,12 @@ class Listener:
         """
         loop = asyncio.get_running_loop()
         self._server = await loop.create_server(
-            factory, self.host, self.port, reuse_address=True, backlog=1024
+            factory,
+            self.host,
+            self.port,
+            reuse_address=True,
+            reuse_port=self.reuse_port or None,
+            backlog=1024,
         )
         self.port = self._server.sockets[0].getsockname()[1]
         self.log.info("Starting listener listener=%s bind_addr=%s", self.name, self.address)

@@ -95,8 +95,9 @@ class UpstreamListener(Listener):
         resolver: Resolver,
         connect_timeout: float = 10.0,
         close_timeout: float = 10.0,
+        reuse_port: bool = False,
     ) -> None:
-        super().__init__(name, bind_host or "127.0.0.1", bind_port, log)
+        super().__init__(name, bind_host or "127.0.0.1", bind_port, log, reuse_port=reuse_port)
         self.contexts = contexts
         self.resolver = resolver
         self.connect_timeout = connect_timeout

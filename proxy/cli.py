@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import signal
+import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -309,6 +310,8 @@ class ProxyOptions:
     log_json: bool
     drain_timeout: float
     upstream_hosts: Mapping[str, str] = field(default_factory=dict)
+    workers: int = 1
+    worker_child: bool = False  # one of the -workers processes started by the first
 
 
 def add_http_flags(fs: FlagSet) -> None:
@@ -380,6 +383,7 @@ def _flag_set(
         "10s",
         "How long active connections may finish after SIGINT/SIGTERM (not in Consul).",
     )
+    fs.string("workers", "1", "Processes sharing each listener with SO_REUSEPORT (not in Consul).")
     add_http_flags(fs)
     return fs
 
@@ -419,6 +423,12 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         drain = parse_duration(text("drain-timeout") or "10s")
     except ValueError as exc:
         raise ConfigError(f"-drain-timeout: {exc}") from None
+    try:
+        workers = int(text("workers") or "1")
+    except ValueError:
+        raise ConfigError(f"-workers must be a whole number, got {text('workers')!r}") from None
+    if not 1 <= workers <= 64:
+        raise ConfigError(f"-workers must be between 1 and 64, got {workers}")
     static = None
     if proxy_id:
         mode = "agent"
@@ -447,6 +457,8 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         log_json=values.get("log-json") is True,
         drain_timeout=drain,
         upstream_hosts=given_hosts,
+        workers=workers,
+        worker_child=env.get("CONNECT_PROXY_WORKER") == "1",
     )
 
 
@@ -546,7 +558,7 @@ async def serve(
 
         async def on_ready(proxy: object) -> None:
             nonlocal register_task, monitor
-            if not options.register or options.static is None:
+            if not options.register or options.static is None or options.worker_child:
                 return
             from proxy.supervisor import Proxy
 
@@ -572,6 +584,7 @@ async def serve(
                 drain_timeout=options.drain_timeout,
                 watch_backoff=backoff_base,
                 on_ready=on_ready,
+                reuse_port=options.workers > 1 or options.worker_child,
             )
         except (ProxyError, OSError) as exc:
             _error(f"Failed running proxy: {exc}")
@@ -601,12 +614,25 @@ def proxy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
     except ConfigError as exc:
         _error(str(exc))
         return 1
-    return run_with_signals(options)
+    return run_with_signals(options, args)
 
 
-def run_with_signals(options: ProxyOptions) -> int:
+def _start_workers(options: ProxyOptions, args: Sequence[str]) -> list[subprocess.Popen[bytes]]:
+    """The other -workers processes: the same command, marked as workers (they skip
+    -register), binding the same addresses with SO_REUSEPORT."""
+    if options.workers <= 1 or options.worker_child:
+        return []
+    env = {**os.environ, "CONNECT_PROXY_WORKER": "1"}
+    return [
+        subprocess.Popen([sys.executable, "-m", "proxy", *args], env=env)
+        for _ in range(options.workers - 1)
+    ]
+
+
+def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
     """Serve `options` on uvloop with Consul's signal behaviour; returns the exit code."""
     _setup_logging(options.log_level, options.log_json)
+    workers = _start_workers(options, args)
 
     async def main_async() -> int:
         stop = asyncio.Event()
@@ -615,6 +641,9 @@ def run_with_signals(options: ProxyOptions) -> int:
 
         def on_signal(signum: int) -> None:
             signals["count"] += 1
+            for worker in workers:  # the other workers drain (or exit) as this one does
+                with contextlib.suppress(OSError):
+                    worker.send_signal(signum)
             if signals["count"] == 1:
                 stop.set()  # first: nothing below may prevent the shutdown
                 _output(f"Caught signal: {signal.Signals(signum).name}, draining connections")
@@ -625,10 +654,22 @@ def run_with_signals(options: ProxyOptions) -> int:
 
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        return await serve(options, stop)
+        code = await serve(options, stop)
+        for worker in workers:
+            if worker.poll() is None:
+                with contextlib.suppress(OSError):
+                    worker.send_signal(signal.SIGTERM)
+        codes = [await asyncio.to_thread(w.wait) for w in workers]
+        return max([code, *codes])
 
     _install_uvloop()
-    return asyncio.run(main_async())
+    try:
+        return asyncio.run(main_async())
+    finally:
+        for worker in workers:
+            if worker.poll() is None:
+                worker.kill()
+                worker.wait()
 
 
 def main(argv: Sequence[str] | None = None) -> int:

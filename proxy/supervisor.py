@@ -48,9 +48,11 @@ class Proxy:
         *,
         drain_timeout: float = 10.0,
         watch_backoff: float = BACKOFF_BASE,
+        reuse_port: bool = False,
     ) -> None:
         self.agent = agent
         self.config = config
+        self.reuse_port = reuse_port
         self.drain_timeout = drain_timeout
         self.watch_backoff = watch_backoff
         self.tls = TLSStore()
@@ -195,6 +197,7 @@ class Proxy:
             contexts=self.tls,
             resolver=resolver,
             connect_timeout=upstream.connect_timeout,
+            reuse_port=self.reuse_port,
         )
         try:
             await listener.start()
@@ -233,6 +236,7 @@ class Proxy:
             authorizer=Authorizer(self.agent, self.config.service),
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,
+            reuse_port=self.reuse_port,
         )
         self._public_task = asyncio.get_running_loop().create_task(
             self.public.start(), name="public listener"
@@ -494,6 +498,7 @@ async def run(
     drain_timeout: float = 10.0,
     watch_backoff: float = BACKOFF_BASE,
     on_ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
+    reuse_port: bool = False,
 ) -> None:
     """Serve configs from `source` until `stop` is set, then drain and close.
 
@@ -510,7 +515,13 @@ async def run(
         first = await _next_or_stop(configs, stop)
         if first is None:
             return
-        proxy = Proxy(agent, first, drain_timeout=drain_timeout, watch_backoff=watch_backoff)
+        proxy = Proxy(
+            agent,
+            first,
+            drain_timeout=drain_timeout,
+            watch_backoff=watch_backoff,
+            reuse_port=reuse_port,
+        )
         await proxy.start(strict=True)
         ready = asyncio.ensure_future(proxy.wait_ready())
         stopper = asyncio.ensure_future(stop.wait())
@@ -539,7 +550,11 @@ async def run(
                 )
                 await proxy.close()
                 proxy = Proxy(
-                    agent, config, drain_timeout=drain_timeout, watch_backoff=watch_backoff
+                    agent,
+                    config,
+                    drain_timeout=drain_timeout,
+                    watch_backoff=watch_backoff,
+                    reuse_port=reuse_port,
                 )
                 await proxy.start()
             else:

@@ -10,6 +10,7 @@ import signal
 import socket
 import sys
 from collections.abc import AsyncIterator
+from pathlib import Path
 
 import pytest
 
@@ -194,3 +195,39 @@ async def test_sigterm_works_after_the_stdout_reader_has_gone(agent: DevAgent) -
         async with asyncio.timeout(20):
             code = await p.proc.wait()
     assert code == 0
+
+
+async def test_workers_share_the_listener_and_stop_together(agent: DevAgent) -> None:
+    async with echo_app() as app:
+        port = _free_port()
+        args = [
+            "-service",
+            "db",
+            "-listen",
+            f"127.0.0.1:{port}",
+            "-service-addr",
+            f"127.0.0.1:{app.port}",
+            "-http-addr",
+            agent.http_addr,
+            "-workers",
+            "2",
+        ]
+        async with spawn(*args) as p:
+            # Both processes come up on the same address (SO_REUSEPORT).
+            await p.read_until("Proxy loaded config and ready to serve")
+            await p.read_until("Proxy loaded config and ready to serve")
+            ctx = client_ctx(agent, "web")
+            for n in range(20):
+                reader, writer = await asyncio.open_connection(
+                    "127.0.0.1", port, ssl=ctx, server_hostname=None
+                )
+                writer.write(b"%d" % n)
+                assert await reader.readexactly(len(b"%d" % n)) == b"%d" % n
+                writer.close()
+            children = Path(f"/proc/{p.proc.pid}/task/{p.proc.pid}/children").read_text().split()
+            assert len(children) == 1
+            p.proc.send_signal(signal.SIGTERM)
+            code, out, _ = await p.finish()
+        assert code == 0
+        assert out.count("==> Consul Connect proxy shutdown") == 2
+        assert not Path(f"/proc/{children[0]}").exists()
