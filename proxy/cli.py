@@ -655,8 +655,10 @@ def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
         code = await serve(options, stop)
-        for worker in workers:
-            if worker.poll() is None:
+        if signals["count"] == 0:
+            # This process stopped on its own (it could not serve): stop the others too. After
+            # a signal they already have theirs; a second one would cut their drain short.
+            for worker in workers:
                 with contextlib.suppress(OSError):
                     worker.send_signal(signal.SIGTERM)
         codes = [await asyncio.to_thread(w.wait) for w in workers]

@@ -50,7 +50,10 @@ async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout: f
 
 @pytest.fixture
 def agent_config() -> AgentConfig:
-    return AgentConfig(node_name="test-node", sidecar_check_interval=0.05)
+    # Sidecar checks probe the sidecars every 0.3 s. A probe that lands in the same loop step as
+    # a listener close trips a CPython accept race (see Listener.stop_accepting) whose
+    # ResourceWarning would fail an unrelated test; a slower probe makes that rare.
+    return AgentConfig(node_name="test-node", sidecar_check_interval=0.3)
 
 
 @pytest.fixture
