@@ -160,11 +160,16 @@ class UpstreamListener(Listener):
             raise
 
     def _remember_session(self, tls: TLSTransport, endpoint: tuple[str, int]) -> None:
+        context = self.contexts.client_context()
+        known = self._sessions.get(endpoint)
+        if known is not None and known[0] is context:
+            # Reading SSLObject.session copies the whole session (peer certificate and all),
+            # so a session is read once per server and context, not after every connection.
+            return
         session = tls.session
         # TLS 1.3 tickets arrive after the handshake; by the end of the connection they have.
         if session is None or not (session.has_ticket or session.id):
             return
-        context = self.contexts.client_context()
         if context is not None and tls.context is context:
             self._sessions[endpoint] = (context, session)
 

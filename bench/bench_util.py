@@ -1,0 +1,193 @@
+"""Shared helpers of the benchmark: TLS material in memory, the agent's HTTP API, /proc.
+
+Nothing here writes key material to a regular file: keys are loaded into `ssl` through an
+anonymous memory file (memfd), as the proxy itself does.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import ssl
+import statistics
+import time
+import urllib.error
+import urllib.request
+from dataclasses import dataclass
+from typing import Any
+
+CLK_TCK = os.sysconf("SC_CLK_TCK")
+
+
+@dataclass(frozen=True, slots=True)
+class TLSMaterial:
+    """A leaf (certificate chain PEM and key PEM) and the CA roots (PEM), all in memory."""
+
+    cert_pem: str
+    key_pem: str
+    roots_pem: str
+
+
+def _load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    fd = os.memfd_create("bench-leaf", os.MFD_CLOEXEC)
+    try:
+        os.write(fd, (cert_pem + key_pem).encode())
+        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
+
+
+def client_context(mat: TLSMaterial) -> ssl.SSLContext:
+    """An mTLS client context: presents the leaf, verifies the server against the roots."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.check_hostname = False
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=mat.roots_pem)
+    _load_chain(ctx, mat.cert_pem, mat.key_pem)
+    return ctx
+
+
+def server_context(mat: TLSMaterial) -> ssl.SSLContext:
+    """An mTLS server context: presents the leaf, requires a client leaf from the roots."""
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.load_verify_locations(cadata=mat.roots_pem)
+    _load_chain(ctx, mat.cert_pem, mat.key_pem)
+    return ctx
+
+
+# -- the agent's HTTP API (stdlib only, never through an HTTP proxy) ------------------------
+
+_OPENER = urllib.request.build_opener(urllib.request.ProxyHandler({}))
+
+
+class AgentHTTP:
+    """Blocking JSON calls to a Consul-compatible agent at `addr` (`host:port`)."""
+
+    def __init__(self, addr: str) -> None:
+        self.base = f"http://{addr}"
+
+    def call(
+        self, method: str, path: str, body: Any = None, timeout: float = 15.0
+    ) -> tuple[Any, dict[str, str]]:
+        data = None if body is None else json.dumps(body).encode()
+        req = urllib.request.Request(self.base + path, data=data, method=method)
+        try:
+            with _OPENER.open(req, timeout=timeout) as resp:
+                raw = resp.read()
+                headers = {k.lower(): v for k, v in resp.headers.items()}
+        except urllib.error.HTTPError as exc:
+            detail = exc.read().decode(errors="replace")
+            raise RuntimeError(f"{method} {path}: HTTP {exc.code}: {detail}") from None
+        return (json.loads(raw) if raw.strip() else None), headers
+
+    def get(self, path: str, timeout: float = 15.0) -> tuple[Any, dict[str, str]]:
+        return self.call("GET", path, timeout=timeout)
+
+    def put(self, path: str, body: Any) -> Any:
+        return self.call("PUT", path, body)[0]
+
+    def material(self, service: str) -> TLSMaterial:
+        leaf, _ = self.get(f"/v1/agent/connect/ca/leaf/{service}")
+        roots, _ = self.get("/v1/agent/connect/ca/roots")
+        roots_pem = "".join(r["RootCert"].strip() + "\n" for r in roots["Roots"])
+        return TLSMaterial(leaf["CertPEM"], leaf["PrivateKeyPEM"], roots_pem)
+
+    def wait_connect_instance(self, service: str, port: int, timeout: float = 60.0) -> None:
+        """Block (blocking queries with index/wait) until `/v1/health/connect/<service>?passing`
+        lists an instance on `port`.
+
+        Raises:
+            TimeoutError: not within `timeout` seconds.
+        """
+        deadline = time.monotonic() + timeout
+        index = "0"
+        while True:
+            left = deadline - time.monotonic()
+            if left <= 0:
+                raise TimeoutError(f"no passing Connect instance of {service} on port {port}")
+            wait = max(1, min(10, int(left)))
+            body, headers = self.get(
+                f"/v1/health/connect/{service}?passing&index={index}&wait={wait}s",
+                timeout=wait + 10,
+            )
+            for entry in body or []:
+                if int(entry["Service"]["Port"]) == port:
+                    return
+            index = headers.get("x-consul-index", index)
+
+
+# -- /proc ---------------------------------------------------------------------------------
+
+
+def proc_cpu_seconds(pid: int) -> float:
+    """utime + stime of a process (all its threads, dead ones included), in seconds."""
+    with open(f"/proc/{pid}/stat") as f:
+        stat = f.read()
+    fields = stat[stat.rindex(")") + 2 :].split()
+    # fields[0] is field 3 (state); utime and stime are fields 14 and 15.
+    return (int(fields[11]) + int(fields[12])) / CLK_TCK
+
+
+def proc_rss_kib(pid: int) -> int:
+    with open(f"/proc/{pid}/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1])
+    return 0
+
+
+_STAT_FIELDS = ("user", "nice", "system", "idle", "iowait", "irq", "softirq", "steal")
+
+
+def cpu_times() -> dict[int, list[int]]:
+    """Per CPU: the jiffies of /proc/stat (user nice system idle iowait irq softirq steal)."""
+    out: dict[int, list[int]] = {}
+    with open("/proc/stat") as f:
+        for line in f:
+            if line.startswith("cpu") and line[3].isdigit():
+                name, *vals = line.split()
+                out[int(name[3:])] = [int(v) for v in vals[:8]]
+    return out
+
+
+def cpu_busy(
+    before: dict[int, list[int]], after: dict[int, list[int]]
+) -> dict[int, dict[str, float]]:
+    """Per CPU between two `cpu_times()` readings: the busy fraction (all but idle and
+    iowait) and the fractions of user, system, softirq and steal time."""
+    res: dict[int, dict[str, float]] = {}
+    for cpu, now in after.items():
+        then = before.get(cpu, now)
+        d = dict(zip(_STAT_FIELDS, (a - b for a, b in zip(now, then, strict=True)), strict=True))
+        total = sum(d.values())
+        if total <= 0:
+            continue
+        res[cpu] = {
+            "busy": round((total - d["idle"] - d["iowait"]) / total, 3),
+            "busy_s": (total - d["idle"] - d["iowait"]) / CLK_TCK,
+            "user": round((d["user"] + d["nice"]) / total, 3),
+            "system": round(d["system"] / total, 3),
+            "softirq": round((d["softirq"] + d["irq"]) / total, 3),
+            "steal": round(d["steal"] / total, 3),
+        }
+    return res
+
+
+def free_port() -> int:
+    """A port that was free a moment ago on 127.0.0.1 (for flags that need a fixed port)."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def percentile(values: list[float], q: float) -> float:
+    """The q-quantile (0..1) by linear interpolation; NaN for no values."""
+    if not values:
+        return float("nan")
+    if len(values) == 1:
+        return values[0]
+    return statistics.quantiles(values, n=1000, method="inclusive")[max(0, int(q * 1000) - 1)]
