@@ -139,11 +139,8 @@ def _install_uvloop() -> None:
 
 
 def _split_addr(value: str) -> tuple[str, int]:
-    addr = value.removeprefix("http://")
-    host, sep, port = addr.rpartition(":")
-    if not sep or not port.isdigit():
-        raise ConfigError(f"-http-addr must be host:port, got {value!r}")
-    return host.strip("[]") or "127.0.0.1", int(port)
+    host, port = split_host_port(value.removeprefix("http://"), "-http-addr")
+    return host or "127.0.0.1", port
 
 
 def dev_agent_main(argv: Sequence[str]) -> int:

@@ -80,6 +80,17 @@ def _say(text: str = "") -> None:
     print(text, flush=True)
 
 
+async def _show_decision(api: httpx.AsyncClient, uri: str) -> None:
+    """What the agent answers db's sidecar for web's identity (the call it makes per connection)."""
+    decision = (
+        await api.post(
+            "/v1/agent/connect/authorize",
+            json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
+        )
+    ).json()
+    _say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
+
+
 async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
     from proxy.devagent import AgentConfig, DevAgent
 
@@ -174,13 +185,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
             _say(f"    failed: {exc!r}")
             ok = False
         uri = web.tls.material.leaf.uri or ""
-        decision = (
-            await api.post(
-                "/v1/agent/connect/authorize",
-                json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
-            )
-        ).json()
-        _say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
+        await _show_decision(api, uri)
         (listener,) = web.upstreams.values()
         await listener.until_idle()
         _say(
@@ -202,13 +207,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
             ok = False
         except httpx.HTTPError as exc:
             _say(f"    refused: {type(exc).__name__} (db's sidecar closed it after authorize)")
-        decision = (
-            await api.post(
-                "/v1/agent/connect/authorize",
-                json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
-            )
-        ).json()
-        _say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
+        await _show_decision(api, uri)
         _say(
             f"    db's sidecar denied {db.public.denied - denied_before} connection(s); "
             "the db app saw none of them"

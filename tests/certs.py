@@ -4,27 +4,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import os
 import ssl
-import tempfile
 from collections.abc import Iterable
+
+from proxy.tlsstore import load_cert_chain
 
 
 def load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    """Load a certificate chain and key without leaving the key in a named file."""
-    data = (cert_pem + key_pem).encode()
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("test-leaf")
-        try:
-            os.write(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    with tempfile.NamedTemporaryFile("wb", delete=True) as f:  # pragma: no cover - non-Linux
-        f.write(data)
-        f.flush()
-        ctx.load_cert_chain(f.name)
+    """Load a certificate chain and key from memory, as the proxy does (never via a file)."""
+    load_cert_chain(ctx, cert_pem, key_pem)
 
 
 def server_context(cert_pem: str, key_pem: str, roots: Iterable[str]) -> ssl.SSLContext:
