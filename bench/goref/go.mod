@@ -1,0 +1,3 @@
+module connectproxy.bench/goref
+
+go 1.19
