@@ -97,6 +97,21 @@ def latency(target: Target, count: int, warmup: int = 10) -> tuple[list[float], 
     return samples, thread_cpu() - cpu0
 
 
+def tls_info(target: Target) -> dict[str, Any] | None:
+    """The TLS version and cipher the client negotiated on its hop (None for plain TCP)."""
+    if target.tls is None:
+        return None
+    sock = connect(target)
+    try:
+        sock.sendall(b"t")
+        _recv_exactly(sock, 1)
+        assert isinstance(sock, ssl.SSLSocket)
+        cipher = sock.cipher()
+        return {"version": sock.version(), "cipher": cipher[0] if cipher else None}
+    finally:
+        sock.close()
+
+
 def rtt(target: Target, count: int, size: int = 64, warmup: int = 50) -> list[float]:
     """`count` round trips of `size` bytes on one connection (seconds each)."""
     payload = b"r" * size

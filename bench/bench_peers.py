@@ -11,7 +11,9 @@ and the roots into a private directory (0700, files 0600) that the caller delete
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,10 +39,10 @@ class Files:
     roots: str
 
 
-def detect() -> tuple[list[PeerSpec], list[str]]:
-    """The peers found on PATH, and one line per peer that is not."""
+def detect() -> tuple[list[PeerSpec], list[tuple[str, str]]]:
+    """The peers found on PATH, and (name, one line) for each peer that is not."""
     found: list[PeerSpec] = []
-    skipped: list[str] = []
+    skipped: list[tuple[str, str]] = []
     for name, candidates in (
         ("haproxy", ("haproxy",)),
         ("nginx", ("nginx",)),
@@ -49,17 +51,25 @@ def detect() -> tuple[list[PeerSpec], list[str]]:
         binary = next((b for b in map(shutil.which, candidates) if b), None)
         if binary is None:
             names = " or ".join(candidates)
-            skipped.append(f"{name}: not installed ({names} not on PATH), skipped")
+            skipped.append((name, f"inbound-{name}: not installed ({names} not on PATH), skipped"))
         else:
             found.append(PeerSpec(name, binary))
-    if shutil.which("go") is None:
-        skipped.append("go-reference: `go` not on PATH, Go reference proxy skipped")
-    else:
-        skipped.append(
-            "go-reference: `go` is present, but bench/ has no Go reference proxy yet "
-            "(it was written on a machine without Go); skipped"
-        )
     return found, skipped
+
+
+def version(spec: PeerSpec) -> str | None:
+    """The first line of the peer's version output."""
+    flag = {"haproxy": "-v", "nginx": "-v", "stunnel": "-version"}[spec.name]
+    try:
+        res = subprocess.run(
+            [spec.binary, flag], capture_output=True, text=True, timeout=10, check=False
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    lines = [ln.strip() for ln in (res.stdout + res.stderr).splitlines() if ln.strip()]
+    if spec.name == "stunnel":
+        lines = [ln for ln in lines if ln.startswith("stunnel ")] or lines
+    return lines[0] if lines else None
 
 
 def _write_private(path: Path, text: str) -> str:
@@ -81,12 +91,22 @@ def write_material(directory: Path, mat: TLSMaterial) -> Files:
     )
 
 
+def max_connections() -> int:
+    """Client connections a peer may hold: each needs two descriptors (client and backend)
+    and the peers refuse to start when they cannot raise their limit to that."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    if hard == resource.RLIM_INFINITY:
+        hard = 1 << 20
+    return max(1024, min(10000, (hard - 100) // 2))
+
+
 def command(spec: PeerSpec, directory: Path, files: Files, listen: int, backend: int) -> list[str]:
     """Write the peer's configuration into `directory` and return its foreground argv."""
+    conns = max_connections()
     if spec.name == "haproxy":
         cfg = f"""\
 global
-    maxconn 20000
+    maxconn {conns}
     nbthread 1
     ssl-default-bind-options ssl-min-ver TLSv1.2
 defaults
@@ -109,10 +129,10 @@ backend app
 {load}daemon off;
 master_process off;
 worker_processes 1;
-worker_rlimit_nofile 20000;
+worker_rlimit_nofile {2 * conns + 64};
 pid {directory}/nginx.pid;
 error_log stderr warn;
-events {{ worker_connections 10000; }}
+events {{ worker_connections {2 * conns}; }}
 stream {{
     server {{
         listen 127.0.0.1:{listen} ssl;

@@ -24,7 +24,6 @@ import platform
 import re
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import sys
@@ -41,6 +40,7 @@ HERE = Path(__file__).resolve().parent
 if str(HERE) not in sys.path:
     sys.path.insert(0, str(HERE))
 
+import bench_goref  # noqa: E402
 import bench_peers  # noqa: E402
 from bench_load import (  # noqa: E402
     Target,
@@ -50,10 +50,12 @@ from bench_load import (  # noqa: E402
     open_idle,
     rtt,
     throughput,
+    tls_info,
 )
 from bench_util import (  # noqa: E402
     CLK_TCK,
     AgentHTTP,
+    TLSMaterial,
     cpu_busy,
     cpu_times,
     free_port,
@@ -65,6 +67,7 @@ from bench_util import (  # noqa: E402
 MiB = 1 << 20
 GiB = 1 << 30
 READY_LINE = "Proxy loaded config and ready to serve"
+ENGINE_VAR = "CONNECT_PROXY_TLS_ENGINE"  # our proxy's TLS engine (`ssl`, `openssl`)
 DIRECT = ("direct-plain", "direct-mtls")
 QUIET = 0.1  # core: the machine counts as quiet when other load stays under this
 DISTURBED = 0.15  # core: a measurement with more other load than this is retried
@@ -112,14 +115,33 @@ def log(msg: str) -> None:
 # -- processes ------------------------------------------------------------------------------
 
 
-def pin(pid: int, cpu: int | None) -> None:
-    """Pin every thread of `pid` to `cpu` (new threads inherit it)."""
+def pin(pid: int, cpu: int | set[int] | None) -> None:
+    """Pin every thread of `pid` to `cpu` (one CPU or a set; new threads inherit it)."""
     if cpu is None:
         return
+    mask = {cpu} if isinstance(cpu, int) else set(cpu)
     with contextlib.suppress(OSError):
         for tid in os.listdir(f"/proc/{pid}/task"):
             with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), {cpu})
+                os.sched_setaffinity(int(tid), mask)
+
+
+def children(pid: int) -> list[int]:
+    """The child processes of `pid` (from /proc/<pid>/task/*/children)."""
+    out: list[int] = []
+    with contextlib.suppress(OSError):
+        for tid in os.listdir(f"/proc/{pid}/task"):
+            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
+                out += [int(x) for x in f.read().split()]
+    return sorted(set(out))
+
+
+@dataclass(frozen=True, slots=True)
+class Pid:
+    """A process we did not start ourselves (a -workers child), for CPU and RSS accounting."""
+
+    name: str
+    pid: int
 
 
 class Proc:
@@ -135,20 +157,32 @@ class Proc:
         *,
         cpu: int | None,
         problem_filter: Callable[[str], bool] | None = None,
+        env: dict[str, str] | None = None,
+        stdin_data: str | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
         self.popen = subprocess.Popen(
             self.argv,
-            stdin=subprocess.DEVNULL,
+            stdin=subprocess.DEVNULL if stdin_data is None else subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.STDOUT,
             text=True,
             bufsize=1,
             errors="replace",
             start_new_session=True,  # a Ctrl-C on the terminal reaches only us; we stop them
+            env=env,
         )
         pin(self.popen.pid, cpu)
+        if stdin_data is not None:
+            assert self.popen.stdin is not None
+            # Key material for the Go reference proxy: a pipe, never a file. The process
+            # reads it all before anything else, so this cannot block for long.
+            try:
+                self.popen.stdin.write(stdin_data)
+                self.popen.stdin.close()
+            except OSError:
+                pass  # it exited already: wait_for reports its output
         self.cpu = cpu
         self.head: list[str] = []
         self.tail: deque[str] = deque(maxlen=200)
@@ -205,6 +239,25 @@ class Proc:
                     raise RuntimeError(f"{self.name} {why}; last output:\n    {out}")
                 self._cond.wait(min(left, 0.5))
 
+    def wait_count(self, pattern: str, count: int, timeout: float) -> None:
+        """Until `count` output lines (of the first 2000) match `pattern`.
+
+        Raises:
+            RuntimeError: the process ended first, or `timeout` passed.
+        """
+        rx = re.compile(pattern)
+        deadline = time.monotonic() + timeout
+        with self._cond:
+            while True:
+                if sum(1 for line in self.head if rx.search(line)) >= count:
+                    return
+                left = deadline - time.monotonic()
+                if self.eof or left <= 0:
+                    why = "exited" if self.eof else f"gave fewer than {count} {pattern!r}"
+                    out = "\n    ".join(list(self.tail)[-15:])
+                    raise RuntimeError(f"{self.name} {why}; last output:\n    {out}")
+                self._cond.wait(min(left, 0.5))
+
     def alive(self) -> bool:
         return self.popen.poll() is None
 
@@ -222,16 +275,29 @@ class Proc:
         self._thread.join(2)
 
 
+def listening(port: int) -> bool:
+    """Whether a TCP socket listens on 127.0.0.1:`port` (from /proc/net/tcp: no connection
+    is made, so the listener logs nothing about a probe)."""
+    want = f"0100007F:{port:04X}"
+    with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
+        next(f, None)
+        for line in f:
+            fields = line.split()
+            if len(fields) > 3 and fields[1] == want and fields[3] == "0A":  # LISTEN
+                return True
+    return False
+
+
 def wait_port(proc: Proc, port: int, timeout: float) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         if not proc.alive():
             out = "\n    ".join(list(proc.tail)[-15:])
             raise RuntimeError(f"{proc.name} exited; last output:\n    {out}")
-        with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), 0.5):
+        if listening(port):
             return
         time.sleep(0.05)
-    raise RuntimeError(f"{proc.name}: port {port} not accepting within {timeout:g}s")
+    raise RuntimeError(f"{proc.name}: port {port} not listening within {timeout:g}s")
 
 
 # -- measurement ----------------------------------------------------------------------------
@@ -257,7 +323,7 @@ def summary(samples: list[float], scale: float) -> dict[str, Any]:
     }
 
 
-def _cpu(procs: Sequence[Proc]) -> float:
+def _cpu(procs: Sequence[Proc | Pid]) -> float:
     total = 0.0
     for p in procs:
         with contextlib.suppress(OSError):
@@ -265,7 +331,7 @@ def _cpu(procs: Sequence[Proc]) -> float:
     return total
 
 
-def _rss(procs: Sequence[Proc]) -> int:
+def _rss(procs: Sequence[Proc | Pid]) -> int:
     return sum(proc_rss_kib(p.pid) for p in procs)
 
 
@@ -304,10 +370,10 @@ class Bench:
         slack = (len(busy) + 6) / CLK_TCK / seconds
         return max(0.0, raw - slack)
 
-    def _ours(self, proxies: Sequence[Proc]) -> float:
+    def _ours(self, proxies: Sequence[Proc | Pid]) -> float:
         return _cpu(proxies) + sum(self._others().values())
 
-    def quiet(self, proxies: Sequence[Proc]) -> float:
+    def quiet(self, proxies: Sequence[Proc | Pid]) -> float:
         """Wait until the rest of the machine uses less than QUIET of a core (over 0.5 s),
         spending at most what is left of the run's quiet budget. Returns the last load seen."""
         while True:
@@ -322,7 +388,7 @@ class Bench:
             self.waited += spent
 
     def measured(
-        self, proxies: Sequence[Proc], fn: Callable[[], dict[str, Any]], attempts: int = 3
+        self, proxies: Sequence[Proc | Pid], fn: Callable[[], dict[str, Any]], attempts: int = 3
     ) -> dict[str, Any]:
         """Run `fn` once the machine is quiet; again (up to `attempts`) while other load
         disturbed it and quiet budget is left. Keeps the least disturbed result."""
@@ -338,7 +404,9 @@ class Bench:
         assert best is not None
         return best
 
-    def windowed(self, proxies: Sequence[Proc], fn: Callable[[], dict[str, Any]]) -> dict[str, Any]:
+    def windowed(
+        self, proxies: Sequence[Proc | Pid], fn: Callable[[], dict[str, Any]]
+    ) -> dict[str, Any]:
         """`fn()` with the other load on the machine while it ran (`foreign_cpu_frac`)."""
         t0, a, ours_a = time.monotonic(), cpu_times(), self._ours(proxies)
         res = fn()
@@ -349,7 +417,7 @@ class Bench:
         return res
 
     def conn_rate(
-        self, target: Target, proxies: Sequence[Proc], concurrency: int
+        self, target: Target, proxies: Sequence[Proc | Pid], concurrency: int
     ) -> dict[str, Any]:
         dur = self.p.rate_duration
         n = self.p.clients
@@ -359,9 +427,11 @@ class Bench:
             self.pool.apply_async(conn_rate_worker, (target, c, start_at, dur)) for c in split if c
         ]
         time.sleep(max(0.0, start_at - time.monotonic()))
-        cpu_a, others_a, busy_a = _cpu(proxies), self._others(), cpu_times()
+        each_a = [_cpu([p]) for p in proxies]
+        cpu_a, others_a, busy_a = sum(each_a), self._others(), cpu_times()
         time.sleep(max(0.0, start_at + dur - time.monotonic()))
-        cpu_b, others_b, busy_b = _cpu(proxies), self._others(), cpu_times()
+        each_b = [_cpu([p]) for p in proxies]
+        cpu_b, others_b, busy_b = sum(each_b), self._others(), cpu_times()
         outs = [r.get(timeout=dur + 60) for r in pending]
         count = sum(o["count"] for o in outs)
         errors = sum(o["errors"] for o in outs)
@@ -384,11 +454,14 @@ class Bench:
         if proxies:
             res["proxy_cpu_frac"] = proxy_cpu / dur
             res["proxy_cpu_us_per_conn"] = proxy_cpu / count * 1e6 if count else None
+            res["proxy_cpu_frac_each"] = {
+                p.name: (b - a) / dur for p, a, b in zip(proxies, each_a, each_b, strict=True)
+            }
         return res
 
-    def run_suite(self, name: str, target: Target, proxies: Sequence[Proc]) -> dict[str, Any]:
+    def run_suite(self, name: str, target: Target, proxies: Sequence[Proc | Pid]) -> dict[str, Any]:
         p = self.p
-        out: dict[str, Any] = {"scenario": name}
+        out: dict[str, Any] = {"scenario": name, "proxy_processes": len(proxies)}
 
         def lat() -> dict[str, Any]:
             samples, cpu = latency(target, p.latency_conns)
@@ -432,7 +505,27 @@ class Bench:
         out["throughput"] = tp
         return out
 
-    def throughput(self, target: Target, proxies: Sequence[Proc], nbytes: int) -> dict[str, Any]:
+    def run_rates(
+        self, name: str, target: Target, proxies: Sequence[Proc | Pid], concurrency: int = 64
+    ) -> dict[str, Any]:
+        """Only the conn/s runs at `concurrency` (median of the repetitions)."""
+        p = self.p
+        runs = []
+        for i in range(p.repeats):
+            log(f"{name}: conn/s at concurrency {concurrency} ({p.rate_duration:g}s, run {i + 1})")
+            runs.append(
+                self.measured(
+                    proxies, functools.partial(self.conn_rate, target, proxies, concurrency)
+                )
+            )
+        runs.sort(key=lambda x: x["conn_per_s"])
+        median = dict(runs[len(runs) // 2])
+        median["all_conn_per_s"] = [round(x["conn_per_s"], 1) for x in runs]
+        return {"scenario": name, "conn_rate": {str(concurrency): median}}
+
+    def throughput(
+        self, target: Target, proxies: Sequence[Proc | Pid], nbytes: int
+    ) -> dict[str, Any]:
         marks: dict[str, Any] = {}
 
         def on_start() -> None:
@@ -463,7 +556,7 @@ class Bench:
             res["proxy_cpu_frac"] = cpu / secs
         return res
 
-    def idle_rss(self, target: Target, proxies: Sequence[Proc]) -> dict[str, Any]:
+    def idle_rss(self, target: Target, proxies: Sequence[Proc | Pid]) -> dict[str, Any]:
         time.sleep(0.3)
         before = _rss(proxies)
         socks = open_idle(target, self.p.idle_conns, time.monotonic() + 120)
@@ -501,6 +594,8 @@ class Harness:
             self.params = Params(**{**asdict(self.params), "clients": args.clients})
         if getattr(args, "quiet_budget", None) is not None:
             self.params = Params(**{**asdict(self.params), "quiet_budget": args.quiet_budget})
+        self.engines: list[str | None] = list(getattr(args, "engine", None) or [None])
+        self.only: set[str] = set(getattr(args, "only", None) or [])
         self.bench: Bench | None = None
         cpus = sorted(os.sched_getaffinity(0))
         self.proxy_cpu: int | None = cpus[0] if len(cpus) >= 2 else None
@@ -514,6 +609,17 @@ class Harness:
         self.elapsed = 0.0
         self.busy_before: dict[str, float] = {}
         self.sources: dict[str, Any] = {}
+        self.versions: dict[str, str | None] = {}
+        self.goref: Path | None = None
+        cache = getattr(args, "go_session_cache", "both")
+        self.go_resume = {"off": [False], "on": [True], "both": [False, True]}[cache]
+        self.trust_domain = ""
+
+    def want(self, name: str, kind: str, base: str = "") -> bool:
+        """Whether `--only` selects this scenario (by name, kind or base; all without it)."""
+        if not self.only:
+            return True
+        return bool(self.only & {name, name.split("/", maxsplit=1)[0], kind, base})
 
     # processes
 
@@ -530,18 +636,48 @@ class Harness:
             "problems": proc.problems,
         }
 
-    def proxy(self, scene: Scene, name: str, args: Sequence[str]) -> Proc:
-        """Start `python -m proxy <args>` on the proxy CPU and wait for its ready line."""
+    def proxy(
+        self,
+        scene: Scene,
+        name: str,
+        args: Sequence[str],
+        engine: str | None,
+        *,
+        cpus: set[int] | None = None,
+        ready: int = 1,
+    ) -> Proc:
+        """Start `python -m proxy <args>` on the proxy CPU (or on `cpus`) with the TLS engine
+        `engine` (CONNECT_PROXY_TLS_ENGINE; unset for None) and wait for `ready` ready lines
+        (one per -workers process)."""
         argv = [sys.executable, "-m", "proxy", *args, "-http-addr", self.agent_addr]
         argv += ["-drain-timeout", "1s"]
-        proc = self.start(name, argv, self.proxy_cpu)
+        env = None if engine is None else {**os.environ, ENGINE_VAR: engine}
+        proc = self.start(name, argv, self.proxy_cpu if cpus is None else None, env=env)
         scene.proxies.append(proc)
-        proc.wait_for(re.escape(READY_LINE), 60)
-        pin(proc.pid, self.proxy_cpu)  # threads started since
+        proc.wait_count(re.escape(READY_LINE), ready, 60)
+        pin(proc.pid, self.proxy_cpu if cpus is None else cpus)  # threads started since
         return proc
 
+    def start_goref(
+        self, scene: Scene, name: str, argv: Sequence[str], material: TLSMaterial
+    ) -> int:
+        """Start the Go reference proxy on the proxy CPU; returns the port it listens on."""
+        env = {**os.environ, "GOMAXPROCS": str(self.args.go_maxprocs)}
+        proc = self.start(
+            name,
+            argv,
+            self.proxy_cpu,
+            env=env,
+            stdin_data=bench_goref.stdin_material(material),
+        )
+        scene.proxies.append(proc)
+        m = proc.wait_for(r"READY listen=\S+:(\d+)", 30)
+        pin(proc.pid, self.proxy_cpu)  # threads started since
+        return int(m.group(1))
+
     @contextlib.contextmanager
-    def scenario(self, name: str) -> Iterator[Scene]:
+    def scenario(self, name: str, kind: str, base: str = "", **info: Any) -> Iterator[Scene]:
+        """One scenario: its result is stored under `name` with `kind`, `base` and `info`."""
         scene = Scene(name)
         try:
             yield scene
@@ -556,6 +692,8 @@ class Harness:
                     fn()
                 except Exception as exc:
                     log(f"{name}: clean-up step failed: {exc}")
+            if name in self.results:
+                self.results[name].update(kind=kind, base=base, **info)
 
     def cleanup(self) -> None:
         if self.pool is not None:
@@ -570,8 +708,24 @@ class Harness:
 
     # set-up
 
+    def build_goref(self) -> None:
+        """Build the Go reference proxy (before pinning: the build may use every CPU)."""
+        if not any(self.want(f"{b}-go", "go", b) for b in ("inbound", "outbound", "chain")):
+            return
+        self.versions["go"] = bench_goref.version()
+        directory = tempfile.mkdtemp(prefix="bench-goref-")  # mode 0700
+        self.tmpdirs.append(directory)
+        if self.versions["go"]:
+            log(f"building the Go reference proxy ({self.versions['go']})")
+        binary, why = bench_goref.build(Path(directory))
+        if binary is None:
+            log(why)
+            self.skipped.append(why)
+        self.goref = binary
+
     def setup(self) -> None:
         """Pin ourselves, start the dev agent, the backend and the load-generator pool."""
+        self.build_goref()
         if self.load_cpu is not None:
             os.sched_setaffinity(0, {self.load_cpu})  # children inherit it
         else:
@@ -604,6 +758,7 @@ class Harness:
         )
         self.web = self.api.material("web")
         self.db = self.api.material("db")
+        self.trust_domain = str(self.api.get("/v1/agent/connect/ca/roots")[0]["TrustDomain"])
         log("starting the backend")
         self.backend = self.start(
             "backend",
@@ -622,42 +777,59 @@ class Harness:
         try:
             self.setup()
             self.direct()
-            self.inbound()
+            for engine in self.engines:
+                self.inbound(engine)
             self.peers()
-            self.outbound()
-            self.chain()
+            self.go("inbound", resume=False)
+            for engine in self.engines:
+                self.outbound(engine)
+            for resume in self.go_resume:
+                self.go("outbound", resume=resume)
+            for engine in self.engines:
+                self.chain(engine)
+            for resume in self.go_resume:
+                self.go("chain", resume=resume)
+            for engine in self.engines:
+                self.workers(engine)
         finally:
             self.cleanup()
             self.elapsed = time.monotonic() - t0
+
+    @staticmethod
+    def named(base: str, engine: str | None) -> str:
+        return base if engine is None else f"{base}/{engine}"
 
     def direct(self) -> None:
         for name, target in (
             ("direct-plain", Target("127.0.0.1", self.plain_port)),
             ("direct-mtls", Target("127.0.0.1", self.tls_port, self.web)),
         ):
-            with self.scenario(name):
+            if not self.want(name, "direct"):
+                continue
+            with self.scenario(name, "direct"):
                 self.results[name] = self.suite(name, target, [])
+                self.results[name]["tls"] = tls_info(target)
 
-    def start_inbound(self, scene: Scene) -> Target:
+    def inbound_args(self, listen: int) -> list[str]:
+        return [
+            *("-service", "db", "-listen", f"127.0.0.1:{listen}"),
+            *("-service-addr", f"127.0.0.1:{self.plain_port}"),
+        ]
+
+    def inbound(self, engine: str | None) -> None:
         """mTLS with web's leaf -> our public listener for db -> the plain backend."""
-        listen = free_port()
-        self.proxy(
-            scene,
-            "proxy-inbound",
-            [
-                *("-service", "db", "-listen", f"127.0.0.1:{listen}"),
-                *("-service-addr", f"127.0.0.1:{self.plain_port}"),
-            ],
-        )
-        return Target("127.0.0.1", listen, self.web)
+        name = self.named("inbound", engine)
+        if not self.want(name, "ours", "inbound"):
+            return
+        with self.scenario(name, "ours", "inbound", engine=engine) as scene:
+            listen = free_port()
+            self.proxy(scene, f"proxy-{name}", self.inbound_args(listen), engine)
+            target = Target("127.0.0.1", listen, self.web)
+            self.results[name] = self.suite(name, target, scene.proxies)
+            self.results[name]["tls"] = tls_info(target)
 
-    def inbound(self) -> None:
-        with self.scenario("inbound") as scene:
-            target = self.start_inbound(scene)
-            self.results["inbound"] = self.suite("inbound", target, scene.proxies)
-
-    def start_outbound(self, scene: Scene) -> Target:
-        """Plain -> our upstream listener -> the mTLS backend, registered as Connect-native db."""
+    def register_native_db(self, scene: Scene) -> None:
+        """The mTLS backend, registered as a Connect-native db instance."""
         self.api.put(
             "/v1/agent/service/register",
             {
@@ -670,17 +842,22 @@ class Harness:
         )
         scene.after.append(functools.partial(self.deregister, "db-native"))
         self.api.wait_connect_instance("db", self.tls_port)
-        up = free_port()
-        self.proxy(scene, "proxy-outbound", ["-service", "web", "-upstream", f"db:{up}"])
-        return Target("127.0.0.1", up)
 
-    def outbound(self) -> None:
-        with self.scenario("outbound") as scene:
-            target = self.start_outbound(scene)
-            self.results["outbound"] = self.suite("outbound", target, scene.proxies)
+    def outbound(self, engine: str | None) -> None:
+        """Plain -> our upstream listener -> the mTLS backend, registered as Connect-native db."""
+        name = self.named("outbound", engine)
+        if not self.want(name, "ours", "outbound"):
+            return
+        with self.scenario(name, "ours", "outbound", engine=engine) as scene:
+            self.register_native_db(scene)
+            up = free_port()
+            self.proxy(scene, f"proxy-{name}", ["-service", "web", "-upstream", f"db:{up}"], engine)
+            target = Target("127.0.0.1", up)
+            self.results[name] = self.suite(name, target, scene.proxies)
 
-    def start_chain(self, scene: Scene) -> Target:
-        """Plain -> web sidecar's upstream -> db sidecar's public listener -> plain backend."""
+    def register_chain(self, scene: Scene) -> tuple[int, int]:
+        """db and web with sidecar registrations; returns (db sidecar port, web's upstream
+        port for db)."""
         db_side, web_side, web_app, up = free_port(), free_port(), free_port(), free_port()
         for service in (
             {
@@ -706,34 +883,118 @@ class Harness:
         ):
             self.api.put("/v1/agent/service/register", service)
             scene.after.append(functools.partial(self.deregister, str(service["ID"])))
-        self.proxy(scene, "proxy-chain-db", ["-sidecar-for", "db"])
-        self.proxy(scene, "proxy-chain-web", ["-sidecar-for", "web"])
-        self.api.wait_connect_instance("db", db_side)
-        return Target("127.0.0.1", up)
+        return db_side, up
 
-    def suite(self, name: str, target: Target, proxies: Sequence[Proc]) -> dict[str, Any]:
+    def chain(self, engine: str | None) -> None:
+        """Plain -> web sidecar's upstream -> db sidecar's public listener -> plain backend."""
+        name = self.named("chain", engine)
+        if not self.want(name, "ours", "chain"):
+            return
+        with self.scenario(name, "ours", "chain", engine=engine) as scene:
+            db_side, up = self.register_chain(scene)
+            self.proxy(scene, f"proxy-{name}-db", ["-sidecar-for", "db"], engine)
+            self.proxy(scene, f"proxy-{name}-web", ["-sidecar-for", "web"], engine)
+            self.api.wait_connect_instance("db", db_side)
+            target = Target("127.0.0.1", up)
+            self.results[name] = self.suite(name, target, scene.proxies)
+
+    def go(self, base: str, *, resume: bool) -> None:
+        """The Go reference proxy in the `base` layout (inbound, outbound or chain); with
+        `resume`, its upstream dials resume TLS sessions (name suffixed `-resume`)."""
+        name = f"{base}-go{'-resume' if resume else ''}"
+        if self.goref is None or not self.want(name, "go", base):
+            return
+        binary, agent = self.goref, self.agent_addr
+        info = {
+            "gomaxprocs": self.args.go_maxprocs,
+            "discovery": self.args.go_discovery,
+            "session_cache": resume,
+        }
+
+        def outbound_argv(listen: int) -> list[str]:
+            return bench_goref.outbound_argv(
+                binary,
+                agent,
+                "db",
+                f"127.0.0.1:{listen}",
+                self.trust_domain,
+                discovery=self.args.go_discovery,
+                session_cache=resume,
+            )
+
+        with self.scenario(name, "go", base, **info) as scene:
+            backend = f"127.0.0.1:{self.plain_port}"
+            if base == "inbound":
+                argv = bench_goref.inbound_argv(binary, agent, "db", "127.0.0.1:0", backend)
+                port = self.start_goref(scene, "goref-inbound", argv, self.db)
+                target = Target("127.0.0.1", port, self.web)
+            elif base == "outbound":
+                self.register_native_db(scene)
+                up = free_port()
+                self.start_goref(scene, "goref-outbound", outbound_argv(up), self.web)
+                target = Target("127.0.0.1", up)
+            else:
+                db_side, up = self.register_chain(scene)
+                argv = bench_goref.inbound_argv(
+                    binary, agent, "db", f"127.0.0.1:{db_side}", backend
+                )
+                self.start_goref(scene, "goref-chain-db", argv, self.db)
+                self.api.wait_connect_instance("db", db_side)
+                self.start_goref(scene, "goref-chain-web", outbound_argv(up), self.web)
+                target = Target("127.0.0.1", up)
+            latency(target, 1, warmup=0)  # one end-to-end check before measuring
+            self.results[name] = self.suite(name, target, scene.proxies)
+            if target.tls is not None:
+                self.results[name]["tls"] = tls_info(target)
+
+    def workers(self, engine: str | None) -> None:
+        """Inbound conn/s at 64 with -workers 1 and -workers 2, every proxy process free to
+        run on both CPUs (the load side stays on its CPU)."""
+        both = {c for c in (self.proxy_cpu, self.load_cpu) if c is not None} or None
+        for n in (1, 2):
+            name = self.named(f"inbound-w{n}", engine)
+            if not self.want(name, "workers", "workers"):
+                continue
+            with self.scenario(name, "workers", "inbound", engine=engine, workers=n) as scene:
+                listen = free_port()
+                args = [*self.inbound_args(listen), "-workers", str(n)]
+                main = self.proxy(scene, f"proxy-{name}", args, engine, cpus=both, ready=n)
+                kids = children(main.pid)
+                if len(kids) != n - 1:
+                    raise RuntimeError(f"expected {n - 1} worker process(es), found {kids}")
+                procs: list[Proc | Pid] = [main]
+                for i, pid in enumerate(kids, 1):
+                    procs.append(Pid(f"{main.name}-worker{i}", pid))
+                    pin(pid, both)
+                scene.after.append(functools.partial(reap, procs[1:]))
+                target = Target("127.0.0.1", listen, self.web)
+                latency(target, 1, warmup=0)
+                assert self.bench is not None
+                res = self.bench.run_rates(name, target, procs)
+                res["cpus_allowed"] = sorted(both) if both else None
+                self.results[name] = res
+
+    def suite(self, name: str, target: Target, proxies: Sequence[Proc | Pid]) -> dict[str, Any]:
         assert self.bench is not None, "setup() first"
         return self.bench.run_suite(name, target, proxies)
 
     def deregister(self, service_id: str) -> None:
         self.api.put(f"/v1/agent/service/deregister/{service_id}", None)
 
-    def chain(self) -> None:
-        with self.scenario("chain") as scene:
-            target = self.start_chain(scene)
-            self.results["chain"] = self.suite("chain", target, scene.proxies)
-
     def peers(self) -> None:
         """HAProxy, nginx and stunnel as inbound mTLS terminators, when installed."""
-        found, skipped = bench_peers.detect()
-        self.skipped.extend(skipped)
-        for line in skipped:
-            log(line)
+        detected, skipped = bench_peers.detect()
+        found = [s for s in detected if self.want(f"inbound-{s.name}", "peers", "inbound")]
+        for name, line in skipped:
+            if self.want(f"inbound-{name}", "peers", "inbound"):
+                log(line)
+                self.skipped.append(line)
         for spec in found:
             name = f"inbound-{spec.name}"
+            self.versions[spec.name] = bench_peers.version(spec)
             directory = tempfile.mkdtemp(prefix=f"bench-{spec.name}-")  # mode 0700
             self.tmpdirs.append(directory)
-            with self.scenario(name) as scene:
+            with self.scenario(name, "peer", "inbound") as scene:
                 scene.after.append(functools.partial(shutil.rmtree, directory, ignore_errors=True))
                 try:
                     files = bench_peers.write_material(Path(directory), self.db)
@@ -753,6 +1014,21 @@ class Harness:
                     self.skipped.append(msg)
                     continue
                 self.results[name] = self.suite(name, target, scene.proxies)
+                self.results[name]["tls"] = tls_info(target)
+
+
+def reap(procs: Sequence[Proc | Pid]) -> None:
+    """Stop -workers children that outlived their parent (it passes its signals on, so this
+    is only for a parent that had to be killed), by PID, after checking it is still ours."""
+    for p in procs:
+        try:
+            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
+                if b"proxy" not in f.read():
+                    continue  # the PID was reused by something else
+        except OSError:
+            continue  # gone
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(p.pid, signal.SIGKILL)
 
 
 # -- report ---------------------------------------------------------------------------------
@@ -828,62 +1104,233 @@ def bottleneck(m: dict[str, Any], proxy_cpu: int | None, load_cpu: int | None) -
     return "neither core full"
 
 
+NW = 20  # width of the scenario column
+
+# Issue 5's targets: (metric key, label, our scenario's base, reference, goal, higher is better)
+TARGETS = (
+    ("cps64", "conn/s64", "inbound", "inbound-go", 1.0, True),
+    ("cps64", "conn/s64", "outbound", "outbound-go", 1.0, True),
+    ("cps64", "conn/s64", "chain", "chain-go", 1.0, True),
+    ("cps64", "conn/s64", "outbound", "outbound-go-resume", 1.0, True),
+    ("cps64", "conn/s64", "chain", "chain-go-resume", 1.0, True),
+    ("cps64", "conn/s64", "inbound", "inbound-haproxy", 1.3, True),
+    ("mibs", "MiB/s", "inbound", "inbound-haproxy", 1.0, True),
+    ("rtt50", "RTT p50", "inbound", "inbound-haproxy", 1.1, False),
+)
+KIB_IDLE_TARGET = 50.0  # per proxy process
+
+
+def _kind(res: dict[str, Any]) -> str:
+    return str(res.get("kind", ""))
+
+
+def render_targets(h: Harness, base: dict[str, dict[str, Any]]) -> list[str]:
+    """Issue 5's ratios and goals, for each of our scenarios (one per TLS engine)."""
+    ours = [n for n, r in h.results.items() if _kind(r) == "ours" and n in base]
+    if not ours:
+        return []
+    lines = [
+        "",
+        "Targets of issue 5 (ours / reference, same run):",
+        f"  {'ours':<{NW}}{'metric':<10}{'reference':<{NW}}{'measured':>10}{'goal':>9}  met",
+    ]
+    for n in ours:
+        b = h.results[n].get("base")
+        for key, label, tb, ref, goal, higher in TARGETS:
+            if tb != b:
+                continue
+            cmp_ = "≥" if higher else "≤"
+            mine, theirs = base[n][key], (base.get(ref) or {}).get(key)
+            if ref not in base:
+                if ref not in h.results and not h.want(ref, "go" if "-go" in ref else "peers", tb):
+                    continue  # not selected by --only
+                why = "failed" if ref in h.results else "not measured (skipped)"
+                lines.append(
+                    f"  {n:<{NW}}{label:<10}{ref:<{NW}}{'-':>10}{cmp_ + f'{goal:.2f}x':>9}  {why}"
+                )
+                continue
+            if not mine or not theirs:
+                continue
+            r = mine / theirs
+            met = r >= goal if higher else r <= goal
+            # A reference that did not use its whole core was held back by the load side:
+            # its figure is a lower bound, and a higher-is-better ratio an upper bound.
+            ref_cpu = {
+                "cps64": base[ref]["proxy64"],
+                "mibs": _get(h.results[ref], "throughput", "proxy_cpu_frac"),
+            }.get(key)
+            note = ""
+            if ref_cpu is not None and ref_cpu < 0.9:
+                note = f"  ({ref} used only {ref_cpu:.2f} of its core"
+                if key == "cps64" and base[n]["us_conn"] and base[ref]["us_conn"]:
+                    by_cpu = base[ref]["us_conn"] / base[n]["us_conn"]
+                    note += f"; by proxy CPU per connection: {by_cpu:.2f}x"
+                note += ")"
+            lines.append(
+                f"  {n:<{NW}}{label:<10}{ref:<{NW}}{r:>9.2f}x{cmp_ + f'{goal:.2f}x':>9}  "
+                f"{'yes' if met else 'no'}{note}"
+            )
+        kib, nproc = base[n]["kib_idle"], h.results[n].get("proxy_processes") or 1
+        if kib is not None:
+            each = kib / nproc
+            note = f" ({kib:.1f} for {nproc} processes)" if nproc > 1 else ""
+            lines.append(
+                f"  {n:<{NW}}{'KiB/idle':<10}{'per process':<{NW}}{each:>10.1f}"
+                f"{'≤' + f'{KIB_IDLE_TARGET:g}':>9}  {'yes' if each <= KIB_IDLE_TARGET else 'no'}"
+                f"{note}"
+            )
+    return lines
+
+
+def render_vs_references(h: Harness, base: dict[str, dict[str, Any]]) -> list[str]:
+    """Each of our scenarios against every peer and Go reference of the same layout."""
+    ours = [n for n, r in h.results.items() if _kind(r) == "ours" and n in base]
+    refs = [n for n, r in h.results.items() if _kind(r) in ("go", "peer") and n in base]
+    pairs = [
+        (o, r) for o in ours for r in refs if h.results[o].get("base") == h.results[r].get("base")
+    ]
+    if not pairs:
+        return []
+    lines = [
+        "",
+        "Ours / each reference (conn/s, MiB/s: higher is better; the rest: lower is better):",
+        f"{'ours':<{NW}}{'reference':<{NW}}{'conn/s16':>9}{'conn/s64':>9}{'lat p50':>9}"
+        f"{'MiB/s':>8}{'RTT p50':>9}{'KiB/idle':>9}{'µs/conn':>9}{'s/GiB':>8}",
+    ]
+    for o, r in pairs:
+        a, b = base[o], base[r]
+        lines.append(
+            f"{o:<{NW}}{r:<{NW}}{_ratio(a['cps16'], b['cps16']):>9}"
+            f"{_ratio(a['cps64'], b['cps64']):>9}{_ratio(a['lat_p50'], b['lat_p50']):>9}"
+            f"{_ratio(a['mibs'], b['mibs']):>8}{_ratio(a['rtt50'], b['rtt50']):>9}"
+            f"{_ratio(a['kib_idle'], b['kib_idle']):>9}{_ratio(a['us_conn'], b['us_conn']):>9}"
+            f"{_ratio(a['s_gib'], b['s_gib']):>8}"
+        )
+    return lines
+
+
+def render_workers(h: Harness) -> list[str]:
+    """-workers 1 against -workers 2: conn/s at 64 and who used which CPU."""
+    rows = [(n, r) for n, r in h.results.items() if _kind(r) == "workers" and "error" not in r]
+    if not rows:
+        return []
+    pc, lc = str(h.proxy_cpu), str(h.load_cpu)
+    lines = [
+        "",
+        "Worker scaling: inbound, conn/s at 64 (-workers N: N processes, one listener each "
+        "with SO_REUSEPORT;",
+        f"every proxy process may run on CPUs {pc} and {lc}; the load generator, agent and "
+        f"backend stay on CPU {lc}):",
+        f"{'scenario':<{NW}}{'conn/s64':>9}{'proxy':>7}  {'per process':<12}{'loadgen':>8}"
+        f"{'agent':>7}{'backend':>8}{'other':>7}{'cpu' + pc:>6}{'cpu' + lc:>6}{'machine':>8}"
+        f"{'c/s per proxy core':>19}{'errors':>7}",
+    ]
+    by: dict[tuple[Any, int], dict[str, Any]] = {}
+    for n, r in rows:
+        c = _get(r, "conn_rate", "64") or {}
+        busy = {k: v["busy"] for k, v in (c.get("cpu_busy") or {}).items()}
+        each = list((c.get("proxy_cpu_frac_each") or {}).values())
+        proxy = c.get("proxy_cpu_frac")
+        cps = c.get("conn_per_s")
+        machine = sum(busy.values())
+        by[(r.get("engine"), int(r.get("workers", 0)))] = {
+            "cps": cps,
+            "proxy": proxy,
+            "machine": machine,
+            "busy": busy,
+        }
+        lines.append(
+            f"{n:<{NW}}{_fmt(cps):>9}{_fmt(proxy, 2):>7}  "
+            f"{'+'.join(f'{x:.2f}' for x in each):<12}{_fmt(c.get('loadgen_cpu_frac'), 2):>8}"
+            f"{_fmt(_get(c, 'other_cpu_frac', 'agent'), 2):>7}"
+            f"{_fmt(_get(c, 'other_cpu_frac', 'backend'), 2):>8}"
+            f"{_fmt(c.get('foreign_cpu_frac'), 2):>7}{_fmt(busy.get(pc), 2):>6}"
+            f"{_fmt(busy.get(lc), 2):>6}{_fmt(machine, 2):>8}"
+            f"{_fmt(cps / proxy if cps and proxy else None):>19}{c.get('errors', 0):>7}"
+        )
+    for engine in dict.fromkeys(e for e, _ in by):
+        one, two = by.get((engine, 1)), by.get((engine, 2))
+        if not one or not two or not one["cps"] or not two["cps"]:
+            continue
+        label = "" if engine is None else f" ({engine})"
+        per_core = (
+            (two["cps"] / two["proxy"]) / (one["cps"] / one["proxy"])
+            if one["proxy"] and two["proxy"]
+            else None
+        )
+        lines.append(
+            f"  -workers 2 / -workers 1{label}: conn/s {two['cps'] / one['cps']:.2f}x, "
+            f"conn/s per proxy core {_fmt(per_core, 2)}x (1.00x: the workers together are as "
+            "efficient per core as one)"
+        )
+        if one["machine"]:
+            ceiling = len(one["busy"]) / one["machine"]
+            lines.append(
+                f"    with 1 worker the whole machine was {one['machine']:.2f} of "
+                f"{len(one['busy'])} cores busy; at that cost per connection a full machine "
+                f"allows at most {ceiling:.2f}x"
+            )
+        full = [k for k, v in two["busy"].items() if v >= 0.95]
+        if len(full) == len(two["busy"]):
+            lines.append(
+                "    with 2 workers every CPU was ≥ 95 % busy: the machine (proxy and load side "
+                "together), not the proxy alone, sets this ratio"
+            )
+    return lines
+
+
 def render(h: Harness) -> str:
-    rows = [(n, metrics(r)) for n, r in h.results.items() if "error" not in r]
+    rows = [
+        (n, metrics(r)) for n, r in h.results.items() if "error" not in r and _kind(r) != "workers"
+    ]
     lines: list[str] = []
     head = (
-        f"{'scenario':<16}{'lat p50':>9}{'lat p99':>9}{'conn/s16':>10}{'conn/s64':>10}"
+        f"{'scenario':<{NW}}{'lat p50':>9}{'lat p99':>9}{'conn/s16':>10}{'conn/s64':>10}"
         f"{'MiB/s':>8}{'RTT p50':>9}{'RTT p99':>9}{'KiB/idle':>9}{'µs/conn':>9}{'s/GiB':>7}"
     )
-    lines += [head, f"{'':<16}{'ms':>9}{'ms':>9}{'':>10}{'':>10}{'':>8}{'µs':>9}{'µs':>9}", ""]
+    lines += [head, f"{'':<{NW}}{'ms':>9}{'ms':>9}{'':>10}{'':>10}{'':>8}{'µs':>9}{'µs':>9}", ""]
     for n, m in rows:
         lines.append(
-            f"{n:<16}{_fmt(m['lat_p50'], 2):>9}{_fmt(m['lat_p99'], 2):>9}{_fmt(m['cps16']):>10}"
+            f"{n:<{NW}}{_fmt(m['lat_p50'], 2):>9}{_fmt(m['lat_p99'], 2):>9}{_fmt(m['cps16']):>10}"
             f"{_fmt(m['cps64']):>10}{_fmt(m['mibs']):>8}{_fmt(m['rtt50']):>9}{_fmt(m['rtt99']):>9}"
             f"{_fmt(m['kib_idle'], 1):>9}{_fmt(m['us_conn']):>9}{_fmt(m['s_gib'], 2):>7}"
         )
     for n, r in h.results.items():
         if "error" in r:
-            lines.append(f"{n:<16}FAILED: {r['error'].splitlines()[0]}")
+            lines.append(f"{n:<{NW}}FAILED: {r['error'].splitlines()[0]}")
     base = dict(rows)
     plain, mtls = base.get("direct-plain"), base.get("direct-mtls")
-    peers = [n for n, _ in rows if n.startswith("inbound-")]
-    lines += ["", "Ratios (conn/s and latency vs direct-mtls; MiB/s and RTT vs direct-plain):"]
-    lines.append(
-        f"{'scenario':<16}{'conn/s16':>10}{'conn/s64':>10}{'lat p50':>9}{'MiB/s':>8}{'RTT p50':>9}"
-        + "".join(f"{'c64/' + q.removeprefix('inbound-'):>14}" for q in peers)
-    )
+    if plain or mtls:
+        lines += ["", "Ratios (conn/s and latency vs direct-mtls; MiB/s and RTT vs direct-plain):"]
+        lines.append(
+            f"{'scenario':<{NW}}{'conn/s16':>10}{'conn/s64':>10}{'lat p50':>9}{'MiB/s':>8}"
+            f"{'RTT p50':>9}"
+        )
     for n, m in rows:
-        if n in DIRECT:
+        if n in DIRECT or not (plain or mtls):
             continue
-        line = (
-            f"{n:<16}{_ratio(m['cps16'], mtls and mtls['cps16']):>10}"
+        lines.append(
+            f"{n:<{NW}}{_ratio(m['cps16'], mtls and mtls['cps16']):>10}"
             f"{_ratio(m['cps64'], mtls and mtls['cps64']):>10}"
             f"{_ratio(m['lat_p50'], mtls and mtls['lat_p50']):>9}"
             f"{_ratio(m['mibs'], plain and plain['mibs']):>8}"
             f"{_ratio(m['rtt50'], plain and plain['rtt50']):>9}"
         )
-        line += "".join(f"{_ratio(m['cps64'], base[q]['cps64']):>14}" for q in peers)
-        lines.append(line)
-    if peers:
-        lines += ["", "inbound vs peers (MiB/s, RTT p50):"]
-        ours = base.get("inbound")
-        for q in peers:
-            if ours:
-                lines.append(
-                    f"  inbound / {q}: MiB/s {_ratio(ours['mibs'], base[q]['mibs'])}, "
-                    f"RTT p50 {_ratio(ours['rtt50'], base[q]['rtt50'])}"
-                )
+    lines += render_vs_references(h, base)
+    lines += render_targets(h, base)
+    lines += render_workers(h)
+    if not rows:
+        lines.append("")
     lines += [
         "",
         "Who was busy at concurrency 64 (fraction of one core; CPU busy from /proc/stat):",
-        f"{'scenario':<16}{'proxy':>7}{'loadgen':>9}{'agent':>7}{'backend':>9}{'other':>7}"
+        f"{'scenario':<{NW}}{'proxy':>7}{'loadgen':>9}{'agent':>7}{'backend':>9}{'other':>7}"
         f"{'cpu' + str(h.proxy_cpu):>7}{'cpu' + str(h.load_cpu):>7}{'errors':>8}  bottleneck",
     ]
     for n, m in rows:
         lines.append(
-            f"{n:<16}{_fmt(m['proxy64'], 2):>7}{_fmt(m['lg64'], 2):>9}{_fmt(m['agent64'], 2):>7}"
-            f"{_fmt(m['backend64'], 2):>9}{_fmt(m['foreign64'], 2):>7}"
+            f"{n:<{NW}}{_fmt(m['proxy64'], 2):>7}{_fmt(m['lg64'], 2):>9}"
+            f"{_fmt(m['agent64'], 2):>7}{_fmt(m['backend64'], 2):>9}{_fmt(m['foreign64'], 2):>7}"
             f"{_fmt(m['busy64'].get(str(h.proxy_cpu)), 2):>7}"
             f"{_fmt(m['busy64'].get(str(h.load_cpu)), 2):>7}{m['errors']:>8}  "
             f"{bottleneck(m, h.proxy_cpu, h.load_cpu)}"
@@ -891,7 +1338,7 @@ def render(h: Harness) -> str:
     lines += [
         "",
         "Who was busy during the throughput run (same columns):",
-        f"{'scenario':<16}{'proxy':>7}{'loadgen':>9}{'agent':>7}{'backend':>9}{'other':>7}"
+        f"{'scenario':<{NW}}{'proxy':>7}{'loadgen':>9}{'agent':>7}{'backend':>9}{'other':>7}"
         f"{'cpu' + str(h.proxy_cpu):>7}{'cpu' + str(h.load_cpu):>7}{'':>8}  bottleneck",
     ]
     for n, r in h.results.items():
@@ -904,7 +1351,7 @@ def render(h: Harness) -> str:
             "busy64": busy,
         }
         lines.append(
-            f"{n:<16}{_fmt(tp.get('proxy_cpu_frac'), 2):>7}"
+            f"{n:<{NW}}{_fmt(tp.get('proxy_cpu_frac'), 2):>7}"
             f"{_fmt(tp.get('loadgen_cpu_frac'), 2):>9}"
             f"{_fmt(_get(tp, 'other_cpu_frac', 'agent'), 2):>7}"
             f"{_fmt(_get(tp, 'other_cpu_frac', 'backend'), 2):>9}"
@@ -916,12 +1363,36 @@ def render(h: Harness) -> str:
         "  other = busy CPU time not used by our processes (other programs, kernel work not "
         "charged to a process)"
     )
-    noisy = [n for n, m in rows if (m["foreign_max"] or 0) > 0.1]
+    noisy = [
+        n
+        for n, r in h.results.items()
+        if "error" not in r
+        and (
+            (metrics(r)["foreign_max"] or 0) > 0.1
+            or (_get(r, "conn_rate", "64", "foreign_cpu_frac") or 0) > 0.1
+        )
+    ]
     if noisy:
         lines.append(
             "  WARNING: more than 0.1 core of other load during "
             + ", ".join(noisy)
             + ": those figures are disturbed; run again on a quiet machine"
+        )
+    tls = {n: r["tls"] for n, r in h.results.items() if r.get("tls")}
+    if tls:
+        lines += ["", "TLS negotiated on the load generator's hop:"]
+        lines += [f"  {n:<{NW}}{t['version']} {t['cipher']}" for n, t in tls.items()]
+    go = [r for r in h.results.values() if _kind(r) == "go" and "error" not in r]
+    if go:
+        r = go[0]
+        lines.append(
+            f"Go reference: GOMAXPROCS={r.get('gomaxprocs')}, pinned to CPU {h.proxy_cpu}, "
+            f"outbound discovery: {r.get('discovery')}; upstream TLS sessions resumed only "
+            "in *-go-resume (Consul's proxy never resumes them, ours does)"
+        )
+    if h.versions:
+        lines.append(
+            "Versions: " + "; ".join(f"{k}: {v}" for k, v in h.versions.items() if v is not None)
         )
     if h.skipped:
         lines += ["", "Skipped:"] + [f"  {s}" for s in h.skipped]
@@ -991,7 +1462,17 @@ def meta(h: Harness) -> dict[str, Any]:
         "machine_busy_before": h.busy_before,
         "waited_for_quiet_s": round(h.bench.waited, 1) if h.bench else None,
         "sources": h.sources,
+        "engines": h.engines,
+        "versions": h.versions,
     }
+
+
+def _engines(value: str) -> list[str]:
+    names = [x.strip() for x in value.split(",") if x.strip()]
+    bad = [x for x in names if not re.fullmatch(r"[a-z0-9_]+", x)]
+    if not names or bad:
+        raise argparse.ArgumentTypeError(f"engine names are lowercase words, got {value!r}")
+    return list(dict.fromkeys(names))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
@@ -1008,6 +1489,45 @@ def main(argv: Sequence[str] | None = None) -> int:
         metavar="SECONDS",
         help="at most this long in all to wait for other load on the machine to stop "
         "(default 180, 20 with --quick; 0: never wait)",
+    )
+    parser.add_argument(
+        "--engine",
+        type=_engines,
+        default=None,
+        metavar="LIST",
+        help=f"run our proxy's scenarios once per TLS engine, e.g. ssl,openssl ({ENGINE_VAR} "
+        "passed to the proxy processes; names get a /ENGINE suffix). Default: the variable "
+        "is not set",
+    )
+    parser.add_argument(
+        "--only",
+        type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
+        default=None,
+        metavar="LIST",
+        help="run only these scenarios: names (inbound, chain-go, inbound-w2, ...), layouts "
+        "(inbound, outbound, chain) or kinds (direct, ours, peers, go, workers)",
+    )
+    parser.add_argument(
+        "--go-maxprocs",
+        type=int,
+        default=1,
+        metavar="N",
+        help="GOMAXPROCS of the Go reference proxy (default 1: one core, as our proxy)",
+    )
+    parser.add_argument(
+        "--go-discovery",
+        choices=("watch", "per-conn"),
+        default="watch",
+        help="outbound upstream discovery of the Go reference proxy: one blocking watch "
+        "(default, as our proxy) or one health query per connection (as Consul's proxy)",
+    )
+    parser.add_argument(
+        "--go-session-cache",
+        choices=("off", "on", "both"),
+        default="both",
+        help="TLS session resumption on the Go reference proxy's upstream dials: off (as "
+        "Consul's proxy), on (as ours), or both: outbound-go and chain-go, then "
+        "outbound-go-resume and chain-go-resume (default)",
     )
     args = parser.parse_args(argv)
     h = Harness(args)
