@@ -1390,10 +1390,9 @@ def render(h: Harness) -> str:
             f"outbound discovery: {r.get('discovery')}; upstream TLS sessions resumed only "
             "in *-go-resume (Consul's proxy never resumes them, ours does)"
         )
-    if h.versions:
-        lines.append(
-            "Versions: " + "; ".join(f"{k}: {v}" for k, v in h.versions.items() if v is not None)
-        )
+    versions = [f"{k}: {v}" for k, v in h.versions.items() if v is not None]
+    if versions:
+        lines.append("Versions: " + "; ".join(versions))
     if h.skipped:
         lines += ["", "Skipped:"] + [f"  {s}" for s in h.skipped]
     problems = {k: v for k, v in h.logs.items() if v["problem_lines"]}
