@@ -134,7 +134,7 @@ class PublicListener(Listener):
                 log.error(
                     "failed to dial local app addr=%s error=%s",
                     join_host_port(self.app_host, self.app_port),
-                    exc or "timeout",
+                    str(exc) or f"timed out after {self.app_connect_timeout:g}s",
                 )
                 tls.close()
                 return

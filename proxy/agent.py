@@ -1,4 +1,4 @@
-"""AgentClient: the proxy's only HTTP code, talking to the local Consul agent.
+"""AgentClient: the proxy's calls to the local Consul agent.
 
 Owns: request shapes (paths, parameters, the token header), blocking-query parameters and
 timeouts, and the translation of transport failures and non-200 answers into `AgentError`s
@@ -6,25 +6,45 @@ whose text matches Consul's Go client (`Unexpected response code: <code> (<body>
 
 Rule 1: the token travels only in the `X-Consul-Token` header, never in a URL, and never
 appears in an error text or a log line.
-Rule 2: one persistent `httpx.AsyncClient` (keep-alive) serves every call; it is passed in.
+Rule 2: every call travels over a persistent connection: watches and rare calls through one
+`httpx.AsyncClient`, the calls made for every proxied connection through the leaner
+`proxy.agenthttp.KeepAlivePool` (its reason is there).
 """
 
 from __future__ import annotations
 
+import base64
 import json
 import ssl
+import urllib.parse
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
+from proxy.agenthttp import KeepAlivePool
 from proxy.config import HTTPOptions
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 
 # Watches block for this long per request; the agent adds up to wait/16 of jitter.
 DEFAULT_WAIT = 300.0
 REQUEST_TIMEOUT = 10.0
+
+
+def _tls_context(options: HTTPOptions) -> ssl.SSLContext:
+    try:
+        ctx = ssl.create_default_context(
+            cafile=options.ca_file or None, capath=options.ca_path or None
+        )
+        if options.client_cert:
+            ctx.load_cert_chain(options.client_cert, options.client_key or None)
+    except (OSError, ssl.SSLError) as exc:
+        raise ConfigError(f"Error loading TLS files for the agent connection: {exc}") from exc
+    if options.tls_skip_verify:
+        ctx.check_hostname = False
+        ctx.verify_mode = ssl.CERT_NONE
+    return ctx
 
 
 def make_http_client(options: HTTPOptions) -> httpx.AsyncClient:
@@ -41,18 +61,7 @@ def make_http_client(options: HTTPOptions) -> httpx.AsyncClient:
     else:
         base_url = f"{options.scheme}://{options.address}{options.path_prefix}"
     if options.scheme == "https":
-        try:
-            ctx = ssl.create_default_context(
-                cafile=options.ca_file or None, capath=options.ca_path or None
-            )
-            if options.client_cert:
-                ctx.load_cert_chain(options.client_cert, options.client_key or None)
-        except (OSError, ssl.SSLError) as exc:
-            raise ConfigError(f"Error loading TLS files for the agent connection: {exc}") from exc
-        if options.tls_skip_verify:
-            ctx.check_hostname = False
-            ctx.verify_mode = ssl.CERT_NONE
-        verify = ctx
+        verify = _tls_context(options)
     return httpx.AsyncClient(
         base_url=base_url,
         transport=transport,
@@ -60,6 +69,34 @@ def make_http_client(options: HTTPOptions) -> httpx.AsyncClient:
         auth=options.basic_auth,
         timeout=REQUEST_TIMEOUT,
         trust_env=False,  # the agent is local: no proxies from the environment
+    )
+
+
+def _split_host_port(address: str) -> tuple[str, int]:
+    host, sep, port = address.rpartition(":")
+    if not sep or not port.isdigit():
+        # Go's client defaults the port of a bare host to 80 (443 with TLS): so do we.
+        return address.strip("[]"), 0
+    return host.strip("[]"), int(port)
+
+
+def make_keepalive_pool(options: HTTPOptions) -> KeepAlivePool:
+    """The keep-alive pool for per-connection calls, to the same agent as `make_http_client`.
+
+    Raises:
+        ConfigError: TLS files that cannot be loaded.
+    """
+    if options.scheme == "unix":
+        return KeepAlivePool.unix(options.address)
+    host, port = _split_host_port(options.address)
+    tls = _tls_context(options) if options.scheme == "https" else None
+    port = port or (443 if tls is not None else 80)
+    return KeepAlivePool.tcp(
+        host,
+        port,
+        tls=tls,
+        server_hostname=options.tls_server_name or host,
+        host_header=options.address,
     )
 
 
@@ -77,25 +114,63 @@ def _wait_param(seconds: float) -> str:
     return f"{max(1, int(seconds * 1000))}ms"
 
 
+def _encode(body: Any) -> bytes:
+    # Go's json.Encoder ends every document with a newline.
+    return (json.dumps(body) + "\n").encode()
+
+
+def _answer(path: str, status: int, headers: Mapping[str, str], content: bytes) -> Answer:
+    """Decode a response as Go's client would, or raise with its text."""
+    if status != 200:
+        text = content.decode("utf-8", "replace").strip()
+        raise AgentResponseError(f"Unexpected response code: {status} ({text})", status=status)
+    try:
+        decoded = json.loads(content) if content else None
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise AgentResponseError(f"the agent answered {path} with invalid JSON: {exc}") from exc
+    raw_index = headers.get("x-consul-index", "0")
+    return Answer(
+        body=decoded,
+        index=int(raw_index) if raw_index.isdigit() else 0,
+        content_hash=headers.get("x-consul-contenthash", ""),
+    )
+
+
 class AgentClient:
-    """Calls to the local agent. Construct with a configured `httpx.AsyncClient`."""
+    """Calls to the local agent described by `options`.
+
+    Two connections kinds, one agent: watches, registration and other rare calls go
+    through one `httpx.AsyncClient`; the calls made for every proxied connection
+    (authorize, prepared-query discovery) go through a `KeepAlivePool`.
+
+    Raises:
+        ConfigError: TLS files for the agent connection that cannot be loaded.
+    """
 
     def __init__(
-        self,
-        client: httpx.AsyncClient,
-        *,
-        token: str = "",
-        datacenter: str = "",
-        wait: float = DEFAULT_WAIT,
-        tls_server_name: str = "",
+        self, options: HTTPOptions, *, wait: float = DEFAULT_WAIT, timeout: float = REQUEST_TIMEOUT
     ) -> None:
-        self._client = client
-        self._headers = {"X-Consul-Token": token} if token else {}
-        self._extensions = {"sni_hostname": tls_server_name} if tls_server_name else {}
-        self.datacenter = datacenter
+        self._client = make_http_client(options)
+        self._pool = make_keepalive_pool(options)
+        self._prefix = options.path_prefix
+        self._headers = {"X-Consul-Token": options.token} if options.token else {}
+        self._pool_headers = list(self._headers.items())
+        if options.basic_auth is not None:
+            user, password = options.basic_auth
+            raw = base64.b64encode(f"{user}:{password}".encode()).decode()
+            self._pool_headers.append(("Authorization", f"Basic {raw}"))
+        server_name = options.tls_server_name
+        self._extensions = {"sni_hostname": server_name} if server_name else {}
+        self.datacenter = options.datacenter
         self.wait = wait
+        self.timeout = timeout  # for every call that does not block
+
+    @property
+    def pool(self) -> KeepAlivePool:
+        return self._pool
 
     async def aclose(self) -> None:
+        await self._pool.aclose()
         await self._client.aclose()
 
     async def _request(
@@ -105,9 +180,9 @@ class AgentClient:
         *,
         params: Mapping[str, str] | None = None,
         body: Any = None,
-        timeout: float = REQUEST_TIMEOUT,
+        timeout: float | None = None,
     ) -> Answer:
-        content = None if body is None else (json.dumps(body) + "\n").encode()
+        content = None if body is None else _encode(body)
         headers = dict(self._headers)
         if content is not None:
             headers["Content-Type"] = "application/json"
@@ -118,28 +193,42 @@ class AgentClient:
                 params=params,
                 content=content,
                 headers=headers,
-                timeout=timeout,
+                timeout=self.timeout if timeout is None else timeout,
                 extensions=self._extensions,
             )
         except httpx.TransportError as exc:
             raise AgentUnavailable(
                 f"error talking to the agent: {type(exc).__name__}: {exc}"
             ) from exc
-        if response.status_code != 200:
-            raise AgentResponseError(
-                f"Unexpected response code: {response.status_code} ({response.text.strip()})",
-                status=response.status_code,
-            )
+        return _answer(path, response.status_code, response.headers, response.content)
+
+    async def _fast(
+        self,
+        method: str,
+        path: str,
+        *,
+        params: Mapping[str, str] | None = None,
+        body: Any = None,
+    ) -> Answer:
+        """`_request` over the keep-alive pool, for calls made once per proxied connection."""
+        target = self._prefix + urllib.parse.quote(path, safe="/:@")
+        if params:
+            target += "?" + urllib.parse.urlencode(params)
+        headers = self._pool_headers
+        content = None if body is None else _encode(body)
+        if content is not None:
+            headers = [*headers, ("Content-Type", "application/json")]
         try:
-            decoded = response.json() if response.content else None
-        except json.JSONDecodeError as exc:
-            raise AgentResponseError(f"the agent answered {path} with invalid JSON: {exc}") from exc
-        raw_index = response.headers.get("X-Consul-Index", "0")
-        return Answer(
-            body=decoded,
-            index=int(raw_index) if raw_index.isdigit() else 0,
-            content_hash=response.headers.get("X-Consul-ContentHash", ""),
-        )
+            raw = await self._pool.request(method, target, headers, content, self.timeout)
+        except TimeoutError:
+            raise AgentUnavailable(
+                f"error talking to the agent: timed out after {self.timeout:g}s"
+            ) from None
+        except (OSError, ssl.SSLError) as exc:
+            raise AgentUnavailable(
+                f"error talking to the agent: {type(exc).__name__}: {exc}"
+            ) from exc
+        return _answer(path, raw.status, raw.headers, raw.body)
 
     def _blocking(
         self, index: int, params: dict[str, str] | None = None
@@ -150,11 +239,11 @@ class AgentClient:
             params["wait"] = _wait_param(self.wait)
             # Longer than the wait plus the agent's jitter (wait/16) and a margin.
             return params, self.wait * 17 / 16 + 15
-        return params, REQUEST_TIMEOUT
+        return params, self.timeout
 
     def _hash_blocking(self, content_hash: str) -> tuple[dict[str, str], float]:
         if not content_hash:
-            return {}, REQUEST_TIMEOUT
+            return {}, self.timeout
         return {"hash": content_hash, "wait": _wait_param(self.wait)}, self.wait * 17 / 16 + 15
 
     async def roots(self, index: int = 0) -> Answer:
@@ -173,7 +262,7 @@ class AgentClient:
 
     async def authorize(self, target: str, client_cert_uri: str, client_cert_serial: str) -> Answer:
         """`POST /v1/agent/connect/authorize`."""
-        return await self._request(
+        return await self._fast(
             "POST",
             "/v1/agent/connect/authorize",
             body={
@@ -202,7 +291,7 @@ class AgentClient:
         """`GET /v1/query/:name/execute?connect=true&stale`."""
         params = self._discovery_params(datacenter)
         params["connect"] = "true"
-        return await self._request("GET", f"/v1/query/{query}/execute", params=params)
+        return await self._fast("GET", f"/v1/query/{query}/execute", params=params)
 
     async def agent_service(self, service_id: str, content_hash: str = "") -> Answer:
         """`GET /v1/agent/service/:id`, hash-blocking when `content_hash` is given."""

@@ -486,7 +486,7 @@ async def serve(
     register_periods: tuple[float, float] | None = None,
 ) -> int:
     """Run the proxy described by `options` until `stop` is set. Returns the exit code."""
-    from proxy.agent import AgentClient, make_http_client
+    from proxy.agent import AgentClient
     from proxy.supervisor import (
         AgentConfigSource,
         RegisterMonitor,
@@ -498,16 +498,10 @@ async def serve(
 
     backoff_base = BACKOFF_BASE if watch_backoff is None else watch_backoff
     try:
-        client = make_http_client(options.http)
+        agent = AgentClient(options.http)
     except ConfigError as exc:
         _error(f"Error connecting to Consul agent: {exc}")
         return 1
-    agent = AgentClient(
-        client,
-        token=options.http.token,
-        datacenter=options.http.datacenter,
-        tls_server_name=options.http.tls_server_name,
-    )
     register_task: asyncio.Task[None] | None = None
     monitor: RegisterMonitor | None = None
     try:

@@ -21,6 +21,7 @@ from collections.abc import Sequence
 import httpx
 
 from proxy.agent import AgentClient
+from proxy.config import HTTPOptions
 from proxy.goflags import FlagError, FlagSet, HelpRequested
 from proxy.supervisor import AgentConfigSource, Proxy, run
 
@@ -132,7 +133,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         _say(f"==> Registered db (app on 127.0.0.1:{app.port}) and web, each with a sidecar")
 
         for name in ("db", "web"):
-            client = AgentClient(httpx.AsyncClient(base_url=agent.url))
+            client = AgentClient(HTTPOptions(address=agent.http_addr))
             clients.append(client)
 
             async def mark_ready(proxy: Proxy, name: str = name) -> None:

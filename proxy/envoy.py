@@ -686,7 +686,7 @@ def pipe_bootstrap_main(args: Sequence[str]) -> int:
 
 def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
     """`connect-proxy envoy`."""
-    from proxy.agent import AgentClient, make_http_client
+    from proxy.agent import AgentClient
     from proxy.cli import ProxyOptions, _error, _output, run_with_signals
     from proxy.goflags import FlagError, HelpRequested
 
@@ -708,12 +708,7 @@ def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
         print(f"[WARN] {message}", file=sys.stderr, flush=True)
 
     async def generate() -> tuple[str, BootstrapArgs]:
-        agent = AgentClient(
-            make_http_client(options.http),
-            token=options.http.token,
-            datacenter=options.http.datacenter,
-            tls_server_name=options.http.tls_server_name,
-        )
+        agent = AgentClient(options.http)
         try:
             return await prepare(options, agent, warn)
         finally:

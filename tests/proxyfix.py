@@ -17,7 +17,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.agent import AgentClient
-from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
+from proxy.config import HTTPOptions, ProxyConfig, PublicListenerConfig, UpstreamConfig
 from proxy.devagent import DevAgent
 from proxy.devagent.ca import key_id
 from proxy.supervisor import Proxy
@@ -49,7 +49,9 @@ class EchoApp:
             writer.close()
 
     async def start(self) -> None:
-        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0)
+        # A real app server's backlog: bursts of hundreds of dials must not lose SYNs (with
+        # asyncio's default of 100 they are retried after 1 s, past the 1 s app dial timeout).
+        self.server = await asyncio.start_server(self._serve, "127.0.0.1", 0, backlog=1024)
         self.port = self.server.sockets[0].getsockname()[1]
 
     async def close(self) -> None:
@@ -71,7 +73,7 @@ async def echo_app() -> AsyncIterator[EchoApp]:
 
 
 def agent_client(agent: DevAgent, token: str = "") -> AgentClient:
-    return AgentClient(httpx.AsyncClient(base_url=agent.url), token=token)
+    return AgentClient(HTTPOptions(address=agent.http_addr, token=token))
 
 
 async def register_proxy(

@@ -677,7 +677,7 @@ async def test_unix_address_talks_http_over_the_socket_with_host_localhost(
         assert response.status_code == 200
         assert response.json() == {"Config": {"NodeName": "unix-node"}}
 
-        agent = AgentClient(make_http_client(options), token=options.token)
+        agent = AgentClient(options)
         try:
             answer = await agent.services()
         finally:
@@ -693,7 +693,7 @@ async def test_unix_address_talks_http_over_the_socket_with_host_localhost(
 
 async def test_unix_address_to_a_missing_socket_is_agent_unavailable(tmp_path: Path) -> None:
     options = HTTPOptions(scheme="unix", address=str(tmp_path / "absent.sock"))
-    agent = AgentClient(make_http_client(options))
+    agent = AgentClient(options)
     try:
         with pytest.raises(AgentUnavailable):
             await agent.services()

@@ -16,7 +16,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.agent import AgentClient, make_http_client
+from proxy.agent import AgentClient
 from proxy.devagent import DevAgent
 from proxy.envoy import (
     BootstrapArgs,
@@ -61,7 +61,7 @@ async def bootstrap_for(
     agent: DevAgent, *args: str, env: dict[str, str] | None = None
 ) -> dict[str, Any]:
     options = parse_envoy_args(["-http-addr", agent.http_addr, "-bootstrap", *args], env or {})
-    client = AgentClient(make_http_client(options.http), token=options.http.token)
+    client = AgentClient(options.http)
     warnings: list[str] = []
     try:
         _, boot_args = await prepare(options, client, warnings.append)

@@ -9,6 +9,7 @@ import httpx
 import pytest
 
 from proxy.agent import AgentClient
+from proxy.config import HTTPOptions
 from proxy.devagent import DevAgent
 from proxy.errors import AgentError
 from proxy.resolve import WatchingResolver
@@ -32,7 +33,7 @@ async def _register_proxy(agent: DevAgent, sid: str, port: int) -> None:
 
 async def test_connections_read_the_watched_instances(agent: DevAgent) -> None:
     await _register_proxy(agent, "db-1", 7001)
-    client = AgentClient(httpx.AsyncClient(base_url=agent.url))
+    client = AgentClient(HTTPOptions(address=agent.http_addr))
     resolver = WatchingResolver(client, "db", backoff_base=0.01)
     try:
         async with asyncio.timeout(5):
@@ -72,7 +73,7 @@ async def test_unreachable_agent_before_any_answer_raises() -> None:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]  # bound, not listening: refused
-        client = AgentClient(httpx.AsyncClient(base_url=f"http://127.0.0.1:{port}"))
+        client = AgentClient(HTTPOptions(address=f"127.0.0.1:{port}"))
         resolver = WatchingResolver(client, "db", backoff_base=10)
         try:
             async with asyncio.timeout(5):
