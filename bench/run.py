@@ -347,6 +347,7 @@ class Bench:
         self.roles = roles
         self.quiet_left = params.quiet_budget
         self.waited = 0.0
+        self.profile_dir: Path | None = None
 
     def _others(self) -> dict[str, float]:
         """CPU seconds so far of the agent, the backend and this process (all threads)."""
@@ -491,6 +492,8 @@ class Bench:
             median["all_conn_per_s"] = [round(x["conn_per_s"], 1) for x in runs]
             rates[str(c)] = median
         out["conn_rate"] = rates
+        if self.profile_dir is not None and proxies:
+            out["profile"] = self.profile(name, target, proxies)
         runs = []
         for i in range(p.repeats):
             log(f"{name}: throughput ({p.throughput_mib} MiB, run {i + 1})")
@@ -504,6 +507,59 @@ class Bench:
         tp["all_mib_per_s"] = [round(x["mib_per_s"], 1) for x in runs]
         out["throughput"] = tp
         return out
+
+    def profile(self, name: str, target: Target, proxies: Sequence[Proc | Pid]) -> dict[str, Any]:
+        """One extra conn/s window at 64 with py-spy sampling each Python proxy process.
+
+        Not part of any figure (sampling slows the proxy a little). Writes py-spy's raw
+        collapsed stacks to `<dir>/<scenario>.<process>.txt` and returns, per process, the
+        functions with the largest inclusive share of the samples.
+        """
+        assert self.profile_dir is not None
+        spy = shutil.which("py-spy") or str(Path(sys.executable).with_name("py-spy"))
+        if not os.path.exists(spy):
+            return {"skipped": "py-spy not installed (pip install py-spy)"}
+        dur = max(self.p.rate_duration, 5.0)
+        self.profile_dir.mkdir(parents=True, exist_ok=True)
+        spies: list[tuple[str, Path, subprocess.Popen[bytes]]] = []
+        for proc in proxies:
+            try:
+                with open(f"/proc/{proc.pid}/cmdline", "rb") as f:
+                    cmdline = f.read()
+            except OSError:
+                continue
+            if b"python" not in cmdline:
+                continue
+            out = self.profile_dir / f"{name.replace('/', '-')}.{proc.name}.txt"
+            argv = [spy, "record", "-p", str(proc.pid), "-d", str(int(dur)), "-r", "250"]
+            argv += ["-n", "-f", "raw", "-o", str(out)]
+            spies.append(
+                (
+                    proc.name,
+                    out,
+                    subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                )
+            )
+        if not spies:
+            return {"skipped": "no Python proxy process"}
+        log(f"{name}: profile with py-spy at concurrency 64 ({dur:g}s, not counted)")
+        n = self.p.clients
+        split = [64 // n + (1 if i < 64 % n else 0) for i in range(n)]
+        start_at = time.monotonic() + 0.3
+        pending = [
+            self.pool.apply_async(conn_rate_worker, (target, c, start_at, dur)) for c in split
+        ]
+        for r in pending:
+            r.get(timeout=dur + 60)
+        result: dict[str, Any] = {}
+        for proc_name, out, popen in spies:
+            try:
+                popen.wait(timeout=dur + 30)
+            except subprocess.TimeoutExpired:
+                popen.kill()
+                popen.wait()
+            result[proc_name] = {"file": str(out), "top": top_frames(out)}
+        return result
 
     def run_rates(
         self, name: str, target: Target, proxies: Sequence[Proc | Pid], concurrency: int = 64
@@ -769,6 +825,8 @@ class Harness:
         self.plain_port, self.tls_port = int(m.group(1)), int(m.group(2))
         self.pool = multiprocessing.get_context("spawn").Pool(self.params.clients)
         self.bench = Bench(self.params, self.pool, Roles(agent=self.agent, backend=self.backend))
+        profile = getattr(self.args, "profile", None)
+        self.bench.profile_dir = Path(profile) if profile else None
 
     # scenarios
 
@@ -1015,6 +1073,36 @@ class Harness:
                     continue
                 self.results[name] = self.suite(name, target, scene.proxies)
                 self.results[name]["tls"] = tls_info(target)
+
+
+def top_frames(path: Path, count: int = 30) -> list[tuple[str, float]]:
+    """The functions with the largest inclusive share of py-spy's raw (collapsed) samples."""
+    if not path.exists():
+        return []
+    total = 0
+    inclusive: dict[str, int] = {}
+    for line in path.read_text(errors="replace").splitlines():
+        stack, _, n = line.rpartition(" ")
+        if not n.isdigit():
+            continue
+        samples = int(n)
+        total += samples
+        seen = set()
+        for frame in stack.split(";"):
+            # "function (file:line)": keep the function and the file, not the line.
+            fn, _, where = frame.partition(" (")
+            if fn.startswith("0x"):
+                continue  # a native frame without a symbol says nothing
+            key = f"{fn} ({where.rsplit(':', 1)[0]})" if where else fn
+            if key not in seen:
+                seen.add(key)
+                inclusive[key] = inclusive.get(key, 0) + samples
+    if not total:
+        return []
+    # The trunk every sample shares (interpreter start, the event loop) is left out.
+    branches = {k: v for k, v in inclusive.items() if v < total * 0.995}
+    ranked = sorted(branches.items(), key=lambda kv: -kv[1])[:count]
+    return [(k, round(v / total, 4)) for k, v in ranked]
 
 
 def reap(procs: Sequence[Proc | Pid]) -> None:
@@ -1395,6 +1483,14 @@ def render(h: Harness) -> str:
         lines.append("Versions: " + "; ".join(versions))
     if h.skipped:
         lines += ["", "Skipped:"] + [f"  {s}" for s in h.skipped]
+    profiles = {n: r["profile"] for n, r in h.results.items() if r.get("profile")}
+    for n, prof in profiles.items():
+        if "skipped" in prof:
+            lines += ["", f"Profile of {n}: skipped, {prof['skipped']}"]
+            continue
+        for proc_name, data in prof.items():
+            lines += ["", f"Profile of {n}, {proc_name} (inclusive share of py-spy samples):"]
+            lines += [f"  {share:6.1%}  {fn[:110]}" for fn, share in data["top"]]
     problems = {k: v for k, v in h.logs.items() if v["problem_lines"]}
     if problems:
         lines += ["", "Warnings/errors in process logs:"]
@@ -1527,6 +1623,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         help="TLS session resumption on the Go reference proxy's upstream dials: off (as "
         "Consul's proxy), on (as ours), or both: outbound-go and chain-go, then "
         "outbound-go-resume and chain-go-resume (default)",
+    )
+    parser.add_argument(
+        "--profile",
+        metavar="DIR",
+        help="after the conn/s runs of each scenario of ours, one more run at concurrency 64 "
+        "(not counted) with py-spy sampling every proxy process; raw stacks go to DIR, the "
+        "top functions into the report",
     )
     args = parser.parse_args(argv)
     h = Harness(args)
