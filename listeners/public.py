@@ -20,19 +20,19 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from typing import Protocol
 
+from listeners.engine import TLSContext
 from listeners.pump import Pipe
 from listeners.serve import Listener, is_routine_close, join_host_port, tune_socket
-from listeners.tls import HandshakeError, TLSTransport
+from listeners.tls import TLSTransport
 from proxy.identity import Decision
 
 log = logging.getLogger("proxy.inbound")
 
 
 class ServerContexts(Protocol):
-    def server_context(self) -> ssl.SSLContext | None: ...
+    def server_context(self) -> TLSContext | None: ...
     async def wait_ready(self) -> None: ...
 
 
@@ -52,7 +52,7 @@ def explain_handshake_error(exc: BaseException) -> str:
 
 
 class _InboundTLS(TLSTransport):
-    def __init__(self, listener: PublicListener, context: ssl.SSLContext) -> None:
+    def __init__(self, listener: PublicListener, context: TLSContext) -> None:
         super().__init__(context, server_side=True)
         self.listener = listener
 
@@ -112,7 +112,7 @@ class PublicListener(Listener):
         try:
             try:
                 await tls.handshake(self.handshake_timeout)
-            except (HandshakeError, ssl.SSLError, OSError) as exc:
+            except OSError as exc:  # HandshakeError, TLSError, resets
                 level = logging.DEBUG if is_routine_close(exc) else logging.INFO
                 log.log(level, "TLS handshake failed: %s", explain_handshake_error(exc))
                 return

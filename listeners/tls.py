@@ -1,4 +1,4 @@
-"""TLS over an asyncio TCP transport, driven through `ssl.MemoryBIO`, with half-close.
+"""TLS over an asyncio TCP transport, driven through a TLS engine, with half-close.
 
 Why not asyncio's own SSL transport: it cannot `write_eof()`, and it turns a received
 close_notify into a full shutdown, so a client that sends a request and then shuts down its
@@ -7,8 +7,9 @@ Here a local EOF sends close_notify while we keep reading, and a received close_
 delivered as `eof_received()` while we keep writing (both allowed by RFC 8446 and OpenSSL).
 
 Owning the raw byte stream from the first packet also means no early ClientHello can be lost
-between accept and the start of TLS, and the SSLContext is chosen per connection (the one
-current at accept), which is how certificates are hot-swapped.
+between accept and the start of TLS, and the context is chosen per connection (the one
+current at accept), which is how certificates are hot-swapped. The TLS protocol itself is an
+engine (`listeners.engine`): the stdlib `ssl` module or pyOpenSSL, by the kind of context.
 
 Rule 1: this module knows nothing of Consul. It is a transport: bytes in, bytes out, flow
 control, half-close, close.
@@ -19,15 +20,17 @@ paused, so memory stays bounded by the kernel buffers and the transports' high-w
 from __future__ import annotations
 
 import asyncio
-import contextlib
-import ssl
 from typing import Any, cast
 
+from listeners.engine import TLSContext, TLSError, TLSSession, new_engine
+
+# Application data handed to the app per call, at most: up to 16 TLS records, one write
+# downstream instead of one per record.
 READ_SIZE = 256 * 1024
 
 
 class HandshakeError(ConnectionError):
-    """The TLS handshake failed, timed out, or the peer went away during it."""
+    """The TLS handshake timed out, or the peer went away during it."""
 
 
 class TLSTransport(asyncio.Protocol):
@@ -40,22 +43,14 @@ class TLSTransport(asyncio.Protocol):
 
     def __init__(
         self,
-        context: ssl.SSLContext,
+        context: TLSContext,
         *,
         server_side: bool,
-        session: ssl.SSLSession | None = None,
+        session: TLSSession | None = None,
     ) -> None:
         self._context = context
         self._server_side = server_side
-        self._incoming = ssl.MemoryBIO()
-        self._outgoing = ssl.MemoryBIO()
-        self._ssl = context.wrap_bio(
-            self._incoming,
-            self._outgoing,
-            server_side=server_side,
-            server_hostname=None,
-            session=session,
-        )
+        self._engine = new_engine(context, server_side=server_side, session=session)
         self._raw: asyncio.Transport | None = None
         self._app: asyncio.BaseProtocol | None = None
         self._handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
@@ -75,7 +70,7 @@ class TLSTransport(asyncio.Protocol):
             self._step_handshake()
 
     def data_received(self, data: bytes) -> None:
-        self._incoming.write(data)
+        self._engine.feed(data)
         if not self._handshake.done():
             self._step_handshake()
         elif self._app is not None and not self._reading_paused:
@@ -87,7 +82,7 @@ class TLSTransport(asyncio.Protocol):
         if not self._handshake.done():
             self._fail_handshake(HandshakeError("connection closed during TLS handshake"))
             return False
-        self._incoming.write_eof()
+        self._engine.feed_eof()
         if self._app is not None and not self._reading_paused:
             self._read_records()
         return True
@@ -114,15 +109,14 @@ class TLSTransport(asyncio.Protocol):
 
     def _step_handshake(self) -> None:
         try:
-            self._ssl.do_handshake()
-        except ssl.SSLWantReadError:
-            self._flush()
-            return
-        except (ssl.SSLError, OSError) as exc:
+            done = self._engine.do_handshake()
+        except TLSError as exc:
             self._flush()  # send the alert, if OpenSSL produced one
             self._fail_handshake(exc)
             return
         self._flush()
+        if not done:
+            return
         # Hold further records in the incoming BIO until someone attaches: nothing is
         # decrypted for a connection that has not been authorized yet.
         if self._raw is not None:
@@ -142,7 +136,7 @@ class TLSTransport(asyncio.Protocol):
 
         Raises:
             HandshakeError: timeout, or the peer closed during the handshake.
-            ssl.SSLError: the handshake failed (bad certificate, protocol mismatch, ...).
+            TLSError: the handshake failed (bad certificate, protocol mismatch, ...).
         """
         try:
             async with asyncio.timeout(timeout):
@@ -171,17 +165,16 @@ class TLSTransport(asyncio.Protocol):
 
     def _read_records(self) -> None:
         app = cast(asyncio.Protocol, self._app)
+        engine = self._engine
         while not self._reading_paused and not self._eof_received:
             try:
-                chunk = self._ssl.read(READ_SIZE)
-            except ssl.SSLWantReadError:
-                break
-            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                chunk = b""  # SSLEOFError: the peer closed TCP without close_notify
-            except ssl.SSLError as exc:
+                chunk = engine.read(READ_SIZE)
+            except TLSError as exc:
                 self._flush()
                 self._abort_with(exc)
                 return
+            if chunk is None:
+                break
             if not chunk:
                 # close_notify from the peer, or TCP EOF without it: the peer's write side is
                 # done. Ours stays open until the app says otherwise.
@@ -202,15 +195,16 @@ class TLSTransport(asyncio.Protocol):
             self._app.connection_lost(exc)
 
     def _flush(self) -> None:
-        if self._outgoing.pending and self._raw is not None and not self._raw.is_closing():
-            self._raw.write(self._outgoing.read())
+        data = self._engine.take()
+        if data and self._raw is not None and not self._raw.is_closing():
+            self._raw.write(data)
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         if self._eof_sent or self._closed:
             raise RuntimeError("write after write_eof() or close()")
         if not data:
             return
-        self._ssl.write(data)
+        self._engine.write(data)
         self._flush()
 
     def writelines(self, chunks: Any) -> None:
@@ -225,8 +219,7 @@ class TLSTransport(asyncio.Protocol):
         if self._eof_sent or self._closed:
             return
         self._eof_sent = True
-        with contextlib.suppress(ssl.SSLWantReadError, ssl.SSLError):
-            self._ssl.unwrap()
+        self._engine.shutdown()
         self._flush()
 
     def pause_reading(self) -> None:
@@ -238,10 +231,8 @@ class TLSTransport(asyncio.Protocol):
         self._reading_paused = False
         if self._raw is not None and not self._raw.is_closing():
             self._raw.resume_reading()
-        if self._app is not None and (
-            self._incoming.pending or self._ssl.pending() or self._incoming.eof
-        ):
-            self._read_records()
+        if self._app is not None:
+            self._read_records()  # what arrived while paused (the engine knows; cheap if none)
 
     def is_reading(self) -> bool:
         return not self._reading_paused
@@ -264,8 +255,8 @@ class TLSTransport(asyncio.Protocol):
         return self._closed or self._raw is None or self._raw.is_closing()
 
     def get_write_buffer_size(self) -> int:
-        raw = self._raw.get_write_buffer_size() if self._raw is not None else 0
-        return raw + self._outgoing.pending
+        # Ciphertext never waits in the engine: every write and read ends with a flush.
+        return self._raw.get_write_buffer_size() if self._raw is not None else 0
 
     def set_write_buffer_limits(self, high: int | None = None, low: int | None = None) -> None:
         if self._raw is not None:
@@ -273,36 +264,35 @@ class TLSTransport(asyncio.Protocol):
 
     def get_extra_info(self, name: str, default: Any = None) -> Any:
         if name == "ssl_object":
-            return self._ssl
+            return self._engine.native  # ssl.SSLObject or OpenSSL.SSL.Connection
         if name == "peercert":
-            return self._ssl.getpeercert(binary_form=True) if self._handshake.done() else None
-        if name == "cipher":
-            return self._ssl.cipher()
+            return self.peer_certificate() if self._handshake_ok() else None
         if self._raw is None:
             return default
         return self._raw.get_extra_info(name, default)
 
     # -- inspection ----------------------------------------------------------------------
 
+    def _handshake_ok(self) -> bool:
+        return self._handshake.done() and self._handshake.exception() is None
+
     def peer_certificate(self) -> bytes | None:
         """The peer's leaf certificate, DER, once the handshake has completed."""
-        return self._ssl.getpeercert(binary_form=True)
+        return self._engine.peer_certificate()
 
     def version(self) -> str | None:
-        return self._ssl.version()
+        return self._engine.version()
 
     @property
-    def context(self) -> ssl.SSLContext:
+    def context(self) -> TLSContext:
         return self._context
 
     @property
-    def session(self) -> ssl.SSLSession | None:
+    def session(self) -> TLSSession | None:
         """The TLS session, for resuming a later connection to the same server."""
-        return self._ssl.session
+        return self._engine.session
 
     @property
     def session_reused(self) -> bool:
-        return self._ssl.session_reused
-
-    def selected_alpn_protocol(self) -> str | None:
-        return self._ssl.selected_alpn_protocol()
+        """Whether the handshake resumed a session (False until it has completed)."""
+        return self._handshake_ok() and self._engine.session_reused

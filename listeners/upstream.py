@@ -17,13 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
-import ssl
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
+from listeners.engine import TLSContext, TLSSession
 from listeners.pump import Pipe
 from listeners.serve import Listener, join_host_port, tune_socket
-from listeners.tls import HandshakeError, TLSTransport
+from listeners.tls import TLSTransport
 from proxy.errors import IdentityError, ProxyError
 from proxy.identity import SpiffeIDService, matches_expected, peer_identity
 
@@ -33,7 +33,7 @@ Endpoint = tuple[str, int, SpiffeIDService]
 
 
 class ClientContexts(Protocol):
-    def client_context(self) -> ssl.SSLContext | None: ...
+    def client_context(self) -> TLSContext | None: ...
     async def wait_ready(self) -> None: ...
 
 
@@ -107,7 +107,7 @@ class UpstreamListener(Listener):
         self.resumed = 0
         # Per server: a session to resume (TLS 1.3 ticket or 1.2 session), tied to the client
         # context that made it. A rotation brings a new context, hence full handshakes again.
-        self._sessions: dict[tuple[str, int], tuple[ssl.SSLContext, ssl.SSLSession]] = {}
+        self._sessions: dict[tuple[str, int], tuple[TLSContext, TLSSession]] = {}
         self.bytes_out = 0  # local client -> upstream
         self.bytes_in = 0  # upstream -> local client
 
@@ -161,16 +161,18 @@ class UpstreamListener(Listener):
 
     def _remember_session(self, tls: TLSTransport, endpoint: tuple[str, int]) -> None:
         context = self.contexts.client_context()
+        if context is None or tls.context is not context:
+            return  # a rotation happened meanwhile: this session belongs to the old context
         known = self._sessions.get(endpoint)
-        if known is not None and known[0] is context:
-            # Reading SSLObject.session copies the whole session (peer certificate and all),
-            # so a session is read once per server and context, not after every connection.
+        if tls.session_reused and known is not None and known[0] is context:
+            # The kept session still resumes. Reading SSLObject.session copies the whole
+            # session (peer certificate and all), so it is read only after a full handshake.
             return
-        session = tls.session
         # TLS 1.3 tickets arrive after the handshake; by the end of the connection they have.
-        if session is None or not (session.has_ticket or session.id):
-            return
-        if context is not None and tls.context is context:
+        # A session without one (the server sent none) is not offered by OpenSSL: that dial
+        # makes a full handshake, and its own session replaces this one.
+        session = tls.session
+        if session is not None:
             self._sessions[endpoint] = (context, session)
 
     async def _dial(self) -> tuple[TLSTransport, tuple[str, int]]:
@@ -201,7 +203,7 @@ class UpstreamListener(Listener):
                     raise IdentityError(
                         f"peer certificate mismatch got {peer.uri}, want {expected.uri()}"
                     )
-            except (OSError, ssl.SSLError, HandshakeError, IdentityError) as exc:
+            except (OSError, IdentityError) as exc:  # OSError: HandshakeError, TLSError too
                 tls.abort()
                 self._sessions.pop((host, port), None)
                 last = exc

@@ -1,0 +1,229 @@
+"""TLS engines: the TLS state of one connection over memory buffers, behind one interface.
+
+`listeners.tls.TLSTransport` owns the socket side (asyncio, flow control, half-close); an
+engine owns the TLS protocol. Ciphertext goes in with `feed()` and comes out with `take()`;
+application data is read and written as bytes. Two implementations, chosen by the type of the
+context they are given (`proxy.tlsstore` builds the contexts of the configured engine):
+
+- `StdlibEngine`: `ssl.SSLObject` over two `ssl.MemoryBIO`s, on the OpenSSL CPython links
+  (the system's);
+- `OpenSSLEngine` (`listeners.engine_openssl`): a pyOpenSSL `Connection` with memory BIOs, on
+  the OpenSSL bundled in the `cryptography` wheel (newer; faster handshakes, issue 5). It is
+  imported on first use, so the stdlib engine never loads pyOpenSSL.
+
+Rule 1: no I/O, no asyncio, no Consul: every call returns at once and the caller moves the
+bytes. `read()` decrypts only when asked: an engine never reads ahead of its caller.
+Rule 2: failures leave as `TLSError` carrying OpenSSL's words (and the certificate verify
+result where there is one). A close_notify and a transport EOF without one both read as
+b"" (EOF): either way the peer has stopped writing.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ssl
+from typing import TYPE_CHECKING, Protocol, TypeAlias
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+# The context of either engine, and the session that a context's connections can resume.
+TLSContext: TypeAlias = "ssl.SSLContext | SSL.Context"
+TLSSession: TypeAlias = "ssl.SSLSession | SSL.Session"
+
+# SSL_read returns at most one record (16 KiB of plaintext); a larger request only makes a
+# larger buffer to allocate and shrink. See TLSEngine.read for how records are coalesced.
+RECORD_READ = 64 * 1024
+
+
+class TLSError(ConnectionError):
+    """A TLS protocol failure: a refused certificate, an alert from the peer, a bad record."""
+
+
+class TLSEngine(Protocol):
+    """One TLS connection, driven by its caller over memory buffers."""
+
+    def feed(self, data: bytes) -> None:
+        """Hand over ciphertext received from the peer."""
+
+    def feed_eof(self) -> None:
+        """The peer's transport ended (TCP FIN): no more ciphertext will come."""
+
+    def take(self) -> bytes:
+        """Ciphertext to send to the peer (b"" when there is none)."""
+
+    def do_handshake(self) -> bool:
+        """Advance the handshake with what has been fed.
+
+        Returns:
+            True once the handshake has completed; False while it needs more ciphertext.
+
+        Raises:
+            TLSError: the handshake failed (any alert to send is ready in `take()`).
+        """
+
+    def read(self, size: int) -> bytes | None:
+        """Decrypt up to `size` bytes of application data, from as many records as are complete.
+
+        Returns:
+            The data; b"" once the peer has stopped writing (close_notify or transport EOF,
+            and every call after that); None while no complete record is buffered.
+
+        Raises:
+            TLSError: a record failed (bad MAC, fatal alert). Data decrypted before the bad
+            record is returned first, the error on the next call.
+        """
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        """Encrypt application data; the records are then ready in `take()`.
+
+        Raises:
+            TLSError: the connection can no longer send.
+        """
+
+    def shutdown(self) -> None:
+        """Queue a close_notify (TLS half-close); reading goes on until the peer's EOF."""
+
+    def peer_certificate(self) -> bytes | None:
+        """The peer's leaf certificate, DER, once the handshake has completed."""
+
+    def version(self) -> str | None:
+        """The negotiated protocol ("TLSv1.3", "TLSv1.2"), once the handshake has completed."""
+
+    @property
+    def session(self) -> TLSSession | None:
+        """The session to offer when dialling the same server again (client side)."""
+
+    @property
+    def session_reused(self) -> bool:
+        """Whether the completed handshake resumed a session instead of a full exchange."""
+
+    @property
+    def native(self) -> object:
+        """The underlying object (`ssl.SSLObject` or `OpenSSL.SSL.Connection`), for tests."""
+
+
+def new_engine(
+    context: TLSContext, *, server_side: bool, session: TLSSession | None = None
+) -> TLSEngine:
+    """An engine for one connection, of the kind that built `context`.
+
+    Args:
+        context: a server or client context from `proxy.tlsstore` (either engine).
+        server_side: accept (True) or connect (False).
+        session: client side, a session of an earlier connection made with `context`.
+    """
+    if isinstance(context, ssl.SSLContext):
+        assert session is None or isinstance(session, ssl.SSLSession)
+        return StdlibEngine(context, server_side=server_side, session=session)
+    from listeners.engine_openssl import OpenSSLEngine
+
+    assert session is None or not isinstance(session, ssl.SSLSession)
+    return OpenSSLEngine(context, server_side=server_side, session=session)
+
+
+class StdlibEngine:
+    """The engine on CPython's `ssl` module: `SSLObject` over `MemoryBIO`s."""
+
+    __slots__ = ("_eof", "_error", "_incoming", "_outgoing", "_ssl")
+
+    def __init__(
+        self, context: ssl.SSLContext, *, server_side: bool, session: ssl.SSLSession | None
+    ) -> None:
+        self._incoming = ssl.MemoryBIO()
+        self._outgoing = ssl.MemoryBIO()
+        self._ssl = context.wrap_bio(
+            self._incoming,
+            self._outgoing,
+            server_side=server_side,
+            server_hostname=None,
+            session=session,
+        )
+        self._eof = False
+        self._error: TLSError | None = None
+
+    def feed(self, data: bytes) -> None:
+        self._incoming.write(data)
+
+    def feed_eof(self) -> None:
+        self._incoming.write_eof()
+
+    def take(self) -> bytes:
+        # MemoryBIO.read() sizes its result from what is pending: one allocation, one copy.
+        return self._outgoing.read() if self._outgoing.pending else b""
+
+    def do_handshake(self) -> bool:
+        try:
+            self._ssl.do_handshake()
+        except ssl.SSLWantReadError:
+            return False
+        except ssl.SSLError as exc:
+            raise TLSError(str(exc)) from exc
+        return True
+
+    def read(self, size: int) -> bytes | None:
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            return b""
+        incoming, obj = self._incoming, self._ssl
+        chunks: list[bytes] = []
+        got = 0
+        while got < size:
+            # Nothing fed and nothing decrypted: a read could only raise SSLWantReadError,
+            # which costs more than this check (it is the common end of every batch).
+            if not incoming.pending and not incoming.eof and not obj.pending():
+                break
+            try:
+                chunk = obj.read(min(size - got, RECORD_READ))
+            except ssl.SSLWantReadError:
+                break
+            except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                # SSLEOFError: the transport ended without close_notify (a "ragged" EOF).
+                self._eof = True
+                break
+            except ssl.SSLError as exc:
+                if not chunks:
+                    raise TLSError(str(exc)) from exc
+                self._error = TLSError(str(exc))
+                self._error.__cause__ = exc
+                break
+            if not chunk:
+                self._eof = True
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if not chunks:
+            return b"" if self._eof else None
+        # One record (the common case for small messages) is handed on as it is; several are
+        # joined so the app gets one large chunk (one write, one syscall downstream).
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        try:
+            self._ssl.write(data)
+        except ssl.SSLError as exc:
+            raise TLSError(str(exc)) from exc
+
+    def shutdown(self) -> None:
+        # unwrap() queues close_notify, then wants the peer's: we keep reading for that.
+        with contextlib.suppress(ssl.SSLError):
+            self._ssl.unwrap()
+
+    def peer_certificate(self) -> bytes | None:
+        return self._ssl.getpeercert(binary_form=True)
+
+    def version(self) -> str | None:
+        return self._ssl.version()
+
+    @property
+    def session(self) -> ssl.SSLSession | None:
+        return self._ssl.session
+
+    @property
+    def session_reused(self) -> bool:
+        return self._ssl.session_reused
+
+    @property
+    def native(self) -> ssl.SSLObject:
+        return self._ssl

@@ -1,0 +1,208 @@
+"""The TLS engine on the OpenSSL bundled by `cryptography`: a pyOpenSSL `Connection` over
+memory BIOs (see `listeners.engine` for the interface and its rules).
+
+pyOpenSSL reads into a buffer of its own and copies the result into a `bytes`, on both the
+plaintext and the ciphertext side, so each byte is copied once more than with the stdlib
+engine; its public API has no way to read into a caller's buffer. Reads are coalesced as in
+`StdlibEngine`, and outgoing ciphertext is taken with one `bio_read` sized from what was just
+written, so the common paths raise no WantReadError.
+"""
+
+from __future__ import annotations
+
+import contextlib
+
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from OpenSSL import SSL, crypto
+
+from listeners.engine import RECORD_READ, TLSError
+
+# Smallest ciphertext read: a whole handshake flight (certificates included) fits.
+_TAKE_MIN = 32 * 1024
+
+_binding = Binding()
+
+
+def _verify_result(conn: SSL.Connection) -> str:
+    """OpenSSL's words for why this side refused the peer's chain ("" if it did not).
+
+    pyOpenSSL reports "certificate verify failed" without the reason, and has no accessor for
+    SSL_get_verify_result(). This reads it through cryptography's OpenSSL binding with the
+    Connection's SSL pointer: the one private attribute this engine touches, and only after a
+    handshake has failed. Without it, the error keeps OpenSSL's general words.
+    """
+    pointer = getattr(conn, "_ssl", None)
+    if pointer is None:
+        return ""
+    lib, ffi = _binding.lib, _binding.ffi
+    code = lib.SSL_get_verify_result(pointer)
+    if code == 0:  # X509_V_OK
+        return ""
+    return str(ffi.string(lib.X509_verify_cert_error_string(code)).decode())
+
+
+def error_text(conn: SSL.Connection | None, exc: SSL.Error) -> str:
+    """One line from a pyOpenSSL error: the reasons OpenSSL queued, and the verify result."""
+    if isinstance(exc, SSL.SysCallError):
+        return "unexpected EOF: the peer closed the connection without close_notify"
+    reasons: list[str] = []
+    if exc.args and isinstance(exc.args[0], list):
+        for item in exc.args[0]:
+            reason = item[-1] if isinstance(item, tuple) and item else item
+            if reason:
+                reasons.append(str(reason))
+    text = "; ".join(reasons) or type(exc).__name__
+    if conn is not None and "certificate verify failed" in text:
+        detail = _verify_result(conn)
+        if detail:
+            text = f"{text}: {detail}"
+    return text
+
+
+class OpenSSLEngine:
+    """The engine on pyOpenSSL: `OpenSSL.SSL.Connection(context, None)` (memory BIOs)."""
+
+    __slots__ = ("_conn", "_eof", "_error", "_fed", "_fed_eof", "_out_hint", "_reused")
+
+    def __init__(
+        self, context: SSL.Context, *, server_side: bool, session: SSL.Session | None
+    ) -> None:
+        conn = SSL.Connection(context, None)
+        if server_side:
+            conn.set_accept_state()
+        else:
+            conn.set_connect_state()
+            if session is not None:
+                conn.set_session(session)  # ValueError unless made with this same context
+        self._conn = conn
+        self._fed = False  # ciphertext (or EOF) fed since the last read that wanted more
+        self._fed_eof = False
+        self._eof = False
+        self._error: TLSError | None = None
+        self._out_hint = _TAKE_MIN
+        self._reused: bool | None = None
+
+    def _failure(self, exc: SSL.Error) -> TLSError:
+        error = TLSError(error_text(self._conn, exc))
+        error.__cause__ = exc
+        return error
+
+    def feed(self, data: bytes) -> None:
+        self._conn.bio_write(data)
+        self._fed = True
+
+    def feed_eof(self) -> None:
+        self._conn.bio_shutdown()
+        self._fed = self._fed_eof = True
+
+    def take(self) -> bytes:
+        size, self._out_hint = self._out_hint, _TAKE_MIN
+        conn = self._conn
+        try:
+            data = conn.bio_read(size)
+        except SSL.WantReadError:
+            return b""
+        if len(data) < size:
+            return data
+        chunks = [data]
+        while True:
+            try:
+                chunks.append(conn.bio_read(_TAKE_MIN))
+            except SSL.WantReadError:
+                break
+            if len(chunks[-1]) < _TAKE_MIN:
+                break
+        return b"".join(chunks)
+
+    def do_handshake(self) -> bool:
+        try:
+            self._conn.do_handshake()
+        except SSL.WantReadError:
+            self._fed = False
+            return False
+        except SSL.Error as exc:
+            raise self._failure(exc) from exc
+        return True
+
+    def read(self, size: int) -> bytes | None:
+        if self._error is not None:
+            raise self._error
+        if self._eof:
+            return b""
+        if not self._fed:
+            return None  # nothing new since OpenSSL last asked for more
+        conn = self._conn
+        chunks: list[bytes] = []
+        got = 0
+        while got < size:
+            try:
+                chunk = conn.recv(min(size - got, RECORD_READ))
+            except SSL.WantReadError:
+                self._fed = False
+                break
+            except SSL.ZeroReturnError:
+                self._eof = True
+                break
+            except SSL.SysCallError as exc:
+                # Memory BIOs make no system calls: this is the end of what was fed, without a
+                # close_notify (a "ragged" EOF), which the stdlib engine reads as EOF too.
+                if not self._fed_eof:
+                    raise self._failure(exc) from exc
+                self._eof = True
+                break
+            except SSL.Error as exc:
+                if not chunks:
+                    raise self._failure(exc) from exc
+                self._error = self._failure(exc)
+                break
+            chunks.append(chunk)
+            got += len(chunk)
+        if not chunks:
+            return b"" if self._eof else None
+        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        conn = self._conn
+        try:
+            sent = conn.send(data)
+            if sent < len(data):
+                # Only with SSL_MODE_ENABLE_PARTIAL_WRITE, which proxy.tlsstore clears so that
+                # one SSL_write encrypts everything into the memory BIO.
+                view = memoryview(data).cast("B")
+                while sent < len(view):
+                    sent += conn.send(view[sent:])
+        except SSL.Error as exc:
+            raise self._failure(exc) from exc
+        self._out_hint += len(data) + (len(data) >> 9)  # + record overhead (22 B per 16 KiB)
+
+    def shutdown(self) -> None:
+        with contextlib.suppress(SSL.Error):
+            self._conn.shutdown()  # False: sent ours, the peer's is still to come
+
+    def peer_certificate(self) -> bytes | None:
+        cert = self._conn.get_peer_certificate()
+        return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
+
+    def version(self) -> str | None:
+        return self._conn.get_protocol_version_name()
+
+    @property
+    def session(self) -> SSL.Session | None:
+        return self._conn.get_session()
+
+    @property
+    def session_reused(self) -> bool:
+        # pyOpenSSL has no session_reused(). A resumed handshake carries no Certificate
+        # message, so no chain is verified: "If the session is resumed peers do not send
+        # certificates so a NULL pointer is returned" (OpenSSL, SSL_get0_verified_chain(3)).
+        # Contexts from proxy.tlsstore always verify the peer (VERIFY_PEER, and
+        # FAIL_IF_NO_PEER_CERT on servers), so a full handshake always leaves a verified
+        # chain. Public API only; tests/test_engine.py checks it against the stdlib engine's
+        # SSL_session_reused() on the other end of the same connections.
+        if self._reused is None:
+            self._reused = self._conn.get_verified_chain() is None
+        return self._reused
+
+    @property
+    def native(self) -> SSL.Connection:
+        return self._conn
