@@ -22,11 +22,13 @@ from pathlib import Path
 
 from proxy import __version__
 from proxy.config import (
+    DEFAULT_TLS_ENGINE,
     HTTPOptions,
     ProxyConfig,
     UpstreamConfig,
     flags_config,
     load_http_options,
+    load_tls_engine,
     parse_upstream_flag,
     split_host_port,
 )
@@ -309,6 +311,7 @@ class ProxyOptions:
     upstream_hosts: Mapping[str, str] = field(default_factory=dict)
     workers: int = 1
     worker_child: bool = False  # one of the -workers processes started by the first
+    tls_engine: str = DEFAULT_TLS_ENGINE  # CONNECT_PROXY_TLS_ENGINE (not in Consul)
 
 
 def add_http_flags(fs: FlagSet) -> None:
@@ -390,7 +393,8 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
 
     Raises:
         FlagError, HelpRequested: from the flag parser.
-        ConfigError: a combination Consul refuses, with its message.
+        ConfigError: a combination Consul refuses, with its message; an unknown
+            CONNECT_PROXY_TLS_ENGINE.
     """
     from proxy.devagent.decode import parse_duration
 
@@ -456,6 +460,7 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         upstream_hosts=given_hosts,
         workers=workers,
         worker_child=env.get("CONNECT_PROXY_WORKER") == "1",
+        tls_engine=load_tls_engine(env),
     )
 
 
@@ -576,6 +581,7 @@ async def serve(
                 watch_backoff=backoff_base,
                 on_ready=on_ready,
                 reuse_port=options.workers > 1 or options.worker_child,
+                tls_engine=options.tls_engine,
             )
         except (ProxyError, OSError) as exc:
             _error(f"Failed running proxy: {exc}")

@@ -387,6 +387,31 @@ def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
     return ProxyConfig(service=name, public_listener=public, upstreams=upstreams)
 
 
+TLS_ENGINE_VAR = "CONNECT_PROXY_TLS_ENGINE"
+# ssl: CPython's ssl module, on the OpenSSL the interpreter links (the system's).
+# openssl: pyOpenSSL, on the OpenSSL bundled by the cryptography wheel (listeners/engine.py).
+TLS_ENGINES = ("ssl", "openssl")
+# The engine when CONNECT_PROXY_TLS_ENGINE is unset or empty; bench/engines.py compares them.
+DEFAULT_TLS_ENGINE = "ssl"
+
+
+def load_tls_engine(env: Mapping[str, str]) -> str:
+    """The TLS engine named by CONNECT_PROXY_TLS_ENGINE (`DEFAULT_TLS_ENGINE` if unset).
+
+    Raises:
+        ConfigError: a value that names no engine.
+    """
+    value = env.get(TLS_ENGINE_VAR, "")
+    if value == "":
+        return DEFAULT_TLS_ENGINE
+    if value not in TLS_ENGINES:
+        raise ConfigError(
+            f"{TLS_ENGINE_VAR}={value!r} is not a TLS engine: use ssl (CPython's ssl module) "
+            "or openssl (pyOpenSSL on the OpenSSL bundled by cryptography)"
+        )
+    return value
+
+
 @dataclass(frozen=True, slots=True)
 class HTTPOptions:
     """How to reach the agent: Consul's HTTP flags and CONSUL_* environment variables."""

@@ -23,6 +23,7 @@ from listeners.upstream import UpstreamListener
 from proxy.agent import AgentClient, explain
 from proxy.authorize import Authorizer
 from proxy.config import (
+    DEFAULT_TLS_ENGINE,
     ProxyConfig,
     UpstreamConfig,
     load_agent_service,
@@ -32,7 +33,7 @@ from proxy.config import (
 )
 from proxy.errors import AgentError, AgentResponseError, ConfigError
 from proxy.resolve import AgentResolver, WatchingResolver
-from proxy.tlsstore import TLSStore
+from proxy.tlsstore import TLSStore, describe_engine
 from proxy.watch import BACKOFF_BASE, backoff, watch
 
 log = logging.getLogger("proxy")
@@ -49,13 +50,14 @@ class Proxy:
         drain_timeout: float = 10.0,
         watch_backoff: float = BACKOFF_BASE,
         reuse_port: bool = False,
+        tls_engine: str = DEFAULT_TLS_ENGINE,
     ) -> None:
         self.agent = agent
         self.config = config
         self.reuse_port = reuse_port
         self.drain_timeout = drain_timeout
         self.watch_backoff = watch_backoff
-        self.tls = TLSStore()
+        self.tls = TLSStore(tls_engine)
         self.public: PublicListener | None = None
         self.upstreams: dict[tuple[str, int], UpstreamListener] = {}
         self._resolvers: dict[tuple[str, int], WatchingResolver] = {}
@@ -499,6 +501,7 @@ async def run(
     watch_backoff: float = BACKOFF_BASE,
     on_ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
     reuse_port: bool = False,
+    tls_engine: str = DEFAULT_TLS_ENGINE,
 ) -> None:
     """Serve configs from `source` until `stop` is set, then drain and close.
 
@@ -509,6 +512,7 @@ async def run(
         ConfigError: the first config is unusable.
         OSError: a listener of the first config cannot be bound.
     """
+    log.info("TLS engine: %s", describe_engine(tls_engine))
     configs = source.configs()
     proxy: Proxy | None = None
     try:
@@ -521,6 +525,7 @@ async def run(
             drain_timeout=drain_timeout,
             watch_backoff=watch_backoff,
             reuse_port=reuse_port,
+            tls_engine=tls_engine,
         )
         await proxy.start(strict=True)
         ready = asyncio.ensure_future(proxy.wait_ready())
@@ -555,6 +560,7 @@ async def run(
                     drain_timeout=drain_timeout,
                     watch_backoff=watch_backoff,
                     reuse_port=reuse_port,
+                    tls_engine=tls_engine,
                 )
                 await proxy.start()
             else:

@@ -1,13 +1,17 @@
-"""TLSStore: the current roots and leaf, as ready-to-use server and client SSLContexts.
+"""TLSStore: the current roots and leaf, as ready-to-use server and client TLS contexts.
 
-Owns: building contexts from PEM (Consul's TLS settings, consul-spec.md 3.1), loading the leaf
-key without it ever touching the filesystem, checking that a new leaf chains to the roots
-before it is used, and swapping the contexts in with one assignment.
+Owns: building contexts from PEM (Consul's TLS settings, consul-spec.md 3.1) for the TLS engine
+in use (`listeners.engine`: `ssl`, CPython's module on the system OpenSSL, or `openssl`,
+pyOpenSSL on the OpenSSL bundled by `cryptography`), loading the leaf key without it ever
+touching the filesystem, checking that a new leaf chains to the roots before it is used (one
+in-memory handshake through the same engine the listeners drive), and swapping the contexts
+in with one assignment.
 
 Rule 1: a rotation that fails (bad PEM, leaf not chaining to the roots) logs once and keeps
 the previous material; new connections never see a half-built state.
-Rule 2: the private key exists only in memory: on Linux it is loaded through an anonymous
-memory file (memfd); elsewhere through a 0600 file in a private directory, unlinked at once.
+Rule 2: the private key exists only in memory. The `openssl` engine takes the parsed key
+object itself; `ssl` only reads paths, so on Linux the key goes through an anonymous memory
+file (memfd), elsewhere through a 0600 file in a private directory, unlinked at once.
 """
 
 from __future__ import annotations
@@ -20,9 +24,15 @@ import ssl
 import tempfile
 from collections.abc import Sequence
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
+from listeners.engine import TLSContext, TLSError, new_engine
+from proxy.config import DEFAULT_TLS_ENGINE, TLS_ENGINES
 from proxy.errors import TLSMaterialError
 from proxy.identity import PeerIdentity, peer_identity
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
 
 log = logging.getLogger("proxy.tls")
 
@@ -94,10 +104,94 @@ def _base(ctx: ssl.SSLContext, roots: Sequence[str]) -> ssl.SSLContext:
     return ctx
 
 
-def build_contexts(
+def _openssl_contexts(
     roots: Sequence[str], cert_pem: str, key_pem: str
-) -> tuple[ssl.SSLContext, ssl.SSLContext]:
-    """Server and client contexts for a leaf and a set of roots (not yet checked)."""
+) -> tuple[SSL.Context, SSL.Context]:
+    """pyOpenSSL server and client contexts with the settings `_base` gives the stdlib ones.
+
+    Certificates and key go in as parsed objects: nothing is written anywhere, not even to
+    a memory file.
+    """
+    from cryptography import x509
+    from cryptography.exceptions import UnsupportedAlgorithm
+    from cryptography.hazmat.bindings.openssl.binding import Binding
+    from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+    from cryptography.hazmat.primitives.serialization import load_pem_private_key
+    from OpenSSL import SSL, crypto
+
+    from listeners.engine_openssl import error_text
+
+    try:
+        trusted = [
+            crypto.X509.from_cryptography(cert)
+            for pem in roots
+            for cert in x509.load_pem_x509_certificates(pem.strip().encode())
+        ]
+    except ValueError as exc:
+        raise TLSMaterialError(f"failed to load the CA roots: {exc}") from exc
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem.strip().encode())
+        key = load_pem_private_key(key_pem.strip().encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise TLSMaterialError(f"failed to load the leaf certificate and key: {exc}") from exc
+    signing = (
+        ec.EllipticCurvePrivateKey,
+        rsa.RSAPrivateKey,
+        ed25519.Ed25519PrivateKey,
+        ed448.Ed448PrivateKey,
+        dsa.DSAPrivateKey,
+    )
+    if not isinstance(key, signing):
+        raise TLSMaterialError(
+            f"failed to load the leaf certificate and key: a {type(key).__name__} cannot sign"
+        )
+    contexts: list[SSL.Context] = []
+    for server_side in (True, False):
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server_side else SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_cipher_list(TLS12_CIPHERS.encode())
+        options = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
+        if server_side:
+            options |= SSL.OP_CIPHER_SERVER_PREFERENCE  # Consul's order, as CPython's ssl
+        ctx.set_options(options)
+        # As CPython's ssl: idle connections give their record buffers back. Unlike
+        # pyOpenSSL's default, SSL_write encrypts all it is given in one call (a memory BIO
+        # never blocks, so partial writes would only add round trips through Python).
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        ctx.clear_mode(Binding.lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        # No ALPN and no host name check, as `_base`: the proxy checks the peer's URI SAN.
+        store = ctx.get_cert_store()
+        assert store is not None
+        for cert in trusted:
+            store.add_cert(cert)
+        if server_side:
+            # OpenSSL refuses to resume a session of a verified peer without a session ID
+            # context (CPython's ssl sets one too).
+            ctx.set_session_id(b"connect-proxy")
+        try:
+            ctx.use_certificate(chain[0])
+            for extra in chain[1:]:
+                ctx.add_extra_chain_cert(extra)
+            ctx.use_privatekey(key)
+            ctx.check_privatekey()
+        except (SSL.Error, IndexError, TypeError) as exc:
+            text = error_text(None, exc) if isinstance(exc, SSL.Error) else str(exc)
+            raise TLSMaterialError(f"failed to load the leaf certificate and key: {text}") from exc
+        contexts.append(ctx)
+    return contexts[0], contexts[1]
+
+
+def build_contexts(
+    roots: Sequence[str], cert_pem: str, key_pem: str, engine: str = DEFAULT_TLS_ENGINE
+) -> tuple[TLSContext, TLSContext]:
+    """Server and client contexts of `engine` for a leaf and a set of roots (not yet checked).
+
+    Raises:
+        TLSMaterialError: the roots, the certificate or the key do not load.
+    """
+    if engine == "openssl":
+        return _openssl_contexts(roots, cert_pem, key_pem)
     server = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), roots)
     client = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), roots)
     # The peer's identity is its URI SAN, checked by the proxy; there is no host name.
@@ -107,38 +201,47 @@ def build_contexts(
     return server, client
 
 
-def _self_handshake(server: ssl.SSLContext, client: ssl.SSLContext) -> None:
-    """Run one mutual handshake between the two contexts in memory.
+def _self_handshake(server: TLSContext, client: TLSContext) -> None:
+    """Run one mutual handshake between the two contexts in memory, through their engine.
 
     This checks the new leaf exactly as peers will: the client verifies the server's chain
     (server purpose) and the server verifies the client's (client purpose), both with
     OpenSSL and the new roots.
+
+    Raises:
+        TLSError: either side refused the other, or the handshake did not complete.
     """
-    s_in, s_out, c_in, c_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
-    srv = server.wrap_bio(s_in, s_out, server_side=True)
-    cli = client.wrap_bio(c_in, c_out, server_side=False)
+    srv = new_engine(server, server_side=True)
+    cli = new_engine(client, server_side=False)
     done = [False, False]
     for _ in range(8):  # a TLS 1.3 mutual handshake takes 3 flights
         for i, side in enumerate((cli, srv)):
-            if done[i]:
-                continue
-            try:
-                side.do_handshake()
-                done[i] = True
-            except ssl.SSLWantReadError:
-                pass
-        if c_out.pending:
-            s_in.write(c_out.read())
-        if s_out.pending:
-            c_in.write(s_out.read())
+            if not done[i]:
+                # With TLS 1.3 the server checks the client's chain in its last step, which
+                # completes only once that chain has verified.
+                done[i] = side.do_handshake()
+        if data := cli.take():
+            srv.feed(data)
+        if data := srv.take():
+            cli.feed(data)
         if all(done):
-            break
-    # With TLS 1.3 the server checks the client's certificate in its last step; read once
-    # more so a rejection surfaces here.
-    with contextlib.suppress(ssl.SSLWantReadError):
-        srv.read(1)
-    if not all(done):
-        raise ssl.SSLError("self-test handshake did not complete")
+            return
+    raise TLSError("self-test handshake did not complete")
+
+
+def describe_engine(engine: str) -> str:
+    """Which TLS engine, on which OpenSSL: for the startup log."""
+    if engine == "openssl":
+        import cryptography
+        import OpenSSL
+        from OpenSSL import SSL
+
+        library = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+        return (
+            f"openssl ({library}, bundled by cryptography {cryptography.__version__}; "
+            f"pyOpenSSL {OpenSSL.__version__})"
+        )
+    return f"ssl ({ssl.OPENSSL_VERSION}, linked by CPython's ssl module)"
 
 
 def _name_constraints(pems: Sequence[str]) -> list[str]:
@@ -182,8 +285,8 @@ class TLSMaterial:
 
     roots: tuple[str, ...]
     cert_pem: str
-    server: ssl.SSLContext
-    client: ssl.SSLContext
+    server: TLSContext
+    client: TLSContext
     leaf: PeerIdentity
 
 
@@ -199,9 +302,16 @@ def _leaf_identity(cert_pem: str) -> PeerIdentity:
 
 
 class TLSStore:
-    """Holds the current `TLSMaterial`; `ready` is set once roots and a leaf that chains exist."""
+    """Holds the current `TLSMaterial`; `ready` is set once roots and a leaf that chains exist.
 
-    def __init__(self) -> None:
+    Args:
+        engine: the TLS engine whose contexts it builds, one of `proxy.config.TLS_ENGINES`.
+    """
+
+    def __init__(self, engine: str = DEFAULT_TLS_ENGINE) -> None:
+        if engine not in TLS_ENGINES:
+            raise ValueError(f"unknown TLS engine {engine!r}, expected one of {TLS_ENGINES}")
+        self.engine = engine
         self._roots: tuple[str, ...] | None = None
         self._leaf: tuple[str, str] | None = None
         # The last roots and leaf that were swapped in together.
@@ -211,11 +321,11 @@ class TLSStore:
         self.rotations = 0
         self._swapped: asyncio.Event | None = None
 
-    def server_context(self) -> ssl.SSLContext | None:
+    def server_context(self) -> TLSContext | None:
         m = self.material
         return m.server if m is not None else None
 
-    def client_context(self) -> ssl.SSLContext | None:
+    def client_context(self) -> TLSContext | None:
         m = self.material
         return m.client if m is not None else None
 
@@ -274,10 +384,10 @@ class TLSStore:
         cert_pem, key_pem = leaf
         try:
             identity = _leaf_identity(cert_pem)
-            server, client = build_contexts(roots, cert_pem, key_pem)
+            server, client = build_contexts(roots, cert_pem, key_pem, self.engine)
             try:
                 _self_handshake(server, client)
-            except ssl.SSLError as exc:
+            except TLSError as exc:
                 raise TLSMaterialError(
                     "the leaf certificate does not verify against the CA roots: "
                     + explain_verify_failure(str(exc), roots, identity.subject_cn)
