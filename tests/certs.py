@@ -1,12 +1,17 @@
-"""TLS helpers for tests: SSL contexts from PEM held in memory, and a one-shot handshake."""
+"""TLS helpers for tests: SSL contexts from PEM held in memory, one-shot handshakes, and
+TLSTransport pairs over loopback on either engine."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
+import socket
 import ssl
 from collections.abc import Iterable
 
+from listeners.engine import TLSContext, TLSSession
+from listeners.tls import TLSTransport
 from proxy.tlsstore import load_cert_chain
 
 
@@ -83,3 +88,112 @@ async def handshake(server_ctx: ssl.SSLContext, client_ctx: ssl.SSLContext) -> t
         server.close()
         await server.wait_closed()
     return client_ok, ok
+
+
+# -- either engine: the product's contexts and TLSTransport -------------------------------
+
+
+def cap_at_tls12(ctx: TLSContext) -> None:
+    """Make a (client) context offer TLS 1.2 at most."""
+    if isinstance(ctx, ssl.SSLContext):
+        ctx.maximum_version = ssl.TLSVersion.TLSv1_2
+    else:
+        from OpenSSL import SSL
+
+        ctx.set_max_proto_version(SSL.TLS1_2_VERSION)
+
+
+class Sink(asyncio.Protocol):
+    """An app protocol over a TLSTransport: hashes what arrives, records the chunk sizes,
+    resolves `eof` on EOF (returning True: the transport stays open for writing) and `lost`
+    on connection_lost. With `echo`, writes back what it receives."""
+
+    def __init__(self, *, echo: bool = False, until: int | None = None) -> None:
+        loop = asyncio.get_running_loop()
+        self.echo = echo
+        self.until = until  # resolve `got` once this many bytes have arrived
+        self.transport: TLSTransport | None = None
+        self.digest = hashlib.sha256()
+        self.size = 0
+        self.chunks: list[int] = []
+        self.got: asyncio.Future[None] = loop.create_future()
+        self.eof: asyncio.Future[None] = loop.create_future()
+        self.lost: asyncio.Future[Exception | None] = loop.create_future()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, TLSTransport)
+        self.transport = transport
+
+    def data_received(self, data: bytes) -> None:
+        self.digest.update(data)
+        self.size += len(data)
+        self.chunks.append(len(data))
+        if self.echo and self.transport is not None:
+            self.transport.write(data)
+        if self.until is not None and self.size >= self.until and not self.got.done():
+            self.got.set_result(None)
+
+    def eof_received(self) -> bool:
+        if not self.eof.done():
+            self.eof.set_result(None)
+        return True
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        for fut in (self.got, self.eof):
+            if not fut.done():
+                fut.set_exception(ConnectionError(f"lost: {exc!r}"))
+                fut.exception()  # retrieved: a test may only await `lost`
+        if not self.lost.done():
+            self.lost.set_result(exc)
+
+
+def attach(tls: TLSTransport, app: Sink) -> Sink:
+    """Attach `app` above `tls` and start reading (the listeners' order: attach, resume)."""
+    tls.attach(app)
+    tls.resume_reading()
+    return app
+
+
+async def connect_pair(
+    server_ctx: TLSContext, client_ctx: TLSContext, *, session: TLSSession | None = None
+) -> tuple[TLSTransport, TLSTransport]:
+    """A client and a server TLSTransport on the two ends of a loopback TCP connection.
+
+    The client has sent its ClientHello; await both `handshake()`s next.
+    """
+    loop = asyncio.get_running_loop()
+    client = TLSTransport(client_ctx, server_side=False, session=session)
+    server = TLSTransport(server_ctx, server_side=True)
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        lsock.setblocking(False)
+        await loop.create_connection(lambda: client, *lsock.getsockname()[:2])
+        sock, _ = await loop.sock_accept(lsock)
+    await loop.connect_accepted_socket(lambda: server, sock)
+    return client, server
+
+
+async def transport_handshake(server_ctx: TLSContext, client_ctx: TLSContext) -> tuple[bool, bool]:
+    """One mutual handshake between TLSTransports over loopback, then a byte echoed.
+
+    Returns:
+        (client_ok, server_ok): whether each side completed the handshake, and the client
+        got its byte back.
+    """
+    client, server = await connect_pair(server_ctx, client_ctx)
+    try:
+        async with asyncio.timeout(5):
+            c, s = await asyncio.gather(
+                client.handshake(5), server.handshake(5), return_exceptions=True
+            )
+            server_ok = s is None
+            if server_ok:
+                attach(server, Sink(echo=True))
+            if c is not None:
+                return False, server_ok
+            app = attach(client, Sink(until=1))
+            client.write(b"x")
+            await asyncio.wait([app.got, app.lost], return_when=asyncio.FIRST_COMPLETED)
+            return app.got.done() and app.got.exception() is None, server_ok
+    finally:
+        client.close()
+        server.close()

@@ -1,4 +1,5 @@
-"""Shared fixtures: an in-process dev agent on 127.0.0.1:0 and an HTTP client for it."""
+"""Shared fixtures: an in-process dev agent on 127.0.0.1:0, an HTTP client for it, and the
+TLS engine of the proxies and stores a test builds."""
 
 from __future__ import annotations
 
@@ -10,6 +11,8 @@ from typing import Any
 import httpx
 import pytest
 
+import tests.proxyfix
+from proxy.config import TLS_ENGINES, load_tls_engine
 from proxy.devagent import AgentConfig, DevAgent
 
 
@@ -31,6 +34,33 @@ def pytest_asyncio_loop_factories(
     if wanted:
         loops = {k: v for k, v in loops.items() if k in wanted.split(",")} or loops
     return loops
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "tls_engines(*names): run once per TLS engine named (none named: every engine)",
+    )
+
+
+def pytest_generate_tests(metafunc: pytest.Metafunc) -> None:
+    """Tests marked `tls_engines` run once per engine; the others on the default engine.
+
+    The default is the product's, or CONNECT_PROXY_TLS_ENGINE when it is set (so the whole
+    suite can run on either engine).
+    """
+    marker = metafunc.definition.get_closest_marker("tls_engines")
+    if marker is not None and "tls_engine" in metafunc.fixturenames:
+        metafunc.parametrize("tls_engine", marker.args or TLS_ENGINES, indirect=True)
+
+
+@pytest.fixture(autouse=True)
+def tls_engine(request: pytest.FixtureRequest, monkeypatch: pytest.MonkeyPatch) -> str:
+    """The TLS engine of this test: of the proxies `tests.proxyfix` starts, and of the
+    stores and contexts that tests build with it."""
+    engine: str = getattr(request, "param", None) or load_tls_engine(os.environ)
+    monkeypatch.setattr(tests.proxyfix, "TLS_ENGINE", engine)
+    return engine
 
 
 async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout: float = 5.0) -> None:

@@ -94,10 +94,17 @@ async def register_proxy(
         assert r.status_code == 200, r.text
 
 
+# The TLS engine of the proxies started here, set for each test by tests/conftest.py
+# (None: the product's default).
+TLS_ENGINE: str | None = None
+
+
 @contextlib.asynccontextmanager
 async def running_proxy(
     agent: DevAgent, config: ProxyConfig, **kwargs: object
 ) -> AsyncIterator[Proxy]:
+    if TLS_ENGINE is not None:
+        kwargs.setdefault("tls_engine", TLS_ENGINE)
     proxy = Proxy(agent_client(agent), config, watch_backoff=0.05, **kwargs)  # type: ignore[arg-type]
     await proxy.start()
     try:

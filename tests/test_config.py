@@ -9,10 +9,12 @@ import httpx
 import pytest
 
 from proxy.config import (
+    DEFAULT_TLS_ENGINE,
     ProxyConfig,
     PublicListenerConfig,
     UpstreamConfig,
     load_agent_service,
+    load_tls_engine,
     load_upstream,
     plan_upstreams,
     split_host_port,
@@ -380,3 +382,28 @@ def test_plan_upstreams_unchanged_when_equal_config_is_a_new_object() -> None:
     again = load_upstream({"DestinationName": "db", "LocalBindPort": 9191})
     assert again is not DB
     assert plan_upstreams(_running(DB), (again,)) == ([], [])
+
+
+# -- load_tls_engine ----------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("env", "engine"),
+    [
+        ({}, DEFAULT_TLS_ENGINE),
+        ({"CONNECT_PROXY_TLS_ENGINE": ""}, DEFAULT_TLS_ENGINE),
+        ({"CONNECT_PROXY_TLS_ENGINE": "ssl"}, "ssl"),
+        ({"CONNECT_PROXY_TLS_ENGINE": "openssl"}, "openssl"),
+    ],
+)
+def test_tls_engine_comes_from_the_environment(env: dict[str, str], engine: str) -> None:
+    assert load_tls_engine(env) == engine
+
+
+@pytest.mark.parametrize("value", ["OpenSSL", "stdlib", "boringssl", " ssl", "ssl,openssl"])
+def test_unknown_tls_engine_names_the_variable_and_the_choices(value: str) -> None:
+    with pytest.raises(ConfigError) as refused:
+        load_tls_engine({"CONNECT_PROXY_TLS_ENGINE": value})
+    message = str(refused.value)
+    assert message.startswith(f"CONNECT_PROXY_TLS_ENGINE={value!r} is not a TLS engine")
+    assert "use ssl (" in message and "or openssl (" in message

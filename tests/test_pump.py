@@ -19,9 +19,11 @@ from typing import Any
 
 import pytest
 
+from listeners.engine import TLSContext
 from listeners.pump import Pipe, PipeStats
 from listeners.tls import TLSTransport
 from proxy.devagent import DevAgent
+from proxy.tlsstore import build_contexts
 from tests.certs import client_context, server_context
 
 MiB = 1 << 20
@@ -288,10 +290,22 @@ def _contexts(agent: DevAgent) -> tuple[ssl.SSLContext, ssl.SSLContext]:
     )
 
 
+def _engine_contexts(agent: DevAgent, engine: str) -> tuple[TLSContext, TLSContext]:
+    """The product's contexts (proxy.tlsstore) of `engine`: db serves, web dials."""
+    ca = agent.state.ca
+    roots = [r.cert_pem for r in ca.roots]
+    db = ca.sign_leaf("db", datacenter="dc1")
+    web = ca.sign_leaf("web", datacenter="dc1")
+    return (
+        build_contexts(roots, db.cert_pem, db.private_key_pem, engine)[0],
+        build_contexts(roots, web.cert_pem, web.private_key_pem, engine)[1],
+    )
+
+
 @contextlib.asynccontextmanager
-async def tls_pipe(agent: DevAgent) -> AsyncIterator[TLSEnds]:
+async def tls_pipe(agent: DevAgent, engine: str) -> AsyncIterator[TLSEnds]:
     loop = asyncio.get_running_loop()
-    server_ctx, client_ctx = _contexts(agent)
+    server_ctx, client_ctx = _engine_contexts(agent, engine)
     pipe = Pipe()
     client = TLSTransport(client_ctx, server_side=False)
     server = TLSTransport(server_ctx, server_side=True)
@@ -320,8 +334,11 @@ async def tls_pipe(agent: DevAgent) -> AsyncIterator[TLSEnds]:
             await app.lost
 
 
-async def test_tls_side_half_close_keeps_the_response_flowing(agent: DevAgent) -> None:
-    async with asyncio.timeout(5), tls_pipe(agent) as e:
+@pytest.mark.tls_engines()
+async def test_tls_side_half_close_keeps_the_response_flowing(
+    agent: DevAgent, tls_engine: str
+) -> None:
+    async with asyncio.timeout(5), tls_pipe(agent, tls_engine) as e:
         request = b"GET / HTTP/1.0\r\n\r\n"
         e.client.write(request)
         e.client.write_eof()  # close_notify; the client keeps reading
@@ -336,10 +353,11 @@ async def test_tls_side_half_close_keeps_the_response_flowing(agent: DevAgent) -
         assert stats == PipeStats(a_to_b=len(request), b_to_a=len(RESPONSE))
 
 
+@pytest.mark.tls_engines()
 async def test_far_end_half_close_reaches_the_tls_client_as_close_notify(
-    agent: DevAgent,
+    agent: DevAgent, tls_engine: str
 ) -> None:
-    async with asyncio.timeout(5), tls_pipe(agent) as e:
+    async with asyncio.timeout(5), tls_pipe(agent, tls_engine) as e:
         e.b_writer.write(b"220 banner\r\n")
         e.b_writer.write_eof()
         assert await e.app.eof == b"220 banner\r\n"
@@ -352,10 +370,13 @@ async def test_far_end_half_close_reaches_the_tls_client_as_close_notify(
         assert stats == PipeStats(a_to_b=6, b_to_a=12)
 
 
+@pytest.mark.tls_engines()
 @pytest.mark.parametrize("size", [1, 64 * 1024, 3 * MiB])
-async def test_tls_side_carries_bytes_both_ways(agent: DevAgent, size: int) -> None:
+async def test_tls_side_carries_bytes_both_ways(
+    agent: DevAgent, size: int, tls_engine: str
+) -> None:
     payload = (RESPONSE * 3)[:size]
-    async with asyncio.timeout(5), tls_pipe(agent) as e:
+    async with asyncio.timeout(5), tls_pipe(agent, tls_engine) as e:
         e.client.write(payload)
         assert await e.b_reader.readexactly(size) == payload
         e.b_writer.write(payload)

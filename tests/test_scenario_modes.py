@@ -11,8 +11,9 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.cli import ProxyOptions, parse_proxy_args, serve
+from proxy.cli import ProxyOptions, parse_proxy_args, proxy_main, serve
 from proxy.devagent import AgentConfig, DevAgent
+from proxy.tlsstore import describe_engine
 from tests.proxyfix import (
     EchoApp,
     LogWaiter,
@@ -350,3 +351,37 @@ async def test_unusable_update_keeps_the_last_good_config(agent: DevAgent, logs:
             assert not any(
                 f"stopping upstream listener 127.0.0.1:{up}" in line for line in logs.lines
             )
+
+
+@pytest.mark.parametrize("engine", ["ssl", "openssl"])
+async def test_tls_engine_comes_from_the_environment_and_is_logged_at_start(
+    agent: DevAgent, logs: LogWaiter, engine: str
+) -> None:
+    async with echo_app() as app:
+        port = _free_port()
+        await _register(agent, _sidecar("db", app, port))
+        options = parse_proxy_args(
+            ["-sidecar-for", "db", "-http-addr", agent.http_addr],
+            {"CONNECT_PROXY_TLS_ENGINE": engine},
+        )
+        assert options.tls_engine == engine
+        async with serving(options):
+            async with asyncio.timeout(10):
+                await _wait_listening(logs, port)
+                assert await tls_exchange(port, client_ctx(agent, "web"), b"hi") == b"hi"
+        # Which engine, and which OpenSSL (the system's, or the one cryptography bundles).
+        (line,) = [line for line in logs.lines if line.startswith("TLS engine: ")]
+        assert line == f"TLS engine: {describe_engine(engine)}"
+        assert ("cryptography" in line) == (engine == "openssl")
+
+
+def test_unknown_tls_engine_stops_the_start_naming_the_variable(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    code = proxy_main(
+        ["-service", "web", "-upstream", "db:8181"], {"CONNECT_PROXY_TLS_ENGINE": "boringssl"}
+    )
+    assert code == 1
+    err = capsys.readouterr().err
+    assert "CONNECT_PROXY_TLS_ENGINE='boringssl' is not a TLS engine" in err
+    assert "use ssl (" in err and "or openssl (" in err

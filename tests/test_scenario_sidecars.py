@@ -1,10 +1,12 @@
-"""End to end on the dev agent: a `web` sidecar with upstream `db`, a `db` sidecar, an app."""
+"""End to end on the dev agent: a `web` sidecar with upstream `db`, a `db` sidecar, an app.
+On both TLS engines."""
 
 from __future__ import annotations
 
 import asyncio
 
 import httpx
+import pytest
 
 from proxy.config import ProxyConfig
 from proxy.devagent import DevAgent
@@ -20,6 +22,8 @@ from tests.proxyfix import (
     tls_exchange,
     upstream,
 )
+
+pytestmark = pytest.mark.tls_engines()
 
 
 async def _deny(agent: DevAgent, source: str = "web") -> None:

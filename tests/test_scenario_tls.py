@@ -1,5 +1,6 @@
 """TLS behaviour of the proxy end to end: rotation, handshake timeout, early ClientHello,
-upstream identity checks, failover, prepared queries, waiting for certificates."""
+upstream identity checks, failover, prepared queries, waiting for certificates, session
+resumption. On both TLS engines (the peers are CPython's ssl)."""
 
 from __future__ import annotations
 
@@ -9,6 +10,7 @@ import socket
 import ssl
 
 import httpx
+import pytest
 from cryptography import x509
 
 from listeners.upstream import UpstreamListener
@@ -28,6 +30,8 @@ from tests.proxyfix import (
     running_proxy,
     upstream,
 )
+
+pytestmark = pytest.mark.tls_engines()
 
 
 async def _peer_serial(port: int, ctx: ssl.SSLContext) -> int:
@@ -187,13 +191,15 @@ class _OrderedResolver:
         return list(self.endpoints)
 
 
-async def test_failover_to_a_second_instance_when_the_first_refuses(agent: DevAgent) -> None:
+async def test_failover_to_a_second_instance_when_the_first_refuses(
+    agent: DevAgent, tls_engine: str
+) -> None:
     refusing = socket.socket()
     refusing.bind(("127.0.0.1", 0))  # bound, never listening: connections are refused
     try:
         async with echo_app() as app, db_sidecar(agent, app) as db:
             assert db.public is not None
-            tls = TLSStore()
+            tls = TLSStore(tls_engine)
             async with asyncio.timeout(5):
                 client = agent_client(agent)
                 roots = (await client.roots()).body
@@ -225,10 +231,10 @@ async def test_failover_to_a_second_instance_when_the_first_refuses(agent: DevAg
         refusing.close()
 
 
-async def test_upstream_connection_waits_for_certificates(agent: DevAgent) -> None:
+async def test_upstream_connection_waits_for_certificates(agent: DevAgent, tls_engine: str) -> None:
     async with echo_app() as app, db_sidecar(agent, app) as db:
         assert db.public is not None
-        tls = TLSStore()  # nothing loaded yet
+        tls = TLSStore(tls_engine)  # nothing loaded yet
         listener = UpstreamListener(
             name="db",
             bind_host="127.0.0.1",

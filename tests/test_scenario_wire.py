@@ -1,10 +1,11 @@
 """Wire-level settings of the proxy: TLS versions and ciphers, SNI, socket options, IPv6,
-and graceful shutdown."""
+and graceful shutdown. On both TLS engines (the peers are CPython's ssl)."""
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import socket
 import ssl
 import warnings
@@ -14,7 +15,10 @@ import pytest
 from listeners.serve import tune_socket
 from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.devagent import DevAgent
+from proxy.tlsstore import build_contexts
 from tests.proxyfix import client_ctx, db_sidecar, echo_app, running_proxy, tls_exchange
+
+pytestmark = pytest.mark.tls_engines()
 
 
 async def _handshake_ok(port: int, ctx: ssl.SSLContext) -> bool:
@@ -54,26 +58,30 @@ async def test_tls_below_12_is_refused(agent: DevAgent) -> None:
         assert not await _handshake_ok(db.public.port, ctx)
 
 
-async def test_upstream_dial_sends_no_sni(agent: DevAgent) -> None:
+async def test_upstream_dial_sends_no_sni(agent: DevAgent, tls_engine: str) -> None:
     from tests.proxyfix import local_port, plain_exchange, upstream
 
-    seen: list[str | None] = []
+    seen: list[object] = []
     async with echo_app() as app, db_sidecar(agent, app) as db:
         assert db.public is not None and db.tls.material is not None
-        material = db.tls.material
-        original = material.server.sni_callback
+        # A server context that records the SNI of each ClientHello, swapped in as a
+        # rotation would (a context is not changed once it has served a connection).
+        leaf = agent.state.ca.sign_leaf("db", datacenter="dc1")
+        roots = [r.cert_pem for r in agent.state.ca.roots]
+        server, _ = build_contexts(roots, leaf.cert_pem, leaf.private_key_pem, tls_engine)
+        if isinstance(server, ssl.SSLContext):
 
-        def record(sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
-            seen.append(name)
+            def record(sslobj: ssl.SSLObject, name: str | None, ctx: ssl.SSLContext) -> None:
+                seen.append(name)
 
-        material.server.sni_callback = record
-        try:
-            async with running_proxy(
-                agent, ProxyConfig(service="web", upstreams=(upstream("db"),))
-            ) as web:
-                assert await plain_exchange(local_port(web), b"sni?") == b"sni?"
-        finally:
-            material.server.sni_callback = original
+            server.sni_callback = record
+        else:
+            server.set_tlsext_servername_callback(lambda conn: seen.append(conn.get_servername()))
+        db.tls.material = dataclasses.replace(db.tls.material, server=server)
+        async with running_proxy(
+            agent, ProxyConfig(service="web", upstreams=(upstream("db"),))
+        ) as web:
+            assert await plain_exchange(local_port(web), b"sni?") == b"sni?"
     assert seen == [None]
 
 

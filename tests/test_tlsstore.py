@@ -1,8 +1,9 @@
 """proxy.tlsstore: readiness, refused rotations, swaps, context settings, key handling.
 
-Material comes from the dev agent's CA. File-system access while the key is loaded is
-observed with an audit hook (`sys.addaudithook`), installed once for this module and inert
-outside an explicit window.
+On both TLS engines, except the stdlib engine's key loader (memfd or a private file). Material
+comes from the dev agent's CA. File-system access while the key is loaded is observed with an
+audit hook (`sys.addaudithook`), installed once for this module and inert outside an explicit
+window.
 """
 
 from __future__ import annotations
@@ -31,7 +32,9 @@ from proxy.devagent import DevAgent
 from proxy.devagent.ca import CertificateAuthority
 from proxy.errors import TLSMaterialError
 from proxy.tlsstore import TLSStore, explain_verify_failure, load_cert_chain
-from tests.certs import handshake
+from tests.certs import transport_handshake
+
+pytestmark = pytest.mark.tls_engines()
 
 # -- helpers ------------------------------------------------------------------------------
 
@@ -45,8 +48,8 @@ def _leaf(agent: DevAgent, service: str = "web") -> tuple[str, str]:
     return leaf.cert_pem, leaf.private_key_pem
 
 
-def _ready_store(agent: DevAgent, service: str = "web") -> TLSStore:
-    store = TLSStore()
+def _ready_store(agent: DevAgent, engine: str, service: str = "web") -> TLSStore:
+    store = TLSStore(engine)
     assert store.set_roots(_roots(agent)) is False  # nothing to swap in without a leaf
     assert store.set_leaf(*_leaf(agent, service)) is True
     return store
@@ -63,24 +66,26 @@ def _refusals(caplog: pytest.LogCaptureFixture) -> list[logging.LogRecord]:
 # -- readiness ----------------------------------------------------------------------------
 
 
-async def test_not_ready_with_roots_only(agent: DevAgent) -> None:
-    store = TLSStore()
+async def test_not_ready_with_roots_only(agent: DevAgent, tls_engine: str) -> None:
+    store = TLSStore(tls_engine)
     assert store.set_roots(_roots(agent)) is False
     assert not store.ready.is_set()
     assert store.material is None
     assert store.server_context() is None and store.client_context() is None
 
 
-async def test_not_ready_with_leaf_only(agent: DevAgent) -> None:
-    store = TLSStore()
+async def test_not_ready_with_leaf_only(agent: DevAgent, tls_engine: str) -> None:
+    store = TLSStore(tls_engine)
     assert store.set_leaf(*_leaf(agent)) is False
     assert not store.ready.is_set()
     assert store.material is None
 
 
 @pytest.mark.parametrize("leaf_first", [False, True])
-async def test_ready_once_roots_and_leaf_both_arrived(agent: DevAgent, leaf_first: bool) -> None:
-    store = TLSStore()
+async def test_ready_once_roots_and_leaf_both_arrived(
+    agent: DevAgent, leaf_first: bool, tls_engine: str
+) -> None:
+    store = TLSStore(tls_engine)
     cert_pem, key_pem = _leaf(agent)
     if leaf_first:
         store.set_leaf(cert_pem, key_pem)
@@ -101,8 +106,8 @@ async def test_ready_once_roots_and_leaf_both_arrived(agent: DevAgent, leaf_firs
     assert store.rotations == 1
 
 
-async def test_empty_roots_are_ignored(agent: DevAgent) -> None:
-    store = TLSStore()
+async def test_empty_roots_are_ignored(agent: DevAgent, tls_engine: str) -> None:
+    store = TLSStore(tls_engine)
     store.set_leaf(*_leaf(agent))
     assert store.set_roots(["", "  \n"]) is False
     assert store.material is None
@@ -112,9 +117,9 @@ async def test_empty_roots_are_ignored(agent: DevAgent) -> None:
 
 
 async def test_leaf_from_a_foreign_ca_is_refused_and_the_old_material_kept(
-    agent: DevAgent, caplog: pytest.LogCaptureFixture
+    agent: DevAgent, caplog: pytest.LogCaptureFixture, tls_engine: str
 ) -> None:
-    store = _ready_store(agent)
+    store = _ready_store(agent, tls_engine)
     before = store.material
     foreign = CertificateAuthority().sign_leaf("web", datacenter="dc1")
 
@@ -140,9 +145,13 @@ async def test_leaf_from_a_foreign_ca_is_refused_and_the_old_material_kept(
     ],
 )
 async def test_bad_leaf_pem_is_refused_and_the_old_material_kept(
-    agent: DevAgent, caplog: pytest.LogCaptureFixture, cert: str | None, key: str | None
+    agent: DevAgent,
+    caplog: pytest.LogCaptureFixture,
+    cert: str | None,
+    key: str | None,
+    tls_engine: str,
 ) -> None:
-    store = _ready_store(agent)
+    store = _ready_store(agent, tls_engine)
     before = store.material
     cert_pem, key_pem = _leaf(agent)
     if key == "other-key":
@@ -155,9 +164,9 @@ async def test_bad_leaf_pem_is_refused_and_the_old_material_kept(
 
 
 async def test_bad_roots_pem_is_refused_and_the_old_material_kept(
-    agent: DevAgent, caplog: pytest.LogCaptureFixture
+    agent: DevAgent, caplog: pytest.LogCaptureFixture, tls_engine: str
 ) -> None:
-    store = _ready_store(agent)
+    store = _ready_store(agent, tls_engine)
     before = store.material
     bad = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
 
@@ -169,10 +178,10 @@ async def test_bad_roots_pem_is_refused_and_the_old_material_kept(
 
 
 async def test_leaf_that_arrives_before_its_roots_is_used_once_they_come(
-    agent: DevAgent,
+    agent: DevAgent, tls_engine: str
 ) -> None:
     # A CA rotation without cross-signing: the new leaf comes first and cannot chain yet.
-    store = _ready_store(agent)
+    store = _ready_store(agent, tls_engine)
     other = CertificateAuthority()
     leaf = other.sign_leaf("web", datacenter="dc1")
     assert store.set_leaf(leaf.cert_pem, leaf.private_key_pem) is False
@@ -185,9 +194,9 @@ async def test_leaf_that_arrives_before_its_roots_is_used_once_they_come(
 
 
 async def test_roots_update_after_a_refused_leaf_is_applied_with_the_last_good_leaf(
-    agent: DevAgent,
+    agent: DevAgent, tls_engine: str
 ) -> None:
-    store = _ready_store(agent)
+    store = _ready_store(agent, tls_engine)
     good = store.material
     assert good is not None
     assert store.set_leaf("not a pem", "not a key") is False
@@ -202,9 +211,9 @@ async def test_roots_update_after_a_refused_leaf_is_applied_with_the_last_good_l
 
 
 async def test_leaf_renewal_after_refused_roots_is_applied_with_the_last_good_roots(
-    agent: DevAgent,
+    agent: DevAgent, tls_engine: str
 ) -> None:
-    store = _ready_store(agent)
+    store = _ready_store(agent, tls_engine)
     good = store.material
     assert good is not None
     bad = "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
@@ -221,8 +230,10 @@ async def test_leaf_renewal_after_refused_roots_is_applied_with_the_last_good_ro
 # -- rotation -----------------------------------------------------------------------------
 
 
-async def test_ca_rotation_swaps_the_material_for_a_new_object(agent: DevAgent) -> None:
-    store = _ready_store(agent)
+async def test_ca_rotation_swaps_the_material_for_a_new_object(
+    agent: DevAgent, tls_engine: str
+) -> None:
+    store = _ready_store(agent, tls_engine)
     first = store.material
     assert first is not None
 
@@ -245,38 +256,60 @@ async def test_ca_rotation_swaps_the_material_for_a_new_object(agent: DevAgent) 
     assert store.rotations == 3
 
 
-async def test_contexts_from_two_stores_complete_a_mutual_handshake(agent: DevAgent) -> None:
-    web, db = _ready_store(agent, "web"), _ready_store(agent, "db")
+async def test_contexts_from_two_stores_complete_a_mutual_handshake(
+    agent: DevAgent, tls_engine: str
+) -> None:
+    web, db = _ready_store(agent, tls_engine, "web"), _ready_store(agent, tls_engine, "db")
     server, client = db.server_context(), web.client_context()
     assert server is not None and client is not None
-    assert await handshake(server, client) == (True, True)
+    assert await transport_handshake(server, client) == (True, True)
 
 
-async def test_context_from_a_foreign_ca_fails_the_handshake(agent: DevAgent) -> None:
-    db = _ready_store(agent, "db")
+async def test_context_from_a_foreign_ca_fails_the_handshake(
+    agent: DevAgent, tls_engine: str
+) -> None:
+    db = _ready_store(agent, tls_engine, "db")
     other = CertificateAuthority()
     leaf = other.sign_leaf("web", datacenter="dc1")
-    stranger = TLSStore()
+    stranger = TLSStore(tls_engine)
     stranger.set_roots([r.cert_pem for r in other.roots])
     assert stranger.set_leaf(leaf.cert_pem, leaf.private_key_pem)
     server, client = db.server_context(), stranger.client_context()
     assert server is not None and client is not None
-    client_ok, server_ok = await handshake(server, client)
+    client_ok, server_ok = await transport_handshake(server, client)
     assert not client_ok and not server_ok
 
 
-async def test_contexts_use_consuls_tls_settings(agent: DevAgent) -> None:
-    store = _ready_store(agent)
+async def test_contexts_use_consuls_tls_settings(agent: DevAgent, tls_engine: str) -> None:
+    # The minimum version and the cipher list are also checked on the wire, against real
+    # clients: tests/test_scenario_wire.py.
+    store = _ready_store(agent, tls_engine)
     server, client = store.server_context(), store.client_context()
-    assert server is not None and client is not None
-    for ctx in (server, client):
-        assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
-        assert ctx.verify_mode == ssl.CERT_REQUIRED
-        assert ctx.options & ssl.OP_NO_COMPRESSION
-    assert client.check_hostname is False
-    assert server.protocol == ssl.PROTOCOL_TLS_SERVER
-    assert client.protocol == ssl.PROTOCOL_TLS_CLIENT
-    tls12 = {c["name"] for c in server.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    if isinstance(server, ssl.SSLContext):
+        assert isinstance(client, ssl.SSLContext)
+        for ctx in (server, client):
+            assert ctx.minimum_version == ssl.TLSVersion.TLSv1_2
+            assert ctx.verify_mode == ssl.CERT_REQUIRED
+            assert ctx.options & ssl.OP_NO_COMPRESSION
+            assert ctx.options & ssl.OP_NO_RENEGOTIATION
+        assert client.check_hostname is False
+        assert server.protocol == ssl.PROTOCOL_TLS_SERVER
+        assert client.protocol == ssl.PROTOCOL_TLS_CLIENT
+        tls12 = {c["name"] for c in server.get_ciphers() if c["protocol"] == "TLSv1.2"}
+    else:
+        from OpenSSL import SSL
+
+        assert isinstance(client, SSL.Context) and server is not None
+        ciphers: set[str] = set()
+        for ctx in (server, client):
+            assert ctx.get_verify_mode() == SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT
+            # A used context cannot be changed, not even by set_options(0): ask a connection.
+            conn = SSL.Connection(ctx, None)
+            options = conn.set_options(0)
+            assert options & SSL.OP_NO_COMPRESSION
+            assert options & SSL.OP_NO_RENEGOTIATION
+            ciphers |= set(conn.get_cipher_list())
+        tls12 = {c for c in ciphers if not c.startswith("TLS_")}  # TLS 1.3 suites: TLS_*
     assert tls12 <= set(proxy.tlsstore.TLS12_CIPHERS.split(":"))
     assert "ECDHE-ECDSA-AES128-GCM-SHA256" in tls12
 
@@ -342,9 +375,13 @@ def _writes(events: list[tuple[str, tuple[Any, ...], int | None]]) -> list[tuple
 
 
 linux_only = pytest.mark.skipif(not hasattr(os, "memfd_create"), reason="memfd is Linux-only")
+# The stdlib engine's loader: `ssl` reads keys only from paths. The openssl engine takes the
+# key object and opens nothing (test_store_update_writes_no_file).
+ssl_key_loader = pytest.mark.tls_engines("ssl")
 
 
 @linux_only
+@ssl_key_loader
 def test_key_loader_is_memfd_on_linux() -> None:
     assert proxy.tlsstore.KEY_LOADER == "memfd"
 
@@ -361,6 +398,7 @@ def _ca_leaf(ca: CertificateAuthority) -> tuple[str, str]:
 
 
 @linux_only
+@ssl_key_loader
 def test_memfd_loading_writes_no_file(ca: CertificateAuthority, audit: _FileAudit) -> None:
     cert_pem, key_pem = _ca_leaf(ca)
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
@@ -371,9 +409,15 @@ def test_memfd_loading_writes_no_file(ca: CertificateAuthority, audit: _FileAudi
 
 
 @linux_only
-def test_store_update_writes_no_file(ca: CertificateAuthority, audit: _FileAudit) -> None:
+def test_store_update_writes_no_file(
+    ca: CertificateAuthority, audit: _FileAudit, tls_engine: str
+) -> None:
     roots, (cert_pem, key_pem) = [r.cert_pem for r in ca.roots], _ca_leaf(ca)
-    store = TLSStore()
+    # The first use of an engine imports modules, which may write bytecode caches.
+    warm_up = TLSStore(tls_engine)
+    warm_up.set_roots(roots)
+    assert warm_up.set_leaf(*_ca_leaf(ca))
+    store = TLSStore(tls_engine)
     with audit.window() as events:
         store.set_roots(roots)
         assert store.set_leaf(cert_pem, key_pem)
@@ -381,6 +425,7 @@ def test_store_update_writes_no_file(ca: CertificateAuthority, audit: _FileAudit
     assert [e for e, _, _ in events if e in ("os.mkdir", "tempfile.mkdtemp")] == []
 
 
+@ssl_key_loader
 def test_fallback_uses_a_private_file_in_a_private_directory_and_removes_both(
     ca: CertificateAuthority, audit: _FileAudit
 ) -> None:
@@ -405,6 +450,7 @@ def test_fallback_uses_a_private_file_in_a_private_directory_and_removes_both(
     assert not os.path.exists(path) and not os.path.exists(directory)
 
 
+@ssl_key_loader
 def test_fallback_removes_the_file_when_the_key_does_not_load(
     ca: CertificateAuthority, audit: _FileAudit
 ) -> None:
@@ -493,7 +539,7 @@ def test_explain_leaves_other_errors_unchanged(error: str) -> None:
 
 
 async def test_store_refusal_under_a_name_constrained_root_explains_itself(
-    caplog: pytest.LogCaptureFixture,
+    caplog: pytest.LogCaptureFixture, tls_engine: str
 ) -> None:
     # Consul 1.7-1.10 leaves carried a host-like CN; OpenSSL checks it against DNS name
     # constraints when there is no DNS SAN, Go does not (consul-spec.md 9).
@@ -536,7 +582,7 @@ async def test_store_refusal_under_a_name_constrained_root_explains_itself(
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-    store = TLSStore()
+    store = TLSStore(tls_engine)
     store.set_roots([_pem(root)])
 
     assert store.set_leaf(_pem(leaf), key_pem) is False

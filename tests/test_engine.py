@@ -1,0 +1,319 @@
+"""listeners.engine and listeners.tls on both TLS engines, and between them.
+
+Every test runs two TLSTransports over a real loopback connection, with the product's
+contexts (proxy.tlsstore.build_contexts) and leaves from the dev agent's CA. Pairs are named
+client-server: `openssl-ssl` is a pyOpenSSL client talking to a stdlib server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import os
+import socket
+import ssl
+
+import pytest
+from cryptography import x509
+from OpenSSL import SSL
+
+from listeners.engine import TLSContext, TLSError, TLSSession, new_engine
+from listeners.tls import HandshakeError, TLSTransport
+from proxy.devagent.ca import CertificateAuthority
+from proxy.tlsstore import build_contexts
+from tests.certs import Sink, attach, cap_at_tls12, connect_pair
+
+PAIRS = [
+    pytest.param("ssl", "ssl", id="ssl-ssl"),
+    pytest.param("ssl", "openssl", id="ssl-openssl"),
+    pytest.param("openssl", "ssl", id="openssl-ssl"),
+    pytest.param("openssl", "openssl", id="openssl-openssl"),
+]
+ENGINES = ["ssl", "openssl"]
+VERSIONS = [pytest.param("TLSv1.2", id="tls12"), pytest.param("TLSv1.3", id="tls13")]
+
+
+@pytest.fixture(scope="module")
+def ca() -> CertificateAuthority:
+    return CertificateAuthority()
+
+
+def _roots(ca: CertificateAuthority) -> list[str]:
+    return [r.cert_pem for r in ca.roots]
+
+
+def _server(ca: CertificateAuthority, engine: str, service: str = "db") -> TLSContext:
+    leaf = ca.sign_leaf(service, datacenter="dc1")
+    return build_contexts(_roots(ca), leaf.cert_pem, leaf.private_key_pem, engine)[0]
+
+
+def _client(
+    ca: CertificateAuthority, engine: str, version: str = "TLSv1.3", service: str = "web"
+) -> TLSContext:
+    leaf = ca.sign_leaf(service, datacenter="dc1")
+    ctx = build_contexts(_roots(ca), leaf.cert_pem, leaf.private_key_pem, engine)[1]
+    if version == "TLSv1.2":
+        cap_at_tls12(ctx)
+    return ctx
+
+
+def _service(der: bytes | None) -> str:
+    assert der is not None
+    cert = x509.load_der_x509_certificate(der)
+    san = cert.extensions.get_extension_for_class(x509.SubjectAlternativeName).value
+    (uri,) = san.get_values_for_type(x509.UniformResourceIdentifier)
+    return uri.rsplit("/", 1)[1]
+
+
+async def _both(client: TLSTransport, server: TLSTransport) -> None:
+    await asyncio.gather(client.handshake(5), server.handshake(5))
+
+
+async def _close(*transports: TLSTransport) -> None:
+    for tls in transports:
+        tls.close()
+
+
+# -- handshakes ---------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+async def test_mutual_handshake_and_echo(
+    ca: CertificateAuthority, client_engine: str, server_engine: str, version: str
+) -> None:
+    client, server = await connect_pair(
+        _server(ca, server_engine), _client(ca, client_engine, version)
+    )
+    try:
+        async with asyncio.timeout(5):
+            await _both(client, server)
+            assert client.version() == server.version() == version
+            # Each side verified the other's leaf: the server sees web, the client sees db.
+            assert _service(server.peer_certificate()) == "web"
+            assert _service(client.peer_certificate()) == "db"
+            assert not client.session_reused and not server.session_reused
+            native = ssl.SSLObject if client_engine == "ssl" else SSL.Connection
+            assert isinstance(client.get_extra_info("ssl_object"), native)
+            echo = attach(server, Sink(echo=True))
+            app = attach(client, Sink(until=4))
+            client.write(b"ping")
+            await app.got
+            assert app.digest.digest() == hashlib.sha256(b"ping").digest()
+            assert echo.size == 4
+    finally:
+        await _close(client, server)
+
+
+@pytest.mark.parametrize("server_engine", ENGINES)
+@pytest.mark.parametrize("client_engine", ENGINES)
+async def test_client_from_another_ca_is_refused(
+    ca: CertificateAuthority, client_engine: str, server_engine: str
+) -> None:
+    # The stranger trusts our roots (it accepts the server) but has a leaf from its own CA.
+    stranger = CertificateAuthority().sign_leaf("web", datacenter="dc1")
+    client_ctx = build_contexts(
+        _roots(ca), stranger.cert_pem, stranger.private_key_pem, client_engine
+    )[1]
+    client, server = await connect_pair(_server(ca, server_engine), client_ctx)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(TLSError) as refused:
+                await server.handshake(5)
+            # OpenSSL's verify result is part of the text on both engines.
+            assert "certificate verify failed: unable to get local issuer certificate" in str(
+                refused.value
+            )
+            # TLS 1.3: the client finishes its side first, then gets the server's alert; it
+            # never gets to send a byte to an app.
+            try:
+                await client.handshake(5)
+            except OSError:
+                return
+            app = attach(client, Sink())
+            lost = await app.lost
+            assert isinstance(lost, TLSError)
+            assert app.size == 0
+    finally:
+        await _close(client, server)
+
+
+@pytest.mark.parametrize("server_engine", ENGINES)
+async def test_silent_client_is_cut_at_the_handshake_timeout(
+    ca: CertificateAuthority, server_engine: str
+) -> None:
+    loop = asyncio.get_running_loop()
+    server = TLSTransport(_server(ca, server_engine), server_side=True)
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        lsock.setblocking(False)
+        reader, writer = await asyncio.open_connection(*lsock.getsockname()[:2])
+        sock, _ = await loop.sock_accept(lsock)
+    await loop.connect_accepted_socket(lambda: server, sock)
+    try:
+        async with asyncio.timeout(5):
+            with pytest.raises(HandshakeError, match=r"timed out after 0\.1s"):
+                await server.handshake(0.1)
+            assert await reader.read(100) == b""  # closed by the server side
+    finally:
+        writer.close()
+        server.close()
+
+
+# -- half-close and bulk data -------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+async def test_half_close_in_both_directions(
+    ca: CertificateAuthority, client_engine: str, server_engine: str
+) -> None:
+    client, server = await connect_pair(_server(ca, server_engine), _client(ca, client_engine))
+    try:
+        async with asyncio.timeout(5):
+            await _both(client, server)
+            at_server = attach(server, Sink())
+            at_client = attach(client, Sink())
+            # The client sends its request and shuts down its write side (close_notify)...
+            client.write(b"request")
+            client.write_eof()
+            await at_server.eof
+            assert at_server.size == 7
+            # ...and still gets the answer, which the server sends after that EOF.
+            assert not server.is_closing()
+            server.write(b"answer")
+            server.write_eof()
+            await at_client.eof
+            assert at_client.digest.digest() == hashlib.sha256(b"answer").digest()
+            assert not at_client.lost.done() and not at_server.lost.done()
+    finally:
+        await _close(client, server)
+
+
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+async def test_large_transfer_each_way_is_intact_and_read_in_large_chunks(
+    ca: CertificateAuthority, client_engine: str, server_engine: str
+) -> None:
+    size = 8 << 20
+    up, down = os.urandom(size), os.urandom(size)
+    client, server = await connect_pair(_server(ca, server_engine), _client(ca, client_engine))
+    try:
+        async with asyncio.timeout(30):
+            await _both(client, server)
+            at_server = attach(server, Sink())
+            at_client = attach(client, Sink())
+            for tls, payload in ((client, up), (server, down)):
+                view = memoryview(payload)
+                for i in range(0, size, 1 << 20):
+                    tls.write(view[i : i + (1 << 20)])
+                tls.write_eof()
+            await asyncio.gather(at_server.eof, at_client.eof)
+        assert at_server.digest.digest() == hashlib.sha256(up).digest()
+        assert at_client.digest.digest() == hashlib.sha256(down).digest()
+        # Records (16 KiB each at most) are handed on several at a time.
+        assert max(at_server.chunks) > 16 * 1024 and max(at_client.chunks) > 16 * 1024
+    finally:
+        await _close(client, server)
+
+
+@pytest.mark.tls_engines()
+async def test_nothing_is_decrypted_before_an_app_is_attached(
+    ca: CertificateAuthority, tls_engine: str
+) -> None:
+    """A TLS 1.3 client sends its Finished and a (tampered) record in one segment. The server
+    completes its handshake without touching the record; only attaching an app decrypts it,
+    and only then is the tampering found."""
+    loop = asyncio.get_running_loop()
+    server = TLSTransport(_server(ca, tls_engine), server_side=True)
+    client = new_engine(_client(ca, "ssl"), server_side=False)
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        lsock.setblocking(False)
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, lsock.getsockname()[:2])
+        accepted, _ = await loop.sock_accept(lsock)
+    await loop.connect_accepted_socket(lambda: server, accepted)
+    try:
+        async with asyncio.timeout(5):
+            client.do_handshake()
+            await loop.sock_sendall(sock, client.take())
+            while not client.do_handshake():
+                data = await loop.sock_recv(sock, 65536)
+                assert data, "the server closed the connection during the handshake"
+                client.feed(data)
+            finished = client.take()
+            client.write(b"secret")
+            record = bytearray(client.take())
+            record[-1] ^= 0xFF  # breaks the record's authentication tag
+            await loop.sock_sendall(sock, finished + bytes(record))
+
+            await server.handshake(5)
+            assert server.version() == "TLSv1.3"
+            assert not server.is_closing()  # the bad record has not been looked at
+
+            app = attach(server, Sink())
+            lost = await app.lost
+            assert isinstance(lost, TLSError)
+            assert app.size == 0
+    finally:
+        sock.close()
+        server.close()
+
+
+# -- session resumption -------------------------------------------------------------------
+
+
+async def _dial(
+    server_ctx: TLSContext, client_ctx: TLSContext, session: TLSSession | None = None
+) -> tuple[bool, bool, TLSSession | None]:
+    """One connection: handshake, one echoed message, clean close from both sides.
+
+    Returns:
+        (client resumed, server resumed, the client's session at the end).
+    """
+    client, server = await connect_pair(server_ctx, client_ctx, session=session)
+    try:
+        await _both(client, server)
+        attach(server, Sink(echo=True))
+        app = attach(client, Sink(until=5))
+        client.write(b"hello")
+        await app.got  # TLS 1.3 tickets come after the handshake: read past them
+        client.write_eof()
+        server.write_eof()
+        await app.eof
+        return client.session_reused, server.session_reused, client.session
+    finally:
+        await _close(client, server)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+async def test_second_dial_resumes_and_a_new_server_context_does_not(
+    ca: CertificateAuthority, client_engine: str, server_engine: str, version: str
+) -> None:
+    server_ctx = _server(ca, server_engine)
+    client_ctx = _client(ca, client_engine, version)
+    async with asyncio.timeout(10):
+        first = await _dial(server_ctx, client_ctx)
+        assert first[:2] == (False, False)
+        assert first[2] is not None
+        # Both ends agree, whichever engine says so: the stdlib's SSL_session_reused() and the
+        # pyOpenSSL engine's reading of it (no verified chain) are checked against each other.
+        second = await _dial(server_ctx, client_ctx, first[2])
+        assert second[:2] == (True, True)
+        # A rotated server has new ticket keys: the old session no longer resumes.
+        rotated = _server(ca, server_engine)
+        third = await _dial(rotated, client_ctx, second[2])
+        assert third[:2] == (False, False)
+
+
+@pytest.mark.tls_engines()
+async def test_a_session_only_resumes_with_the_context_that_made_it(
+    ca: CertificateAuthority, tls_engine: str
+) -> None:
+    server_ctx, client_ctx = _server(ca, tls_engine), _client(ca, tls_engine)
+    async with asyncio.timeout(5):
+        _, _, session = await _dial(server_ctx, client_ctx)
+    # After a rotation the upstream listener drops sessions of the old context; the engines
+    # refuse the mix outright rather than resume with the wrong certificates.
+    assert session is not None
+    with pytest.raises(ValueError):
+        new_engine(_client(ca, tls_engine), server_side=False, session=session)
