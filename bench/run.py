@@ -530,14 +530,14 @@ class Bench:
                 continue
             if b"python" not in cmdline:
                 continue
-            out = self.profile_dir / f"{name.replace('/', '-')}.{proc.name}.txt"
+            out = self.profile_dir / f"{name}.{proc.name}.txt".replace("/", "-")
             argv = [spy, "record", "-p", str(proc.pid), "-d", str(int(dur)), "-r", "250"]
             argv += ["-n", "-f", "raw", "-o", str(out)]
             spies.append(
                 (
                     proc.name,
                     out,
-                    subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+                    subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE),
                 )
             )
         if not spies:
@@ -554,11 +554,16 @@ class Bench:
         result: dict[str, Any] = {}
         for proc_name, out, popen in spies:
             try:
-                popen.wait(timeout=dur + 30)
+                _, err = popen.communicate(timeout=dur + 30)
             except subprocess.TimeoutExpired:
                 popen.kill()
-                popen.wait()
-            result[proc_name] = {"file": str(out), "top": top_frames(out)}
+                _, err = popen.communicate()
+            top = top_frames(out)
+            if not top:
+                text = err.decode(errors="replace").strip().splitlines()
+                result[proc_name] = {"skipped": f"py-spy failed: {text[-1] if text else '?'}"}
+                continue
+            result[proc_name] = {"file": str(out), "top": top}
         return result
 
     def run_rates(
@@ -1489,6 +1494,9 @@ def render(h: Harness) -> str:
             lines += ["", f"Profile of {n}: skipped, {prof['skipped']}"]
             continue
         for proc_name, data in prof.items():
+            if "skipped" in data:
+                lines += ["", f"Profile of {n}, {proc_name}: skipped, {data['skipped']}"]
+                continue
             lines += ["", f"Profile of {n}, {proc_name} (inclusive share of py-spy samples):"]
             lines += [f"  {share:6.1%}  {fn[:110]}" for fn, share in data["top"]]
     problems = {k: v for k, v in h.logs.items() if v["problem_lines"]}
