@@ -22,7 +22,7 @@ from __future__ import annotations
 
 import contextlib
 import ssl
-from typing import TYPE_CHECKING, Protocol, TypeAlias
+from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
@@ -31,9 +31,11 @@ if TYPE_CHECKING:
 TLSContext: TypeAlias = "ssl.SSLContext | SSL.Context"
 TLSSession: TypeAlias = "ssl.SSLSession | SSL.Session"
 
-# SSL_read returns at most one record (16 KiB of plaintext); a larger request only makes a
-# larger buffer to allocate and shrink. See TLSEngine.read for how records are coalesced.
-RECORD_READ = 64 * 1024
+# The largest plaintext of one TLS record, and the largest record on the wire (RFC 8446
+# 5.2: 2^14 bytes of plaintext, at most 256 of expansion, a 5-byte header). SSL_read returns
+# at most one record per call.
+RECORD_SIZE = 16 * 1024
+RECORD_WIRE_SIZE = RECORD_SIZE + 256 + 5
 
 
 class TLSError(ConnectionError):
@@ -62,12 +64,18 @@ class TLSEngine(Protocol):
             TLSError: the handshake failed (any alert to send is ready in `take()`).
         """
 
-    def read(self, size: int) -> bytes | None:
+    def read(self, size: int) -> bytearray | bytes | None:
         """Decrypt up to `size` bytes of application data, from as many records as are complete.
 
+        When more than one record waits, they are decrypted into one buffer, allocated for
+        this call and never touched again by the engine: a batch costs one allocation and no
+        copy beyond OpenSSL's, and goes downstream as one write instead of one per record
+        (16 KiB each at most). When at most one record waits, it is returned as it comes.
+
         Returns:
-            The data; b"" once the peer has stopped writing (close_notify or transport EOF,
-            and every call after that); None while no complete record is buffered.
+            The data (bytes, or a bytearray of its own); b"" once the peer has stopped writing
+            (close_notify or transport EOF, and every call after that); None while no
+            complete record is buffered.
 
         Raises:
             TLSError: a record failed (bad MAC, fatal alert). Data decrypted before the bad
@@ -161,43 +169,62 @@ class StdlibEngine:
             raise TLSError(str(exc)) from exc
         return True
 
-    def read(self, size: int) -> bytes | None:
+    def read(self, size: int) -> bytearray | bytes | None:
         if self._error is not None:
             raise self._error
         if self._eof:
             return b""
         incoming, obj = self._incoming, self._ssl
-        chunks: list[bytes] = []
-        got = 0
-        while got < size:
-            # Nothing fed and nothing decrypted: a read could only raise SSLWantReadError,
-            # which costs more than this check (it is the common end of every batch).
-            if not incoming.pending and not incoming.eof and not obj.pending():
-                break
+        fed = incoming.pending + obj.pending()
+        # Nothing fed and nothing decrypted: a read could only raise SSLWantReadError, which
+        # costs more than this check.
+        if not fed and not incoming.eof:
+            return None
+        if fed <= RECORD_WIRE_SIZE:
+            # One record at most (small messages): nothing to gather, no buffer to size.
             try:
-                chunk = obj.read(min(size - got, RECORD_READ))
+                return obj.read(min(size, RECORD_SIZE)) or self._at_eof()
             except ssl.SSLWantReadError:
-                break
+                return None
             except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
-                # SSLEOFError: the transport ended without close_notify (a "ragged" EOF).
-                self._eof = True
-                break
+                return self._at_eof()
             except ssl.SSLError as exc:
-                if not chunks:
-                    raise TLSError(str(exc)) from exc
-                self._error = TLSError(str(exc))
-                self._error.__cause__ = exc
-                break
-            if not chunk:
-                self._eof = True
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        if not chunks:
+                raise TLSError(str(exc)) from exc
+        # The plaintext to come is smaller than the ciphertext that waits (but for the rest of
+        # a record OpenSSL has begun, which the next call reads: it stays pending).
+        buf = bytearray(min(size, fed))
+        got = 0
+        with memoryview(buf) as view:
+            while got < len(buf):
+                if got and not incoming.pending and not obj.pending():
+                    break  # the same check between records: the common end of a batch
+                try:
+                    # Given a buffer, read() returns a count (typeshed says bytes).
+                    n = cast(int, obj.read(len(buf) - got, view[got:]))
+                except ssl.SSLWantReadError:
+                    break
+                except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
+                    self._at_eof()
+                    break
+                except ssl.SSLError as exc:
+                    if not got:
+                        raise TLSError(str(exc)) from exc
+                    self._error = TLSError(str(exc))
+                    self._error.__cause__ = exc
+                    break
+                if not n:
+                    self._eof = True
+                    break
+                got += n
+        if not got:
             return b"" if self._eof else None
-        # One record (the common case for small messages) is handed on as it is; several are
-        # joined so the app gets one large chunk (one write, one syscall downstream).
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del buf[got:]
+        return buf
+
+    def _at_eof(self) -> bytes:
+        # A close_notify, or (SSLEOFError) a transport EOF without one: a "ragged" EOF.
+        self._eof = True
+        return b""
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         try:

@@ -1,11 +1,11 @@
 """The TLS engine on the OpenSSL bundled by `cryptography`: a pyOpenSSL `Connection` over
 memory BIOs (see `listeners.engine` for the interface and its rules).
 
-pyOpenSSL reads into a buffer of its own and copies the result into a `bytes`, on both the
-plaintext and the ciphertext side, so each byte is copied once more than with the stdlib
-engine; its public API has no way to read into a caller's buffer. Reads are coalesced as in
-`StdlibEngine`, and outgoing ciphertext is taken with one `bio_read` sized from what was just
-written, so the common paths raise no WantReadError.
+pyOpenSSL reads into a buffer of its own and copies the result out (`recv_into`,
+`bio_read`), on both the plaintext and the ciphertext side, so each byte is copied once more
+than with the stdlib engine: its public API cannot read into a caller's buffer. Records are
+gathered into one buffer per read as in `StdlibEngine`, and outgoing ciphertext is taken with
+one `bio_read` sized from what was just written, so the common paths raise no WantReadError.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ import contextlib
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
-from listeners.engine import RECORD_READ, TLSError
+from listeners.engine import RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
 
 # Smallest ciphertext read: a whole handshake flight (certificates included) fits.
 _TAKE_MIN = 32 * 1024
@@ -75,7 +75,7 @@ class OpenSSLEngine:
             if session is not None:
                 conn.set_session(session)  # ValueError unless made with this same context
         self._conn = conn
-        self._fed = False  # ciphertext (or EOF) fed since the last read that wanted more
+        self._fed = 0  # bytes of ciphertext fed since OpenSSL last wanted more
         self._fed_eof = False
         self._eof = False
         self._error: TLSError | None = None
@@ -89,11 +89,11 @@ class OpenSSLEngine:
 
     def feed(self, data: bytes) -> None:
         self._conn.bio_write(data)
-        self._fed = True
+        self._fed += len(data)
 
     def feed_eof(self) -> None:
         self._conn.bio_shutdown()
-        self._fed = self._fed_eof = True
+        self._fed_eof = True
 
     def take(self) -> bytes:
         size, self._out_hint = self._out_hint, _TAKE_MIN
@@ -118,48 +118,69 @@ class OpenSSLEngine:
         try:
             self._conn.do_handshake()
         except SSL.WantReadError:
-            self._fed = False
+            self._fed = 0
             return False
         except SSL.Error as exc:
             raise self._failure(exc) from exc
         return True
 
-    def read(self, size: int) -> bytes | None:
+    def read(self, size: int) -> bytearray | bytes | None:
         if self._error is not None:
             raise self._error
         if self._eof:
             return b""
-        if not self._fed:
+        if not self._fed and not self._fed_eof:
             return None  # nothing new since OpenSSL last asked for more
         conn = self._conn
-        chunks: list[bytes] = []
-        got = 0
-        while got < size:
+        if self._fed <= RECORD_WIRE_SIZE:
+            # One record at most (small messages): nothing to gather, no buffer to size.
             try:
-                chunk = conn.recv(min(size - got, RECORD_READ))
+                return conn.recv(min(size, RECORD_SIZE))
             except SSL.WantReadError:
-                self._fed = False
-                break
+                self._fed = 0
+                return None
             except SSL.ZeroReturnError:
                 self._eof = True
-                break
+                return b""
             except SSL.SysCallError as exc:
-                # Memory BIOs make no system calls: this is the end of what was fed, without a
-                # close_notify (a "ragged" EOF), which the stdlib engine reads as EOF too.
                 if not self._fed_eof:
                     raise self._failure(exc) from exc
-                self._eof = True
-                break
+                self._eof = True  # a "ragged" EOF, as below
+                return b""
             except SSL.Error as exc:
-                if not chunks:
-                    raise self._failure(exc) from exc
-                self._error = self._failure(exc)
-                break
-            chunks.append(chunk)
-            got += len(chunk)
-        if not chunks:
+                raise self._failure(exc) from exc
+        # The plaintext to come is smaller than the ciphertext fed since then (but for the rest
+        # of a record begun before, which the next call reads: `_fed` stays set until OpenSSL
+        # wants more). pyOpenSSL does not show how full its memory BIO is.
+        buf = bytearray(min(size, self._fed))
+        got = 0
+        with memoryview(buf) as view:
+            while got < len(buf):
+                try:
+                    got += conn.recv_into(view[got:], RECORD_SIZE)
+                except SSL.WantReadError:
+                    self._fed = 0
+                    break
+                except SSL.ZeroReturnError:
+                    self._eof = True
+                    break
+                except SSL.SysCallError as exc:
+                    # Memory BIOs make no system calls: this is the end of what was fed,
+                    # without a close_notify (a "ragged" EOF), which the stdlib engine reads
+                    # as EOF too.
+                    if not self._fed_eof:
+                        raise self._failure(exc) from exc
+                    self._eof = True
+                    break
+                except SSL.Error as exc:
+                    if not got:
+                        raise self._failure(exc) from exc
+                    self._error = self._failure(exc)
+                    break
+        if not got:
             return b"" if self._eof else None
-        return chunks[0] if len(chunks) == 1 else b"".join(chunks)
+        del buf[got:]
+        return buf
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn

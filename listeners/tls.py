@@ -183,7 +183,9 @@ class TLSTransport(asyncio.Protocol):
                 if not app.eof_received():
                     self.close()
                 return
-            app.data_received(chunk)
+            # A bytearray of its own (the engine never touches it again): bytes-like, and
+            # taken by asyncio's, uvloop's and our transports as bytes are.
+            app.data_received(cast(bytes, chunk))
         # TLS 1.3 key updates and session tickets may have produced records to send.
         self._flush()
 
