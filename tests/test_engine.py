@@ -105,6 +105,23 @@ async def test_mutual_handshake_and_echo(
         await _close(client, server)
 
 
+@pytest.mark.parametrize("client_engine", ENGINES)
+async def test_openssl_server_picks_aes_128_first_as_go_does(
+    ca: CertificateAuthority, client_engine: str
+) -> None:
+    # CPython's ssl client offers AES-256 first, as OpenSSL's default order does; the
+    # server's own order decides.
+    client, server = await connect_pair(_server(ca, "openssl"), _client(ca, client_engine))
+    try:
+        async with asyncio.timeout(5):
+            await _both(client, server)
+        native = server.get_extra_info("ssl_object")
+        assert isinstance(native, SSL.Connection)
+        assert native.get_cipher_name() == "TLS_AES_128_GCM_SHA256"
+    finally:
+        await _close(client, server)
+
+
 @pytest.mark.parametrize("server_engine", ENGINES)
 @pytest.mark.parametrize("client_engine", ENGINES)
 async def test_client_from_another_ca_is_refused(
