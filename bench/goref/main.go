@@ -187,10 +187,13 @@ func serve(ln net.Listener, handle func(net.Conn)) error {
 }
 
 // pipe copies both ways until one direction ends, then closes both (as Consul's proxy).
+// Whichever copy ends first closes both connections, which ends the other copy too.
 func pipe(a, b net.Conn) {
 	done := make(chan struct{}, 1)
 	go func() {
 		_, _ = io.Copy(b, a)
+		a.Close()
+		b.Close()
 		done <- struct{}{}
 	}()
 	_, _ = io.Copy(a, b)
