@@ -418,9 +418,13 @@ class Bench:
         return res
 
     def conn_rate(
-        self, target: Target, proxies: Sequence[Proc | Pid], concurrency: int
+        self,
+        target: Target,
+        proxies: Sequence[Proc | Pid],
+        concurrency: int,
+        duration: float | None = None,
     ) -> dict[str, Any]:
-        dur = self.p.rate_duration
+        dur = self.p.rate_duration if duration is None else duration
         n = self.p.clients
         split = [concurrency // n + (1 if i < concurrency % n else 0) for i in range(n)]
         start_at = time.monotonic() + 0.6
@@ -531,7 +535,7 @@ class Bench:
             if b"python" not in cmdline:
                 continue
             out = self.profile_dir / f"{name}.{proc.name}.txt".replace("/", "-")
-            argv = [spy, "record", "-p", str(proc.pid), "-d", str(int(dur)), "-r", "250"]
+            argv = [spy, "record", "-p", str(proc.pid), "-d", str(int(dur) + 1), "-r", "250"]
             argv += ["-n", "-f", "raw", "-o", str(out)]
             spies.append(
                 (
@@ -543,14 +547,7 @@ class Bench:
         if not spies:
             return {"skipped": "no Python proxy process"}
         log(f"{name}: profile with py-spy at concurrency 64 ({dur:g}s, not counted)")
-        n = self.p.clients
-        split = [64 // n + (1 if i < 64 % n else 0) for i in range(n)]
-        start_at = time.monotonic() + 0.3
-        pending = [
-            self.pool.apply_async(conn_rate_worker, (target, c, start_at, dur)) for c in split
-        ]
-        for r in pending:
-            r.get(timeout=dur + 60)
+        self.conn_rate(target, proxies, 64, duration=dur)
         result: dict[str, Any] = {}
         for proc_name, out, popen in spies:
             try:
