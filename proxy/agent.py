@@ -47,8 +47,10 @@ def _tls_context(options: HTTPOptions) -> ssl.SSLContext:
     return ctx
 
 
-def make_http_client(options: HTTPOptions) -> httpx.AsyncClient:
+def make_http_client(options: HTTPOptions, tls: ssl.SSLContext | None = None) -> httpx.AsyncClient:
     """An `httpx.AsyncClient` for the agent at `options` (TCP, TLS, or a Unix socket).
+
+    `tls`: the context for https, when the caller has built it already.
 
     Raises:
         ConfigError: TLS files that cannot be loaded.
@@ -61,7 +63,7 @@ def make_http_client(options: HTTPOptions) -> httpx.AsyncClient:
     else:
         base_url = f"{options.scheme}://{options.address}{options.path_prefix}"
     if options.scheme == "https":
-        verify = _tls_context(options)
+        verify = tls or _tls_context(options)
     return httpx.AsyncClient(
         base_url=base_url,
         transport=transport,
@@ -80,8 +82,10 @@ def _split_host_port(address: str) -> tuple[str, int]:
     return host.strip("[]"), int(port)
 
 
-def make_keepalive_pool(options: HTTPOptions) -> KeepAlivePool:
+def make_keepalive_pool(options: HTTPOptions, tls: ssl.SSLContext | None = None) -> KeepAlivePool:
     """The keep-alive pool for per-connection calls, to the same agent as `make_http_client`.
+
+    `tls`: the context for https, when the caller has built it already.
 
     Raises:
         ConfigError: TLS files that cannot be loaded.
@@ -89,7 +93,7 @@ def make_keepalive_pool(options: HTTPOptions) -> KeepAlivePool:
     if options.scheme == "unix":
         return KeepAlivePool.unix(options.address)
     host, port = _split_host_port(options.address)
-    tls = _tls_context(options) if options.scheme == "https" else None
+    tls = (tls or _tls_context(options)) if options.scheme == "https" else None
     port = port or (443 if tls is not None else 80)
     return KeepAlivePool.tcp(
         host,
@@ -150,8 +154,10 @@ class AgentClient:
     def __init__(
         self, options: HTTPOptions, *, wait: float = DEFAULT_WAIT, timeout: float = REQUEST_TIMEOUT
     ) -> None:
-        self._client = make_http_client(options)
-        self._pool = make_keepalive_pool(options)
+        # One context for both: the TLS files are read once.
+        tls = _tls_context(options) if options.scheme == "https" else None
+        self._client = make_http_client(options, tls)
+        self._pool = make_keepalive_pool(options, tls)
         self._prefix = options.path_prefix
         self._headers = {"X-Consul-Token": options.token} if options.token else {}
         self._pool_headers = list(self._headers.items())
