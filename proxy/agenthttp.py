@@ -181,23 +181,27 @@ class KeepAlivePool:
             all_headers.append(("Content-Length", str(len(body))))
         request = h11.Request(method=method, target=target, headers=all_headers)
         async with asyncio.timeout(timeout):
-            for attempt in (1, 2):
-                conn, reused = await self._take()
-                try:
-                    response = await self._exchange(conn, request, body)
-                except ConnectionError:
-                    conn.close()
-                    # A reused connection the agent closed while it sat idle: the request
-                    # never reached it, so sending it again cannot do anything twice.
-                    if attempt == 1 and reused and not conn.got_bytes:
-                        continue
+            conn, reused = await self._take()
+            try:
+                return await self._round_trip(conn, request, body)
+            except ConnectionError:
+                # A reused connection the agent closed while it sat idle: the request never
+                # reached it, so sending it again cannot do anything twice.
+                if not reused or conn.got_bytes:
                     raise
-                except BaseException:
-                    conn.close()  # a timeout or a cancellation mid-exchange: unusable
-                    raise
-                self._give_back(conn)
-                return response
-        raise AssertionError("unreachable")  # pragma: no cover
+            conn, _ = await self._take()
+            return await self._round_trip(conn, request, body)
+
+    async def _round_trip(
+        self, conn: _Connection, request: h11.Request, body: bytes | None
+    ) -> RawResponse:
+        try:
+            response = await self._exchange(conn, request, body)
+        except BaseException:
+            conn.close()  # broken, timed out or cancelled mid-exchange: unusable
+            raise
+        self._give_back(conn)
+        return response
 
     async def _take(self) -> tuple[_Connection, bool]:
         if self._closed:
