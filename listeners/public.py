@@ -24,8 +24,9 @@ from typing import Protocol
 
 from listeners.engine import TLSContext
 from listeners.pump import Pipe
-from listeners.serve import Listener, is_routine_close, join_host_port, tune_socket
+from listeners.serve import Listener, is_routine_close, tune_socket
 from listeners.tls import TLSTransport
+from proxy.addr import join_host_port
 from proxy.identity import Decision
 
 log = logging.getLogger("proxy.inbound")

@@ -14,6 +14,8 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from proxy.addr import join_host_port
+
 KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
 
 
@@ -35,10 +37,6 @@ def is_routine_close(exc: BaseException | None) -> bool:
     return exc is None or isinstance(
         exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | EOFError
     )
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 class Listener:

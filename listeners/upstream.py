@@ -22,14 +22,13 @@ from typing import Protocol, cast
 
 from listeners.engine import TLSContext, TLSSession
 from listeners.pump import Pipe
-from listeners.serve import Listener, join_host_port, tune_socket
+from listeners.serve import Listener, tune_socket
 from listeners.tls import TLSTransport
+from proxy.addr import join_host_port
 from proxy.errors import IdentityError, ProxyError
-from proxy.identity import SpiffeIDService, matches_expected, peer_identity
+from proxy.identity import Endpoint, matches_expected, peer_identity
 
 log = logging.getLogger("proxy.upstream")
-
-Endpoint = tuple[str, int, SpiffeIDService]
 
 
 class ClientContexts(Protocol):

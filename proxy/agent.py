@@ -23,6 +23,7 @@ from typing import Any
 
 import httpx
 
+from proxy.addr import split_host_port
 from proxy.agenthttp import KeepAlivePool
 from proxy.config import HTTPOptions
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
@@ -74,14 +75,6 @@ def make_http_client(options: HTTPOptions, tls: ssl.SSLContext | None = None) ->
     )
 
 
-def _split_host_port(address: str) -> tuple[str, int]:
-    host, sep, port = address.rpartition(":")
-    if not sep or not port.isdigit():
-        # Go's client defaults the port of a bare host to 80 (443 with TLS): so do we.
-        return address.strip("[]"), 0
-    return host.strip("[]"), int(port)
-
-
 def make_keepalive_pool(options: HTTPOptions, tls: ssl.SSLContext | None = None) -> KeepAlivePool:
     """The keep-alive pool for per-connection calls, to the same agent as `make_http_client`.
 
@@ -92,7 +85,8 @@ def make_keepalive_pool(options: HTTPOptions, tls: ssl.SSLContext | None = None)
     """
     if options.scheme == "unix":
         return KeepAlivePool.unix(options.address)
-    host, port = _split_host_port(options.address)
+    # Go's client gives a bare host port 80 (443 with TLS): so do we.
+    host, port = split_host_port(options.address, "-http-addr", default_port=0)
     tls = (tls or _tls_context(options)) if options.scheme == "https" else None
     port = port or (443 if tls is not None else 80)
     return KeepAlivePool.tcp(

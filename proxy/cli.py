@@ -9,8 +9,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
-import datetime as dt
-import json
 import logging
 import os
 import signal
@@ -20,7 +18,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from proxy import __version__
+from proxy import __version__, console
+from proxy.addr import split_host_port
 from proxy.config import (
     DEFAULT_TLS_ENGINE,
     HTTPOptions,
@@ -30,20 +29,9 @@ from proxy.config import (
     load_http_options,
     load_tls_engine,
     parse_upstream_flag,
-    split_host_port,
 )
 from proxy.errors import ConfigError, ProxyError
 from proxy.goflags import FlagError, FlagSet, HelpRequested
-
-_LOG_LEVELS = {
-    "TRACE": logging.DEBUG,
-    "DEBUG": logging.DEBUG,
-    "INFO": logging.INFO,
-    "WARN": logging.WARNING,
-    "WARNING": logging.WARNING,
-    "ERR": logging.ERROR,
-    "ERROR": logging.ERROR,
-}
 
 DEV_AGENT_HELP = """\
 Usage: connect-proxy dev-agent [options]
@@ -75,71 +63,6 @@ def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
     parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), **kwargs)  # type: ignore[arg-type]
 
 
-_HCLOG_LEVELS = {
-    "DEBUG": "DEBUG",
-    "INFO": "INFO",
-    "WARNING": "WARN",
-    "ERROR": "ERROR",
-    "CRITICAL": "ERROR",
-}
-
-
-class _HCLogFormatter(logging.Formatter):
-    """Lines shaped like Consul's (hclog): `<time> [INFO]  proxy.inbound: message`."""
-
-    def __init__(self, json_lines: bool) -> None:
-        super().__init__()
-        self.json_lines = json_lines
-
-    def format(self, record: logging.LogRecord) -> str:
-        when = dt.datetime.fromtimestamp(record.created, dt.UTC)
-        stamp = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
-        level = _HCLOG_LEVELS.get(record.levelname, record.levelname)
-        message = record.getMessage()
-        if record.exc_info:
-            message += "\n" + self.formatException(record.exc_info)
-        if self.json_lines:
-            return json.dumps(
-                {
-                    "@level": level.lower(),
-                    "@message": message,
-                    "@module": record.name,
-                    "@timestamp": stamp,
-                }
-            )
-        return f"{stamp} [{level}] {' ' * (5 - len(level))}{record.name}: {message}"
-
-
-class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
-    """A stream handler that drops lines when its stream is gone (a closed pipe)."""
-
-    def handleError(self, record: logging.LogRecord) -> None:
-        exc = sys.exc_info()[1]
-        if isinstance(exc, OSError | ValueError):
-            return
-        super().handleError(record)
-
-
-def _setup_logging(level: str, json_format: bool = False, stream: object = None) -> None:
-    handler = _QuietStreamHandler(stream or sys.stdout)
-    handler.setFormatter(_HCLogFormatter(json_format))
-    root = logging.getLogger()
-    root.handlers[:] = [handler]
-    root.setLevel(_LOG_LEVELS.get(level.upper(), logging.INFO))
-    # Request lines of the HTTP client stay out of the log (they are noise, and a URL is
-    # the one place a token could hide).
-    for name in ("httpx", "httpcore", "aiohttp.access"):
-        logging.getLogger(name).setLevel(logging.WARNING)
-
-
-def _install_uvloop() -> None:
-    try:
-        import uvloop
-    except ImportError:
-        return
-    asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
-
-
 def _split_addr(value: str) -> tuple[str, int]:
     host, port = split_host_port(value.removeprefix("http://"), "-http-addr")
     return host or "127.0.0.1", port
@@ -149,7 +72,7 @@ def dev_agent_main(argv: Sequence[str]) -> int:
     """`connect-proxy dev-agent`: run the embedded agent until SIGINT/SIGTERM."""
     from proxy.devagent import DevAgent, load_files
     from proxy.devagent.config import AgentConfig
-    from proxy.devagent.decode import parse_duration
+    from proxy.goflags import parse_duration
 
     parser = _Parser(prog="connect-proxy dev-agent", usage=DEV_AGENT_HELP, add_help=False)
     _flag(parser, "help", action="store_true")
@@ -191,7 +114,7 @@ def dev_agent_main(argv: Sequence[str]) -> int:
     if rest:
         print(f"unknown arguments: {' '.join(rest)}", file=sys.stderr)
         return 1
-    _setup_logging(args.log_level)
+    console.setup_logging(args.log_level)
     try:
         files: list[str] = list(args.config_file)
         for directory in args.config_dir:
@@ -254,7 +177,7 @@ def dev_agent_main(argv: Sequence[str]) -> int:
             await agent.close()
         return 0
 
-    _install_uvloop()
+    console.install_uvloop()
     return asyncio.run(run())
 
 
@@ -396,7 +319,7 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         ConfigError: a combination Consul refuses, with its message; an unknown
             CONNECT_PROXY_TLS_ENGINE.
     """
-    from proxy.devagent.decode import parse_duration
+    from proxy.goflags import parse_duration
 
     upstreams: dict[str, UpstreamConfig] = {}
     given_hosts: dict[str, str] = {}
@@ -464,25 +387,6 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
     )
 
 
-def _print(text: str, stream: object) -> None:
-    # The output may be a pipe whose reader has gone (`| head`); that must never stop the
-    # proxy, and above all not its signal handling.
-    with contextlib.suppress(OSError, ValueError):
-        print(text, file=stream, flush=True)  # type: ignore[call-overload]
-
-
-def _info(line: str) -> None:
-    _print(f"    {line}", sys.stdout)
-
-
-def _output(line: str) -> None:
-    _print(f"==> {line}", sys.stdout)
-
-
-def _error(line: str) -> None:
-    _print(f"==> {line}", sys.stderr)
-
-
 async def serve(
     options: ProxyOptions,
     stop: asyncio.Event,
@@ -492,65 +396,61 @@ async def serve(
 ) -> int:
     """Run the proxy described by `options` until `stop` is set. Returns the exit code."""
     from proxy.agent import AgentClient
-    from proxy.supervisor import (
-        AgentConfigSource,
-        RegisterMonitor,
-        StaticConfigSource,
-        lookup_proxy_id_for_sidecar,
-        run,
-    )
+    from proxy.register import RegisterMonitor
+    from proxy.sources import AgentConfigSource, StaticConfigSource, lookup_proxy_id_for_sidecar
+    from proxy.supervisor import run
     from proxy.watch import BACKOFF_BASE
 
     backoff_base = BACKOFF_BASE if watch_backoff is None else watch_backoff
     try:
         agent = AgentClient(options.http)
     except ConfigError as exc:
-        _error(f"Error connecting to Consul agent: {exc}")
+        console.error(f"Error connecting to Consul agent: {exc}")
         return 1
     register_task: asyncio.Task[None] | None = None
     monitor: RegisterMonitor | None = None
     try:
-        _output("Consul Connect proxy starting...")
+        console.output("Consul Connect proxy starting...")
         source: AgentConfigSource | StaticConfigSource
         proxy_id = options.proxy_id
         if options.mode == "sidecar":
             try:
                 proxy_id = await lookup_proxy_id_for_sidecar(agent, options.sidecar_for)
             except ConfigError as exc:
-                _error(f"Error preparing configuration: {exc}")
+                console.error(f"Error preparing configuration: {exc}")
                 return 1
         if options.mode in ("agent", "sidecar"):
-            _info("Configuration mode: Agent API")
+            console.info("Configuration mode: Agent API")
             if options.mode == "sidecar":
-                _info(f"    Sidecar for ID: {options.sidecar_for}")
-            _info(f"          Proxy ID: {proxy_id}")
+                console.info(f"    Sidecar for ID: {options.sidecar_for}")
+            console.info(f"          Proxy ID: {proxy_id}")
             if options.legacy:
-                _info("      Config from: managed-proxy endpoint (Consul 1.2-1.5)")
+                console.info("      Config from: managed-proxy endpoint (Consul 1.2-1.5)")
             source = AgentConfigSource(
                 agent, proxy_id, legacy=options.legacy, backoff_base=backoff_base
             )
         else:
             assert options.static is not None
             cfg = options.static
-            _info("Configuration mode: Flags")
-            _info(f"           Service: {cfg.service}")
+            console.info("Configuration mode: Flags")
+            console.info(f"           Service: {cfg.service}")
             for up in cfg.upstreams:
-                _info(
+                console.info(
                     f"          Upstream: {up.destination_name} => "
                     f"{options.upstream_hosts.get(up.destination_name, up.local_bind_address)}:"
                     f"{up.local_bind_port}"
                 )
             if cfg.public_listener is not None and options.listen:
                 host, port = split_host_port(options.listen, "-listen")
-                _info(
+                console.info(
                     f"   Public listener: {host}:{port} => "
                     f"{cfg.public_listener.local_service_address}"
                 )
             else:
-                _info("   Public listener: Disabled")
+                console.info("   Public listener: Disabled")
             source = StaticConfigSource(cfg)
-        _info("")
-        _output("Log data will now stream in as it occurs:\n")
+        console.info("")
+        console.output("Log data will now stream in as it occurs:\n")
 
         async def on_ready(proxy: object) -> None:
             nonlocal register_task, monitor
@@ -584,7 +484,7 @@ async def serve(
                 tls_engine=options.tls_engine,
             )
         except (ProxyError, OSError) as exc:
-            _error(f"Failed running proxy: {exc}")
+            console.error(f"Failed running proxy: {exc}")
             return 1
         return 0
     finally:
@@ -594,7 +494,7 @@ async def serve(
         if monitor is not None:
             await monitor.deregister()
         await agent.aclose()
-        _output("Consul Connect proxy shutdown")
+        console.output("Consul Connect proxy shutdown")
 
 
 def proxy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
@@ -609,7 +509,7 @@ def proxy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
         print(PROXY_HELP + _flag_set({}).usage(), file=sys.stderr)
         return 1
     except ConfigError as exc:
-        _error(str(exc))
+        console.error(str(exc))
         return 1
     return run_with_signals(options, args)
 
@@ -628,7 +528,7 @@ def _start_workers(options: ProxyOptions, args: Sequence[str]) -> list[subproces
 
 def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
     """Serve `options` on uvloop with Consul's signal behaviour; returns the exit code."""
-    _setup_logging(options.log_level, options.log_json)
+    console.setup_logging(options.log_level, options.log_json)
     workers = _start_workers(options, args)
 
     async def main_async() -> int:
@@ -643,10 +543,12 @@ def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
                     worker.send_signal(signum)
             if signals["count"] == 1:
                 stop.set()  # first: nothing below may prevent the shutdown
-                _output(f"Caught signal: {signal.Signals(signum).name}, draining connections")
+                console.output(
+                    f"Caught signal: {signal.Signals(signum).name}, draining connections"
+                )
             else:
                 # A second signal: the user does not want to wait for the drain.
-                _output("Caught second signal, exiting now")
+                console.output("Caught second signal, exiting now")
                 os._exit(1)
 
         for sig in (signal.SIGINT, signal.SIGTERM):
@@ -661,7 +563,7 @@ def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
         codes = [await asyncio.to_thread(w.wait) for w in workers]
         return max([code, *codes])
 
-    _install_uvloop()
+    console.install_uvloop()
     try:
         return asyncio.run(main_async())
     finally:

@@ -15,7 +15,9 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy.addr import join_host_port, split_host_port
 from proxy.errors import ConfigError
+from proxy.goflags import parse_go_int
 
 
 def timeout_ms(value: Any, name: str, default_ms: float) -> float:
@@ -36,32 +38,6 @@ def timeout_ms(value: Any, name: str, default_ms: float) -> float:
     if not isinstance(value, int | float) or math.isnan(value) or value <= 0:
         raise ConfigError(f"{name} must be a positive number of milliseconds, got {value!r}")
     return float(value) / 1000
-
-
-def join_host_port(host: str, port: int) -> str:
-    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
-
-
-def split_host_port(addr: str, name: str) -> tuple[str, int]:
-    """`host:port` or `[v6]:port`; the host may be empty.
-
-    Raises:
-        ConfigError: no port, or a port that is not 0-65535.
-    """
-    host, sep, port = addr.rpartition(":")
-    if not sep:
-        raise ConfigError(f"{name}: missing port in address {addr!r}")
-    if host.startswith("[") and host.endswith("]"):
-        host = host[1:-1]
-    elif ":" in host:
-        raise ConfigError(f"{name}: too many colons in address {addr!r}")
-    try:
-        number = int(port)
-    except ValueError:
-        raise ConfigError(f"{name}: invalid port in address {addr!r}") from None
-    if not 0 <= number <= 65535:
-        raise ConfigError(f"{name}: port out of range in address {addr!r}")
-    return host, number
 
 
 @dataclass(frozen=True, slots=True)
@@ -208,66 +184,6 @@ def plan_upstreams(
 
 
 # -- command line and environment ---------------------------------------------------------
-
-
-def _underscore_ok(s: str) -> bool:
-    """Go's rule for `_` digit separators with base 0: only between digits (or after a
-    base prefix such as `0x`)."""
-    saw = "^"
-    i = 0
-    if s[:1] in "+-":
-        s = s[1:]
-    if len(s) >= 2 and s[0] == "0" and s[1].lower() in "box":
-        i, saw = 2, "0"
-    for ch in s[i:]:
-        if ch.isascii() and ch.isalnum():
-            saw = "0"
-        elif ch == "_":
-            if saw != "0":
-                return False
-            saw = "_"
-        else:
-            if saw == "_":
-                return False
-            saw = "!"
-    return saw != "_"
-
-
-def parse_go_int(text: str) -> int:
-    """strconv.ParseInt(text, 0, 64): base from the prefix (0x, 0o, 0b, or a leading 0),
-    `_` separators allowed between digits, nothing else (no spaces, one sign at most).
-
-    Raises:
-        ValueError: with Go's message (`strconv.ParseInt: parsing "x": invalid syntax`).
-    """
-    from proxy.goflags import go_quote
-
-    error = ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: invalid syntax")
-    body = text
-    sign = 1
-    if body[:1] in ("+", "-"):
-        sign = -1 if body[0] == "-" else 1
-        body = body[1:]
-    if not body:
-        raise error
-    base = 10
-    digits = body
-    lowered = body.lower()
-    if lowered.startswith(("0x", "0o", "0b")):
-        base = {"x": 16, "o": 8, "b": 2}[lowered[1]]
-        digits = body[2:]
-    elif body[0] == "0" and len(body) > 1:
-        base, digits = 8, body[1:]
-    allowed = "0123456789abcdef"[:base]
-    if "_" in body and not _underscore_ok(body):
-        raise error
-    digits = digits.replace("_", "")
-    if not digits or any(ch.lower() not in allowed for ch in digits):
-        raise error
-    value = sign * int(digits, base)
-    if not -(1 << 63) <= value < (1 << 63):
-        raise ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: value out of range")
-    return value
 
 
 def parse_upstream_flag(value: str) -> UpstreamConfig:

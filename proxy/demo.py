@@ -20,10 +20,12 @@ from collections.abc import Sequence
 
 import httpx
 
+from proxy import console
 from proxy.agent import AgentClient
 from proxy.config import HTTPOptions
 from proxy.goflags import FlagError, FlagSet, HelpRequested
-from proxy.supervisor import AgentConfigSource, Proxy, run
+from proxy.sources import AgentConfigSource
+from proxy.supervisor import Proxy, run
 
 DEMO_HELP = """\
 Usage: connect-proxy demo [-once]
@@ -255,9 +257,8 @@ def demo_main(args: Sequence[str]) -> int:
     if rest:
         print("Should have no non-flag arguments.", file=sys.stderr)
         return 1
-    from proxy.cli import _install_uvloop, _setup_logging
 
-    _setup_logging("WARN", stream=sys.stderr)
+    console.setup_logging("WARN", stream=sys.stderr)
 
     async def main() -> int:
         stop = asyncio.Event()
@@ -267,5 +268,5 @@ def demo_main(args: Sequence[str]) -> int:
                 loop.add_signal_handler(sig, stop.set)
         return await _walkthrough(values.get("once") is True, stop)
 
-    _install_uvloop()
+    console.install_uvloop()
     return asyncio.run(main())

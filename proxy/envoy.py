@@ -34,6 +34,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
+from proxy import console
 from proxy.errors import AgentError, AgentResponseError, ConfigError
 
 DEFAULT_ADMIN_BIND = "localhost:19000"
@@ -523,8 +524,8 @@ async def prepare(options: EnvoyOptions, agent: Any, warn: Any) -> tuple[str, Bo
     Raises:
         ConfigError: with Consul's messages.
     """
-    from proxy.config import split_host_port
-    from proxy.supervisor import lookup_proxy_id_for_sidecar
+    from proxy.addr import split_host_port
+    from proxy.sources import lookup_proxy_id_for_sidecar
 
     proxy_id = options.proxy_id
     if not proxy_id and options.sidecar_for:
@@ -687,7 +688,7 @@ def pipe_bootstrap_main(args: Sequence[str]) -> int:
 def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
     """`connect-proxy envoy`."""
     from proxy.agent import AgentClient
-    from proxy.cli import ProxyOptions, _error, _output, run_with_signals
+    from proxy.cli import ProxyOptions, run_with_signals
     from proxy.goflags import FlagError, HelpRequested
 
     if args and args[0] == "pipe-bootstrap":
@@ -701,7 +702,7 @@ def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
         print(str(exc), file=sys.stderr)
         return 1
     except ConfigError as exc:
-        _error(str(exc))
+        console.error(str(exc))
         return 1
 
     def warn(message: str) -> None:
@@ -720,7 +721,7 @@ def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
             render_bootstrap(boot_args, central_config=not options.no_central_config)
         )
     except ConfigError as exc:
-        _error(str(exc))
+        console.error(str(exc))
         return 1
     if options.bootstrap:
         print(bootstrap)  # Consul's UI.Output adds a newline after the template's own
@@ -734,9 +735,9 @@ def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
             else 'exec: "envoy": executable file not found in $PATH'
         )
         if options.no_fallback:
-            _error(f"Couldn't find envoy binary: {reason}")
+            console.error(f"Couldn't find envoy binary: {reason}")
             return 1
-        _output(
+        console.output(
             f"No Envoy binary found ({reason}); running connect-proxy's built-in proxy for "
             f"proxy ID {proxy_id} instead."
         )
@@ -757,11 +758,11 @@ def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
             )
         )
     if sys.platform not in ("linux", "darwin"):
-        _error(
+        console.error(
             "Directly running Envoy is only supported on linux and macOS since envoy itself "
             "doesn't build on other platforms currently."
         )
-        _error(
+        console.error(
             "Use the -bootstrap option to generate the JSON to use when running envoy on a "
             "supported OS or via a container or VM."
         )
@@ -769,12 +770,12 @@ def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
     if not options.ignore_envoy_compatibility:
         problem = check_envoy_version(binary)
         if problem is not None:
-            _error(problem)
+            console.error(problem)
             return 1
     fifo = deliver_through_fifo(bootstrap)
     argv = envoy_argv(binary, fifo, options.passthrough)
     try:
         os.execve(binary, argv, dict(os.environ))
     except OSError as exc:
-        _error(f"Failed to exec envoy: {exc}")
+        console.error(f"Failed to exec envoy: {exc}")
         return 1

@@ -12,11 +12,15 @@ this module reproduces Go's rules:
   `invalid value "v" for flag -x: <reason>`, `invalid boolean value "v" for -x: parse error`;
 - `-h` and `-help` ask for help.
 
+Also Go's duration syntax (`time.ParseDuration`) and integer syntax (`strconv.ParseInt`
+with base 0), which flag values and Consul's config files use.
+
 Rule 1: pure; no I/O. Values are strings (or bools); the caller converts them.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
@@ -66,6 +70,107 @@ def parse_bool(value: str) -> bool:
     if value in _FALSE:
         return False
     raise ValueError("parse error")
+
+
+# -- Go's duration and integer syntax ---------------------------------------------------
+
+_DURATION_UNITS = {
+    "ns": 1e-9,
+    "us": 1e-6,
+    "\u00b5s": 1e-6,
+    "\u03bcs": 1e-6,
+    "ms": 1e-3,
+    "s": 1.0,
+    "m": 60.0,
+    "h": 3600.0,
+}
+_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
+
+
+def parse_duration(text: str) -> float:
+    """Parse a Go duration string (`10s`, `1m30s`, `250ms`, `1.5h`) into seconds.
+
+    As with Go's time.ParseDuration, a bare number is an error unless it is `0`.
+
+    Raises:
+        ValueError: not a Go duration.
+    """
+    s = text.strip()
+    sign = 1.0
+    if s[:1] in "+-" and s:
+        sign = -1.0 if s[0] == "-" else 1.0
+        s = s[1:]
+    if s == "0":
+        return 0.0
+    if not s:
+        raise ValueError(f'time: invalid duration "{text}"')
+    total = 0.0
+    pos = 0
+    while pos < len(s):
+        m = _DURATION_PART.match(s, pos)
+        if m is None:
+            raise ValueError(f'time: invalid duration "{text}"')
+        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
+        pos = m.end()
+    return sign * total
+
+
+def _underscore_ok(s: str) -> bool:
+    """Go's rule for `_` digit separators with base 0: only between digits (or after a
+    base prefix such as `0x`)."""
+    saw = "^"
+    i = 0
+    if s[:1] in "+-":
+        s = s[1:]
+    if len(s) >= 2 and s[0] == "0" and s[1].lower() in "box":
+        i, saw = 2, "0"
+    for ch in s[i:]:
+        if ch.isascii() and ch.isalnum():
+            saw = "0"
+        elif ch == "_":
+            if saw != "0":
+                return False
+            saw = "_"
+        else:
+            if saw == "_":
+                return False
+            saw = "!"
+    return saw != "_"
+
+
+def parse_go_int(text: str) -> int:
+    """strconv.ParseInt(text, 0, 64): base from the prefix (0x, 0o, 0b, or a leading 0),
+    `_` separators allowed between digits, nothing else (no spaces, one sign at most).
+
+    Raises:
+        ValueError: with Go's message (`strconv.ParseInt: parsing "x": invalid syntax`).
+    """
+    error = ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: invalid syntax")
+    body = text
+    sign = 1
+    if body[:1] in ("+", "-"):
+        sign = -1 if body[0] == "-" else 1
+        body = body[1:]
+    if not body:
+        raise error
+    base = 10
+    digits = body
+    lowered = body.lower()
+    if lowered.startswith(("0x", "0o", "0b")):
+        base = {"x": 16, "o": 8, "b": 2}[lowered[1]]
+        digits = body[2:]
+    elif body[0] == "0" and len(body) > 1:
+        base, digits = 8, body[1:]
+    allowed = "0123456789abcdef"[:base]
+    if "_" in body and not _underscore_ok(body):
+        raise error
+    digits = digits.replace("_", "")
+    if not digits or any(ch.lower() not in allowed for ch in digits):
+        raise error
+    value = sign * int(digits, base)
+    if not -(1 << 63) <= value < (1 << 63):
+        raise ValueError(f"strconv.ParseInt: parsing {go_quote(text)}: value out of range")
+    return value
 
 
 @dataclass(slots=True)

@@ -85,6 +85,9 @@ class SpiffeIDSigning:
 
 SpiffeID = SpiffeIDService | SpiffeIDAgent | SpiffeIDServer | SpiffeIDMeshGateway | SpiffeIDSigning
 
+# An upstream instance: (host, port, the identity its certificate must show).
+Endpoint = tuple[str, int, SpiffeIDService]
+
 
 def parse_spiffe_id(uri: str) -> SpiffeID:
     """Parse a Connect SPIFFE URI.

@@ -20,12 +20,10 @@ from typing import Any
 
 from proxy.agent import AgentClient
 from proxy.errors import AgentError
-from proxy.identity import SpiffeIDService
+from proxy.identity import Endpoint, SpiffeIDService
 from proxy.watch import backoff, next_index
 
 log = logging.getLogger("proxy.upstream")
-
-Endpoint = tuple[str, int, SpiffeIDService]
 
 
 def endpoints_from_entries(entries: Iterable[Mapping[str, Any]]) -> list[Endpoint]:

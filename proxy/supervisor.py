@@ -20,21 +20,19 @@ from typing import Any
 
 from listeners.public import PublicListener
 from listeners.upstream import UpstreamListener
-from proxy.agent import AgentClient, explain
+from proxy.addr import split_host_port
+from proxy.agent import AgentClient
 from proxy.authorize import Authorizer
 from proxy.config import (
     DEFAULT_TLS_ENGINE,
     ProxyConfig,
     UpstreamConfig,
-    load_agent_service,
-    load_managed_proxy,
     plan_upstreams,
-    split_host_port,
 )
-from proxy.errors import AgentError, AgentResponseError, ConfigError
 from proxy.resolve import AgentResolver, WatchingResolver
+from proxy.sources import ConfigSource
 from proxy.tlsstore import TLSStore, describe_engine
-from proxy.watch import BACKOFF_BASE, backoff, watch
+from proxy.watch import BACKOFF_BASE, watch
 
 log = logging.getLogger("proxy")
 
@@ -245,232 +243,6 @@ class Proxy:
         )
 
 
-# -- configuration sources ----------------------------------------------------------------
-
-
-async def lookup_proxy_id_for_sidecar(agent: AgentClient, sidecar_for: str) -> str:
-    """The ID of the one connect-proxy whose DestinationServiceID is `sidecar_for`.
-
-    Raises:
-        ConfigError: none, several, or the lookup failed (Consul's messages).
-    """
-    try:
-        services = (await agent.services()).body or {}
-    except AgentError as exc:
-        raise ConfigError(
-            f"Failed looking up sidecar proxy info for {sidecar_for}: {explain(exc)}"
-        ) from exc
-    ids = sorted(
-        svc.get("ID", "")
-        for svc in services.values()
-        if svc.get("Kind") == "connect-proxy"
-        and (svc.get("Proxy") or {}).get("DestinationServiceID", "").lower() == sidecar_for.lower()
-    )
-    if not ids:
-        raise ConfigError(f"No sidecar proxy registered for {sidecar_for}")
-    if len(ids) > 1:
-        raise ConfigError(
-            f"More than one sidecar proxy registered for {sidecar_for}.\n"
-            f"    Start proxy with -proxy-id and one of the following IDs: {', '.join(ids)}"
-        )
-    return str(ids[0])
-
-
-class AgentConfigSource:
-    """Configs of one proxy service from the agent, by hash-blocking queries.
-
-    `/v1/agent/service/:id` (Consul 1.3+) first; if the agent answers 404 there, or
-    `legacy` is set (a managed proxy of Consul 1.2-1.5), `/v1/agent/connect/proxy/:id`.
-    Errors are retried with the watch backoff; an answer that does not make a valid
-    config is logged and the last good one is kept.
-    """
-
-    def __init__(
-        self,
-        agent: AgentClient,
-        proxy_id: str,
-        *,
-        legacy: bool = False,
-        backoff_base: float = BACKOFF_BASE,
-    ) -> None:
-        self.agent = agent
-        self.proxy_id = proxy_id
-        self.legacy = legacy
-        self.backoff_base = backoff_base
-        self.first_error: ConfigError | None = None
-
-    async def _fetch(self, content_hash: str) -> tuple[Any, str]:
-        if not self.legacy:
-            try:
-                answer = await self.agent.agent_service(self.proxy_id, content_hash)
-                return load_agent_service(answer.body or {}), answer.content_hash
-            except AgentResponseError as exc:
-                if exc.status != 404:
-                    raise
-                log.warning(
-                    "the agent has no service %r at /v1/agent/service/ (%s); trying the "
-                    "managed-proxy endpoint of Consul 1.2-1.5",
-                    self.proxy_id,
-                    exc,
-                )
-                self.legacy = True
-                content_hash = ""
-        answer = await self.agent.managed_proxy(self.proxy_id, content_hash)
-        return load_managed_proxy(answer.body or {}), answer.content_hash
-
-    async def configs(self) -> AsyncIterator[ProxyConfig]:
-        """Each distinct valid config, forever (until the consumer stops)."""
-        content_hash = ""
-        failures = 0
-        last: ProxyConfig | None = None
-        while True:
-            try:
-                config, new_hash = await self._fetch(content_hash)
-            except ConfigError as exc:
-                if last is None:
-                    # Nothing to keep: the proxy cannot start from this (for example the
-                    # service is not a connect-proxy). Consul's proxy waits forever here.
-                    raise
-                log.error(
-                    "ignoring unusable configuration from the agent, keeping the last good one: %s",
-                    exc,
-                )
-                failures += 1
-                await asyncio.sleep(backoff(failures, self.backoff_base))
-                continue
-            except AgentError as exc:
-                failures += 1
-                delay = backoff(failures, self.backoff_base)
-                log.warning(
-                    "Watch errored type=agent_service error=%s retry=%.1fs",
-                    explain(exc, last.service if last else ""),
-                    delay,
-                )
-                content_hash = ""
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            content_hash = new_hash
-            if config != last:
-                log.debug("got new config")
-                last = config
-                yield config
-
-
-class StaticConfigSource:
-    """Flags mode: one config, then nothing."""
-
-    def __init__(self, config: ProxyConfig) -> None:
-        self.config = config
-
-    async def configs(self) -> AsyncIterator[ProxyConfig]:
-        yield self.config
-        await asyncio.Event().wait()  # no more changes, ever
-
-
-# -- -register ----------------------------------------------------------------------------
-
-
-class RegisterMonitor:
-    """`-register`: keep `<svc>-proxy[-<id>]` registered with a TTL check (consul-spec 1.9)."""
-
-    def __init__(
-        self,
-        agent: AgentClient,
-        service: str,
-        address: str,
-        port: int,
-        id_suffix: str = "",
-        *,
-        reconcile_period: float = 30.0,
-        ttl_period: float = 30.0,
-        deregister_delay: float = 0.5,
-    ) -> None:
-        self.agent = agent
-        self.service = service
-        self.address = address
-        self.port = port
-        self.service_id = f"{service}-proxy" + (f"-{id_suffix}" if id_suffix else "")
-        self.service_name = f"{service}-proxy"
-        self.check_id = f"{self.service_id}-ttl"
-        self.reconcile_period = reconcile_period
-        self.ttl_period = ttl_period
-        self.deregister_delay = deregister_delay
-
-    async def register(self) -> None:
-        try:
-            entries = (await self.agent.catalog_service(self.service_name)).body or []
-        except AgentError:
-            entries = []
-        for entry in entries:
-            if (
-                entry.get("ServiceID") == self.service_id
-                and entry.get("ServiceAddress") == self.address
-                and entry.get("ServicePort") == self.port
-            ):
-                log.debug("service already registered, not re-registering")
-                return
-        try:
-            await self.agent.register(
-                {
-                    "Kind": "connect-proxy",
-                    "ID": self.service_id,
-                    "Name": self.service_name,
-                    "Address": self.address,
-                    "Port": self.port,
-                    "Proxy": {"DestinationServiceName": self.service},
-                    "Check": {
-                        "CheckID": self.check_id,
-                        "Name": "proxy heartbeat",
-                        "TTL": f"{self.ttl_period:g}s",
-                        "Notes": "Built-in proxy will heartbeat this check.",
-                        "Status": "passing",
-                    },
-                    "Checks": None,
-                }
-            )
-        except AgentError as exc:
-            log.warning("Failed to register Consul service error=%s", explain(exc, self.service))
-            return
-        log.info("registered Consul service service=%s", self.service_id)
-
-    async def heartbeat(self) -> None:
-        try:
-            await self.agent.pass_ttl(self.check_id)
-        except AgentError as exc:
-            if "does not have associated" not in str(exc):
-                log.warning("heartbeat failed error=%s", explain(exc, self.service))
-
-    async def run(self) -> None:
-        """Register now, then heartbeat every TTL/3 and reconcile every period, until cancelled."""
-        await self.register()
-        loop = asyncio.get_running_loop()
-        next_reconcile = loop.time() + self.reconcile_period
-        next_beat = loop.time() + self.ttl_period / 3
-        while True:
-            # Timers are re-armed after each run, so events never pile up.
-            await asyncio.sleep(max(0.0, min(next_reconcile, next_beat) - loop.time()))
-            now = loop.time()
-            if now >= next_beat:
-                await self.heartbeat()
-                next_beat = loop.time() + self.ttl_period / 3
-            if now >= next_reconcile:
-                await self.register()
-                next_reconcile = loop.time() + self.reconcile_period
-
-    async def deregister(self) -> None:
-        """Deregister, with up to 3 attempts."""
-        for attempt in range(3):
-            try:
-                await self.agent.deregister(self.service_id)
-                log.info("deregistered Consul service service=%s", self.service_id)
-                return
-            except AgentError as exc:
-                log.warning("service deregister failed error=%s", explain(exc, self.service))
-                if attempt < 2:
-                    await asyncio.sleep(self.deregister_delay)
-
-
 # -- running ------------------------------------------------------------------------------
 
 
@@ -494,7 +266,7 @@ async def _next_or_stop(
 
 async def run(
     agent: AgentClient,
-    source: AgentConfigSource | StaticConfigSource,
+    source: ConfigSource,
     stop: asyncio.Event,
     *,
     drain_timeout: float = 10.0,

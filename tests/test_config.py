@@ -17,7 +17,6 @@ from proxy.config import (
     load_tls_engine,
     load_upstream,
     plan_upstreams,
-    split_host_port,
     timeout_ms,
     upstream_key,
 )
@@ -51,42 +50,6 @@ def test_timeout_ms_accepts_ints_floats_and_numeric_strings(value: Any, seconds:
 def test_timeout_ms_rejects_non_positive_or_non_numbers_naming_the_field(value: Any) -> None:
     with pytest.raises(ConfigError, match="handshake_timeout_ms"):
         timeout_ms(value, "handshake_timeout_ms", 10000)
-
-
-# -- split_host_port ----------------------------------------------------------------------
-
-
-@pytest.mark.parametrize(
-    ("addr", "expected"),
-    [
-        ("127.0.0.1:80", ("127.0.0.1", 80)),
-        ("0.0.0.0:21000", ("0.0.0.0", 21000)),
-        ("[::1]:80", ("::1", 80)),
-        ("[fe80::1]:0", ("fe80::1", 0)),
-        (":8080", ("", 8080)),
-        ("localhost:65535", ("localhost", 65535)),
-    ],
-)
-def test_split_host_port_accepts_go_shapes(addr: str, expected: tuple[str, int]) -> None:
-    assert split_host_port(addr, "-listen") == expected
-
-
-@pytest.mark.parametrize(
-    ("addr", "message"),
-    [
-        ("127.0.0.1", "missing port"),
-        ("", "missing port"),
-        ("127.0.0.1:http", "invalid port"),
-        ("127.0.0.1:", "invalid port"),
-        ("127.0.0.1:65536", "port out of range"),
-        ("127.0.0.1:-1", "port out of range"),
-        ("::1:80", "too many colons"),
-        ("a:b:80", "too many colons"),
-    ],
-)
-def test_split_host_port_rejects_with_the_field_name(addr: str, message: str) -> None:
-    with pytest.raises(ConfigError, match=f"^-listen: {message}"):
-        split_host_port(addr, "-listen")
 
 
 # -- load_upstream ------------------------------------------------------------------------

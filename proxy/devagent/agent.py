@@ -22,6 +22,7 @@ from typing import Any
 import httpx
 from aiohttp import web
 
+from proxy.addr import split_host_port
 from proxy.devagent.acl import ACLStore, Authorizer
 from proxy.devagent.ca import CertificateAuthority
 from proxy.devagent.config import AgentConfig
@@ -34,11 +35,6 @@ log = logging.getLogger("devagent")
 # agent does, so a fleet of proxies does not rotate all at once.
 RENEW_MIN, RENEW_MAX = 0.6, 0.9
 OUTPUT_MAX = 4096
-
-
-def _split_host_port(addr: str) -> tuple[str, int]:
-    host, _, port = addr.rpartition(":")
-    return host.strip("[]"), int(port)
 
 
 class DevAgent:
@@ -242,7 +238,7 @@ class DevAgent:
 
     @staticmethod
     async def _probe_tcp(target: str, timeout: float) -> tuple[str, str]:
-        host, port = _split_host_port(target)
+        host, port = split_host_port(target, "TCP check")
         try:
             async with asyncio.timeout(timeout):
                 _, writer = await asyncio.open_connection(host, port)

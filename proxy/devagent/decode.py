@@ -14,10 +14,11 @@ would have reported, never silently coerced.
 from __future__ import annotations
 
 import json
-import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Union
+
+from proxy.goflags import parse_duration
 
 # A field kind is a scalar tag, a nested schema, or a list of one of those.
 Kind = Union[str, "Schema", "ListOf"]
@@ -406,47 +407,6 @@ CA_CONFIG = Schema(
     "CAConfiguration",
     {"Provider": "str", "Config": "raw", "ForceWithoutCrossSigning": "bool"},
 )
-
-
-_DURATION_UNITS = {
-    "ns": 1e-9,
-    "us": 1e-6,
-    "\u00b5s": 1e-6,
-    "\u03bcs": 1e-6,
-    "ms": 1e-3,
-    "s": 1.0,
-    "m": 60.0,
-    "h": 3600.0,
-}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)(ns|us|\u00b5s|\u03bcs|ms|s|m|h)")
-
-
-def parse_duration(text: str) -> float:
-    """Parse a Go duration string (`10s`, `1m30s`, `250ms`, `1.5h`) into seconds.
-
-    As with Go's time.ParseDuration, a bare number is an error unless it is `0`.
-
-    Raises:
-        ValueError: not a Go duration.
-    """
-    s = text.strip()
-    sign = 1.0
-    if s[:1] in "+-" and s:
-        sign = -1.0 if s[0] == "-" else 1.0
-        s = s[1:]
-    if s == "0":
-        return 0.0
-    if not s:
-        raise ValueError(f'time: invalid duration "{text}"')
-    total = 0.0
-    pos = 0
-    while pos < len(s):
-        m = _DURATION_PART.match(s, pos)
-        if m is None:
-            raise ValueError(f'time: invalid duration "{text}"')
-        total += float(m.group(1)) * _DURATION_UNITS[m.group(2)]
-        pos = m.end()
-    return sign * total
 
 
 def duration_seconds(value: object, field: str) -> float:

@@ -29,6 +29,7 @@ from proxy.devagent.state import (
     NotFound,
     StateError,
 )
+from proxy.goflags import parse_duration
 
 if TYPE_CHECKING:
     from proxy.devagent.agent import DevAgent
@@ -134,7 +135,7 @@ def _wait(request: web.Request, default: float) -> float:
     wait = default
     if raw is not None and raw != "":
         try:
-            wait = decode.parse_duration(raw)
+            wait = parse_duration(raw)
         except ValueError as exc:
             raise BadRequest("Invalid wait time") from exc
         if wait <= 0:
@@ -416,7 +417,7 @@ async def ca_configuration(request: web.Request) -> web.StreamResponse:
     cfg = {k.replace("_", "").lower(): v for k, v in (body.get("Config") or {}).items()}
     if "leafcertttl" in cfg:
         try:
-            ttl = decode.parse_duration(str(cfg["leafcertttl"]))
+            ttl = parse_duration(str(cfg["leafcertttl"]))
         except ValueError as exc:
             raise BadRequest(f"Invalid LeafCertTTL: {exc}") from exc
         if ttl <= 0:

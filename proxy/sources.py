@@ -1,0 +1,150 @@
+"""Where a proxy's configuration comes from: the agent (agent and sidecar modes), or flags.
+
+`lookup_proxy_id_for_sidecar` finds the proxy ID of `-sidecar-for`; `AgentConfigSource`
+follows the proxy's registration with hash-blocking queries; `StaticConfigSource` is the one
+config of flags mode. Each satisfies `ConfigSource`: an async iterator of distinct valid
+configs.
+
+Rule 1: a source yields only configs that loaded cleanly; a bad update is logged and the
+last good config is kept.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import AsyncIterator
+from typing import Any, Protocol
+
+from proxy.agent import AgentClient, explain
+from proxy.config import ProxyConfig, load_agent_service, load_managed_proxy
+from proxy.errors import AgentError, AgentResponseError, ConfigError
+from proxy.watch import BACKOFF_BASE, backoff
+
+log = logging.getLogger("proxy")
+
+
+class ConfigSource(Protocol):
+    """A stream of configs for one proxy; the first is the one to start with."""
+
+    def configs(self) -> AsyncIterator[ProxyConfig]: ...
+
+
+async def lookup_proxy_id_for_sidecar(agent: AgentClient, sidecar_for: str) -> str:
+    """The ID of the one connect-proxy whose DestinationServiceID is `sidecar_for`.
+
+    Raises:
+        ConfigError: none, several, or the lookup failed (Consul's messages).
+    """
+    try:
+        services = (await agent.services()).body or {}
+    except AgentError as exc:
+        raise ConfigError(
+            f"Failed looking up sidecar proxy info for {sidecar_for}: {explain(exc)}"
+        ) from exc
+    ids = sorted(
+        svc.get("ID", "")
+        for svc in services.values()
+        if svc.get("Kind") == "connect-proxy"
+        and (svc.get("Proxy") or {}).get("DestinationServiceID", "").lower() == sidecar_for.lower()
+    )
+    if not ids:
+        raise ConfigError(f"No sidecar proxy registered for {sidecar_for}")
+    if len(ids) > 1:
+        raise ConfigError(
+            f"More than one sidecar proxy registered for {sidecar_for}.\n"
+            f"    Start proxy with -proxy-id and one of the following IDs: {', '.join(ids)}"
+        )
+    return str(ids[0])
+
+
+class AgentConfigSource:
+    """Configs of one proxy service from the agent, by hash-blocking queries.
+
+    `/v1/agent/service/:id` (Consul 1.3+) first; if the agent answers 404 there, or
+    `legacy` is set (a managed proxy of Consul 1.2-1.5), `/v1/agent/connect/proxy/:id`.
+    Errors are retried with the watch backoff; an answer that does not make a valid
+    config is logged and the last good one is kept.
+    """
+
+    def __init__(
+        self,
+        agent: AgentClient,
+        proxy_id: str,
+        *,
+        legacy: bool = False,
+        backoff_base: float = BACKOFF_BASE,
+    ) -> None:
+        self.agent = agent
+        self.proxy_id = proxy_id
+        self.legacy = legacy
+        self.backoff_base = backoff_base
+        self.first_error: ConfigError | None = None
+
+    async def _fetch(self, content_hash: str) -> tuple[Any, str]:
+        if not self.legacy:
+            try:
+                answer = await self.agent.agent_service(self.proxy_id, content_hash)
+                return load_agent_service(answer.body or {}), answer.content_hash
+            except AgentResponseError as exc:
+                if exc.status != 404:
+                    raise
+                log.warning(
+                    "the agent has no service %r at /v1/agent/service/ (%s); trying the "
+                    "managed-proxy endpoint of Consul 1.2-1.5",
+                    self.proxy_id,
+                    exc,
+                )
+                self.legacy = True
+                content_hash = ""
+        answer = await self.agent.managed_proxy(self.proxy_id, content_hash)
+        return load_managed_proxy(answer.body or {}), answer.content_hash
+
+    async def configs(self) -> AsyncIterator[ProxyConfig]:
+        """Each distinct valid config, forever (until the consumer stops)."""
+        content_hash = ""
+        failures = 0
+        last: ProxyConfig | None = None
+        while True:
+            try:
+                config, new_hash = await self._fetch(content_hash)
+            except ConfigError as exc:
+                if last is None:
+                    # Nothing to keep: the proxy cannot start from this (for example the
+                    # service is not a connect-proxy). Consul's proxy waits forever here.
+                    raise
+                log.error(
+                    "ignoring unusable configuration from the agent, keeping the last good one: %s",
+                    exc,
+                )
+                failures += 1
+                await asyncio.sleep(backoff(failures, self.backoff_base))
+                continue
+            except AgentError as exc:
+                failures += 1
+                delay = backoff(failures, self.backoff_base)
+                log.warning(
+                    "Watch errored type=agent_service error=%s retry=%.1fs",
+                    explain(exc, last.service if last else ""),
+                    delay,
+                )
+                content_hash = ""
+                await asyncio.sleep(delay)
+                continue
+            failures = 0
+            content_hash = new_hash
+            if config != last:
+                log.debug("got new config")
+                last = config
+                yield config
+
+
+class StaticConfigSource:
+    """Flags mode: one config, then nothing."""
+
+    def __init__(self, config: ProxyConfig) -> None:
+        self.config = config
+
+    async def configs(self) -> AsyncIterator[ProxyConfig]:
+        yield self.config
+        await asyncio.Event().wait()  # no more changes, ever
