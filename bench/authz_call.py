@@ -30,7 +30,7 @@ import httpx  # noqa: E402
 import uvloop  # noqa: E402
 
 from proxy.agent import AgentClient  # noqa: E402
-from proxy.config import HTTPOptions  # noqa: E402
+from proxy.httpflags import HTTPOptions  # noqa: E402
 
 URI = "spiffe://{td}/ns/default/dc/dc1/svc/web"
 

@@ -25,8 +25,8 @@ import httpx
 
 from proxy.addr import split_host_port
 from proxy.agenthttp import KeepAlivePool
-from proxy.config import HTTPOptions
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
+from proxy.httpflags import HTTPOptions
 
 # Watches block for this long per request; the agent adds up to wait/16 of jitter.
 DEFAULT_WAIT = 300.0

@@ -22,8 +22,8 @@ import httpx
 
 from proxy import console
 from proxy.agent import AgentClient
-from proxy.config import HTTPOptions
 from proxy.goflags import FlagError, FlagSet, HelpRequested
+from proxy.httpflags import HTTPOptions
 from proxy.sources import AgentConfigSource
 from proxy.supervisor import Proxy, run
 

@@ -17,9 +17,10 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.agent import AgentClient
-from proxy.config import HTTPOptions, ProxyConfig, PublicListenerConfig, UpstreamConfig
+from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
 from proxy.devagent import DevAgent
 from proxy.devagent.ca import key_id
+from proxy.httpflags import HTTPOptions
 from proxy.supervisor import Proxy
 from tests.certs import load_chain
 

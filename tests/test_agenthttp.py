@@ -20,9 +20,9 @@ from aiohttp import web
 
 from proxy.agent import AgentClient
 from proxy.agenthttp import KeepAlivePool, PoolClosed
-from proxy.config import HTTPOptions
 from proxy.devagent import DevAgent
 from proxy.errors import AgentUnavailable
+from proxy.httpflags import HTTPOptions
 
 OK = b"HTTP/1.1 200 OK\r\nContent-Type: application/json\r\nContent-Length: 2\r\n\r\n{}"
 

@@ -23,9 +23,9 @@ from multidict import CIMultiDict, MultiDict
 
 from proxy.agent import AgentClient
 from proxy.authorize import Authorizer
-from proxy.config import HTTPOptions
 from proxy.devagent import DevAgent
 from proxy.errors import AgentResponseError, AgentUnavailable
+from proxy.httpflags import HTTPOptions
 from proxy.identity import Decision
 from tests.proxyfix import custom_leaf
 

@@ -19,18 +19,18 @@ from aiohttp import web
 
 from proxy import __version__
 from proxy.agent import AgentClient, explain, make_http_client
-from proxy.cli import ProxyOptions, main, parse_proxy_args
+from proxy.command import ProxyOptions, parse_proxy_args
 from proxy.config import (
-    HTTPOptions,
     ProxyConfig,
     PublicListenerConfig,
     UpstreamConfig,
-    load_http_options,
     load_managed_proxy,
 )
 from proxy.devagent import DevAgent
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 from proxy.goflags import FlagError, HelpRequested
+from proxy.httpflags import HTTPOptions, load_http_options
+from proxy.main import main
 from tests.conftest import register
 
 

@@ -18,14 +18,8 @@ import pytest
 
 from proxy.agent import AgentClient
 from proxy.devagent import DevAgent
-from proxy.envoy import (
-    BootstrapArgs,
-    envoy_argv,
-    format_bootstrap,
-    parse_envoy_args,
-    prepare,
-    render_bootstrap,
-)
+from proxy.envoy.bootstrap import BootstrapArgs, format_bootstrap, render_bootstrap
+from proxy.envoy.command import envoy_argv, parse_envoy_args, prepare
 from proxy.errors import ConfigError
 from tests.proxyfix import client_ctx, echo_app, tls_exchange
 

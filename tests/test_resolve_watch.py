@@ -9,9 +9,9 @@ import httpx
 import pytest
 
 from proxy.agent import AgentClient
-from proxy.config import HTTPOptions
 from proxy.devagent import DevAgent
 from proxy.errors import AgentError
+from proxy.httpflags import HTTPOptions
 from proxy.resolve import WatchingResolver
 
 

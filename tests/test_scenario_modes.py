@@ -11,7 +11,7 @@ from typing import Any
 import httpx
 import pytest
 
-from proxy.cli import ProxyOptions, parse_proxy_args, proxy_main, serve
+from proxy.command import ProxyOptions, parse_proxy_args, proxy_main, serve
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.tlsstore import describe_engine
 from tests.proxyfix import (
@@ -155,7 +155,7 @@ async def test_proxy_id_mode_serves_public_listener(agent: DevAgent, logs: LogWa
 
 async def test_legacy_managed_proxy_mode_from_env(logs: LogWaiter) -> None:
     async with (
-        DevAgent(AgentConfig(node_name="n", emulate_consul_1_2=True)) as agent,
+        DevAgent(AgentConfig(node_name="n", http_port=0, emulate_consul_1_2=True)) as agent,
         echo_app() as app,
     ):
         port = _free_port()
@@ -177,7 +177,7 @@ async def test_falls_back_to_managed_proxy_endpoint_on_404(
     logs: LogWaiter,
 ) -> None:
     async with (
-        DevAgent(AgentConfig(node_name="n", emulate_consul_1_2=True)) as agent,
+        DevAgent(AgentConfig(node_name="n", http_port=0, emulate_consul_1_2=True)) as agent,
         echo_app() as app,
     ):
         port = _free_port()
@@ -279,7 +279,11 @@ async def test_403_is_explained_and_the_token_never_printed(
 ) -> None:
     secret = "weak-token-8d7c"
     cfg = AgentConfig(
-        node_name="n", acl_enabled=True, acl_default_policy="deny", acl_initial_management="root"
+        node_name="n",
+        http_port=0,
+        acl_enabled=True,
+        acl_default_policy="deny",
+        acl_initial_management="root",
     )
     async with DevAgent(cfg) as agent:
         async with httpx.AsyncClient(base_url=agent.url, headers={"X-Consul-Token": "root"}) as c:

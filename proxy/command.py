@@ -6,180 +6,28 @@ signal handling and exit codes. It decides nothing else.
 
 from __future__ import annotations
 
-import argparse
 import asyncio
 import contextlib
-import logging
 import os
 import signal
 import subprocess
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
-from pathlib import Path
 
-from proxy import __version__, console
+from proxy import console
 from proxy.addr import split_host_port
 from proxy.config import (
     DEFAULT_TLS_ENGINE,
-    HTTPOptions,
     ProxyConfig,
     UpstreamConfig,
     flags_config,
-    load_http_options,
     load_tls_engine,
     parse_upstream_flag,
 )
 from proxy.errors import ConfigError, ProxyError
-from proxy.goflags import FlagError, FlagSet, HelpRequested
-
-DEV_AGENT_HELP = """\
-Usage: connect-proxy dev-agent [options]
-
-  Runs the embedded Consul-compatible dev agent: the agent HTTP API a Connect
-  proxy uses (services, health, CA roots and leaves, authorize, intentions,
-  prepared queries), with a built-in CA, in memory.
-
-  Start an agent with a web service and its sidecar:
-
-      $ connect-proxy dev-agent -config-file web.json
-
-  where web.json is a Consul agent config file, for example:
-
-      {"service": {"name": "web", "port": 8080,
-                   "connect": {"sidecar_service": {"proxy": {"upstreams": [
-                       {"destination_name": "db", "local_bind_port": 9191}]}}}}}
-"""
-
-
-class _Parser(argparse.ArgumentParser):
-    """Go-flag style: `-flag value`, `-flag=value`, `--flag`; errors exit with code 1."""
-
-    def error(self, message: str) -> None:  # type: ignore[override]
-        self.exit(1, f"{message}\n")
-
-
-def _flag(parser: argparse.ArgumentParser, name: str, **kwargs: object) -> None:
-    parser.add_argument(f"-{name}", f"--{name}", dest=name.replace("-", "_"), **kwargs)  # type: ignore[arg-type]
-
-
-def _split_addr(value: str) -> tuple[str, int]:
-    host, port = split_host_port(value.removeprefix("http://"), "-http-addr")
-    return host or "127.0.0.1", port
-
-
-def dev_agent_main(argv: Sequence[str]) -> int:
-    """`connect-proxy dev-agent`: run the embedded agent until SIGINT/SIGTERM."""
-    from proxy.devagent import DevAgent, load_files
-    from proxy.devagent.config import AgentConfig
-    from proxy.goflags import parse_duration
-
-    parser = _Parser(prog="connect-proxy dev-agent", usage=DEV_AGENT_HELP, add_help=False)
-    _flag(parser, "help", action="store_true")
-    _flag(parser, "http-addr", default="127.0.0.1:8500", help="address of the HTTP API")
-    _flag(
-        parser,
-        "config-file",
-        action="append",
-        default=[],
-        help="Consul agent config file (JSON or HCL); repeatable",
-    )
-    _flag(
-        parser,
-        "config-dir",
-        action="append",
-        default=[],
-        help="directory of .json/.hcl config files; repeatable",
-    )
-    _flag(parser, "datacenter", default=None)
-    _flag(parser, "node", default=None)
-    _flag(parser, "log-level", default="INFO")
-    _flag(parser, "dev", action="store_true", help="accepted for familiarity; always on")
-    _flag(
-        parser,
-        "sidecar-check-interval",
-        default=None,
-        help="interval of sidecar TCP checks (dev agent only)",
-    )
-    _flag(
-        parser,
-        "ca-intermediate",
-        action="store_true",
-        help="sign leaves through an intermediate CA",
-    )
-    args, rest = parser.parse_known_args(list(argv))
-    if args.help:
-        print(DEV_AGENT_HELP)
-        return 0
-    if rest:
-        print(f"unknown arguments: {' '.join(rest)}", file=sys.stderr)
-        return 1
-    console.setup_logging(args.log_level)
-    try:
-        files: list[str] = list(args.config_file)
-        for directory in args.config_dir:
-            d = Path(directory)
-            if not d.is_dir():
-                raise ConfigError(f"-config-dir {directory}: not a directory")
-            files += sorted(str(p) for p in d.iterdir() if p.suffix in (".json", ".hcl"))
-        config = load_files(files, AgentConfig())
-        host, port = _split_addr(args.http_addr)
-        overrides: dict[str, object] = {"http_host": host, "http_port": port}
-        if args.datacenter:
-            overrides["datacenter"] = args.datacenter
-        if args.node:
-            overrides["node_name"] = args.node
-        if args.ca_intermediate:
-            overrides["use_intermediate"] = True
-        if args.sidecar_check_interval:
-            try:
-                overrides["sidecar_check_interval"] = parse_duration(args.sidecar_check_interval)
-            except ValueError as exc:
-                raise ConfigError(f"-sidecar-check-interval: {exc}") from exc
-        from dataclasses import replace
-
-        config = replace(config, **overrides)  # type: ignore[arg-type]
-    except ConfigError as exc:
-        print(f"==> {exc}", file=sys.stderr)
-        return 1
-    for key in config.ignored_keys:
-        logging.getLogger("devagent").info("config key %s is not used by the dev agent", key)
-
-    async def run() -> int:
-        agent = DevAgent(config)
-        stop = asyncio.Event()
-        loop = asyncio.get_running_loop()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
-        try:
-            await agent.start()
-        except OSError as exc:
-            print(f"==> Error starting agent: {exc}", file=sys.stderr)
-            return 1
-        except Exception as exc:
-            print(f"==> Error starting agent: {exc or type(exc).__name__}", file=sys.stderr)
-            await agent.close()
-            return 1
-        print("==> Starting Consul dev agent (connect-proxy)...")
-        for label, value in (
-            ("Datacenter", f"'{agent.state.datacenter}'"),
-            ("Node name", f"'{agent.state.node_name}'"),
-            ("HTTP API address", agent.http_addr),
-            ("Trust domain", agent.state.ca.trust_domain),
-            ("Services", str(len(agent.state.services))),
-        ):
-            print(f"{label:>20}: {value}")
-        print("==> Consul dev agent running!", flush=True)
-        try:
-            await stop.wait()
-            print("==> Caught signal, gracefully shutting down agent...", flush=True)
-        finally:
-            await agent.close()
-        return 0
-
-    console.install_uvloop()
-    return asyncio.run(run())
-
+from proxy.goflags import FlagError, FlagSet, HelpRequested, parse_duration
+from proxy.httpflags import HTTPOptions, add_http_flags, load_http_options
 
 PROXY_HELP = """\
 Usage: connect-proxy [options]
@@ -235,22 +83,6 @@ class ProxyOptions:
     workers: int = 1
     worker_child: bool = False  # one of the -workers processes started by the first
     tls_engine: str = DEFAULT_TLS_ENGINE  # CONNECT_PROXY_TLS_ENGINE (not in Consul)
-
-
-def add_http_flags(fs: FlagSet) -> None:
-    """Consul's HTTP client flags (`-http-addr`, `-token`, ...), shared by the commands."""
-    fs.string(
-        "http-addr", "", "The `address` and port of the Consul HTTP agent (CONSUL_HTTP_ADDR)."
-    )
-    fs.string("token", "", "ACL token to use in the request (CONSUL_HTTP_TOKEN).")
-    fs.string("token-file", "", "File containing the ACL token (CONSUL_HTTP_TOKEN_FILE).")
-    fs.string("ca-file", "", "Path to a CA file for TLS to Consul (CONSUL_CACERT).")
-    fs.string("ca-path", "", "Path to a directory of CA certificates (CONSUL_CAPATH).")
-    fs.string("client-cert", "", "Client certificate for TLS to Consul (CONSUL_CLIENT_CERT).")
-    fs.string("client-key", "", "Client key for TLS to Consul (CONSUL_CLIENT_KEY).")
-    fs.string("tls-server-name", "", "SNI host name for TLS to Consul (CONSUL_TLS_SERVER_NAME).")
-    fs.string("datacenter", "", "Name of the datacenter to query.")
-    fs.boolean("stale", False, "Permit any Consul server to answer.")
 
 
 def _flag_set(
@@ -319,8 +151,6 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         ConfigError: a combination Consul refuses, with its message; an unknown
             CONNECT_PROXY_TLS_ENGINE.
     """
-    from proxy.goflags import parse_duration
-
     upstreams: dict[str, UpstreamConfig] = {}
     given_hosts: dict[str, str] = {}
     values, rest = _flag_set(upstreams, given_hosts).parse(args)
@@ -571,22 +401,3 @@ def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
             if worker.poll() is None:
                 worker.kill()
                 worker.wait()
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    """Entry point of the `connect-proxy` console script and of `python -m proxy`."""
-    args = list(sys.argv[1:] if argv is None else argv)
-    if args and args[0] == "dev-agent":
-        return dev_agent_main(args[1:])
-    if args and args[0] == "envoy":
-        from proxy.envoy import envoy_main
-
-        return envoy_main(args[1:], os.environ)
-    if args and args[0] == "demo":
-        from proxy.demo import demo_main
-
-        return demo_main(args[1:])
-    if args and args[0] in ("version", "-version", "--version"):
-        print(f"connect-proxy {__version__}")
-        return 0
-    return proxy_main(args, os.environ)
