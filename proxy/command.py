@@ -12,11 +12,12 @@ import os
 import signal
 import subprocess
 import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 
 from proxy import console
 from proxy.addr import split_host_port
+from proxy.agent import AgentClient
 from proxy.config import (
     DEFAULT_TLS_ENGINE,
     ProxyConfig,
@@ -28,6 +29,15 @@ from proxy.config import (
 from proxy.errors import ConfigError, ProxyError
 from proxy.goflags import FlagError, FlagSet, HelpRequested, parse_duration
 from proxy.httpflags import HTTPOptions, add_http_flags, load_http_options
+from proxy.register import RegisterMonitor
+from proxy.sources import (
+    AgentConfigSource,
+    ConfigSource,
+    StaticConfigSource,
+    lookup_proxy_id_for_sidecar,
+)
+from proxy.supervisor import ProxySettings, run
+from proxy.watch import BACKOFF_BASE
 
 PROXY_HELP = """\
 Usage: connect-proxy [options]
@@ -76,6 +86,7 @@ class ProxyOptions:
     register: bool
     register_id: str
     listen: str
+    service_addr: str  # -service-addr as given, for the banner
     log_level: str
     log_json: bool
     drain_timeout: float
@@ -207,6 +218,7 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         register=register,
         register_id=text("register-id"),
         listen=listen,
+        service_addr=text("service-addr"),
         log_level=text("log-level") or "INFO",
         log_json=values.get("log-json") is True,
         drain_timeout=drain,
@@ -217,6 +229,55 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
     )
 
 
+def _flags_banner(options: ProxyOptions, cfg: ProxyConfig) -> None:
+    console.info("Configuration mode: Flags")
+    console.info(f"           Service: {cfg.service}")
+    for up in cfg.upstreams:
+        console.info(
+            f"          Upstream: {up.destination_name} => "
+            f"{options.upstream_hosts.get(up.destination_name, up.local_bind_address)}:"
+            f"{up.local_bind_port}"
+        )
+    if cfg.public_listener is not None and options.listen:
+        host, port = split_host_port(options.listen, "-listen")
+        console.info(f"   Public listener: {host}:{port} => {options.service_addr}")
+    else:
+        console.info("   Public listener: Disabled")
+
+
+def _agent_banner(options: ProxyOptions, proxy_id: str) -> None:
+    console.info("Configuration mode: Agent API")
+    if options.mode == "sidecar":
+        console.info(f"    Sidecar for ID: {options.sidecar_for}")
+    console.info(f"          Proxy ID: {proxy_id}")
+    if options.legacy:
+        console.info("      Config from: managed-proxy endpoint (Consul 1.2-1.5)")
+
+
+def _register(
+    options: ProxyOptions, agent: AgentClient, periods: tuple[float, float] | None
+) -> Callable[[int], RegisterMonitor] | None:
+    """With -register (and not in a -workers child), how to make the monitor for a port."""
+    if not options.register or options.static is None or options.worker_child:
+        return None
+    host, _ = split_host_port(options.listen, "-listen")
+    service = options.static.service
+    reconcile, ttl = periods or (30.0, 30.0)
+
+    def monitor(port: int) -> RegisterMonitor:
+        return RegisterMonitor(
+            agent,
+            service,
+            host,
+            port,
+            options.register_id,
+            reconcile_period=reconcile,
+            ttl_period=ttl,
+        )
+
+    return monitor
+
+
 async def serve(
     options: ProxyOptions,
     stop: asyncio.Event,
@@ -225,104 +286,51 @@ async def serve(
     register_periods: tuple[float, float] | None = None,
 ) -> int:
     """Run the proxy described by `options` until `stop` is set. Returns the exit code."""
-    from proxy.agent import AgentClient
-    from proxy.register import RegisterMonitor
-    from proxy.sources import AgentConfigSource, StaticConfigSource, lookup_proxy_id_for_sidecar
-    from proxy.supervisor import run
-    from proxy.watch import BACKOFF_BASE
-
     backoff_base = BACKOFF_BASE if watch_backoff is None else watch_backoff
     try:
         agent = AgentClient(options.http)
     except ConfigError as exc:
         console.error(f"Error connecting to Consul agent: {exc}")
         return 1
-    register_task: asyncio.Task[None] | None = None
-    monitor: RegisterMonitor | None = None
     try:
         console.output("Consul Connect proxy starting...")
-        source: AgentConfigSource | StaticConfigSource
-        proxy_id = options.proxy_id
-        if options.mode == "sidecar":
-            try:
-                proxy_id = await lookup_proxy_id_for_sidecar(agent, options.sidecar_for)
-            except ConfigError as exc:
-                console.error(f"Error preparing configuration: {exc}")
-                return 1
-        if options.mode in ("agent", "sidecar"):
-            console.info("Configuration mode: Agent API")
+        source: ConfigSource
+        if options.static is None:
+            proxy_id = options.proxy_id
             if options.mode == "sidecar":
-                console.info(f"    Sidecar for ID: {options.sidecar_for}")
-            console.info(f"          Proxy ID: {proxy_id}")
-            if options.legacy:
-                console.info("      Config from: managed-proxy endpoint (Consul 1.2-1.5)")
+                try:
+                    proxy_id = await lookup_proxy_id_for_sidecar(agent, options.sidecar_for)
+                except ConfigError as exc:
+                    console.error(f"Error preparing configuration: {exc}")
+                    return 1
+            _agent_banner(options, proxy_id)
             source = AgentConfigSource(
                 agent, proxy_id, legacy=options.legacy, backoff_base=backoff_base
             )
         else:
-            assert options.static is not None
-            cfg = options.static
-            console.info("Configuration mode: Flags")
-            console.info(f"           Service: {cfg.service}")
-            for up in cfg.upstreams:
-                console.info(
-                    f"          Upstream: {up.destination_name} => "
-                    f"{options.upstream_hosts.get(up.destination_name, up.local_bind_address)}:"
-                    f"{up.local_bind_port}"
-                )
-            if cfg.public_listener is not None and options.listen:
-                host, port = split_host_port(options.listen, "-listen")
-                console.info(
-                    f"   Public listener: {host}:{port} => "
-                    f"{cfg.public_listener.local_service_address}"
-                )
-            else:
-                console.info("   Public listener: Disabled")
-            source = StaticConfigSource(cfg)
+            _flags_banner(options, options.static)
+            source = StaticConfigSource(options.static)
         console.info("")
         console.output("Log data will now stream in as it occurs:\n")
-
-        async def on_ready(proxy: object) -> None:
-            nonlocal register_task, monitor
-            if not options.register or options.static is None or options.worker_child:
-                return
-            from proxy.supervisor import Proxy
-
-            assert isinstance(proxy, Proxy) and proxy.public is not None
-            host, _ = split_host_port(options.listen, "-listen")
-            reconcile, ttl = register_periods or (30.0, 30.0)
-            monitor = RegisterMonitor(
-                agent,
-                options.static.service,
-                host,
-                proxy.public.port,
-                options.register_id,
-                reconcile_period=reconcile,
-                ttl_period=ttl,
-            )
-            register_task = asyncio.get_running_loop().create_task(monitor.run(), name="register")
-
+        settings = ProxySettings(
+            drain_timeout=options.drain_timeout,
+            watch_backoff=backoff_base,
+            reuse_port=options.workers > 1 or options.worker_child,
+            tls_engine=options.tls_engine,
+        )
         try:
             await run(
                 agent,
                 source,
                 stop,
-                drain_timeout=options.drain_timeout,
-                watch_backoff=backoff_base,
-                on_ready=on_ready,
-                reuse_port=options.workers > 1 or options.worker_child,
-                tls_engine=options.tls_engine,
+                settings,
+                register=_register(options, agent, register_periods),
             )
         except (ProxyError, OSError) as exc:
             console.error(f"Failed running proxy: {exc}")
             return 1
         return 0
     finally:
-        if register_task is not None:
-            register_task.cancel()
-            await asyncio.gather(register_task, return_exceptions=True)
-        if monitor is not None:
-            await monitor.deregister()
         await agent.aclose()
         console.output("Consul Connect proxy shutdown")
 

@@ -40,15 +40,21 @@ def timeout_ms(value: Any, name: str, default_ms: float) -> float:
     return float(value) / 1000
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, kw_only=True)
 class PublicListenerConfig:
     """The inbound mTLS listener (`ProxyConfig.public_listener` None: none; port 0: any free)."""
 
     bind_address: str = "0.0.0.0"
     bind_port: int = 0
-    local_service_address: str = ""  # host:port of the app
+    local_service_host: str = "127.0.0.1"  # the app, parsed once at load
+    local_service_port: int = 0
     local_connect_timeout: float = 1.0
     handshake_timeout: float = 10.0
+
+    @property
+    def local_service_address(self) -> str:
+        """The app's `host:port`."""
+        return join_host_port(self.local_service_host, self.local_service_port)
 
 
 @dataclass(frozen=True, slots=True)
@@ -66,7 +72,7 @@ class UpstreamConfig:
     config: Mapping[str, Any] = field(default_factory=dict, compare=True, hash=False)
 
     @property
-    def identity(self) -> str:
+    def label(self) -> str:
         """`<addr>:<port>-><type>:<partition>/<ns>/<name>`, as Consul's proxy logs it."""
         return (
             f"{join_host_port(self.local_bind_address, self.local_bind_port)}->"
@@ -148,7 +154,8 @@ def load_agent_service(service: Mapping[str, Any]) -> ProxyConfig:
         public = PublicListenerConfig(
             bind_address=service.get("Address") or "0.0.0.0",
             bind_port=int(port),
-            local_service_address=join_host_port(local_host, int(local_port)),
+            local_service_host=local_host,
+            local_service_port=int(local_port),
             local_connect_timeout=timeout_ms(
                 config.get("local_connect_timeout_ms"), "local_connect_timeout_ms", 1000
             ),
@@ -236,9 +243,12 @@ def flags_config(
                 "-service-addr must be specified with -listen so the proxy knows the "
                 "backend service address."
             )
-        split_host_port(service_addr, "-service-addr")
+        app_host, app_port = split_host_port(service_addr, "-service-addr")
         public = PublicListenerConfig(
-            bind_address=host or "0.0.0.0", bind_port=port, local_service_address=service_addr
+            bind_address=host or "0.0.0.0",
+            bind_port=port,
+            local_service_host=app_host,
+            local_service_port=app_port,
         )
     return ProxyConfig(
         service=service,
@@ -269,11 +279,12 @@ def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
         local = config.get("local_service_address") or ""
         if not isinstance(local, str) or not local:
             raise ConfigError("local_service_address must be set")
-        split_host_port(local, "local_service_address")
+        app_host, app_port = split_host_port(local, "local_service_address")
         public = PublicListenerConfig(
             bind_address=str(config.get("bind_address") or "0.0.0.0"),
             bind_port=port,
-            local_service_address=local,
+            local_service_host=app_host,
+            local_service_port=app_port,
             local_connect_timeout=timeout_ms(
                 config.get("local_connect_timeout_ms"), "local_connect_timeout_ms", 1000
             ),

@@ -38,10 +38,28 @@ Options:
 """
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+class ReservedPorts:
+    """Ports the registrations name before anything listens on them, held until it does.
+
+    Each is bound (SO_REUSEADDR, never listening), so the kernel hands it to nobody else,
+    while the sidecars, which bind with SO_REUSEADDR too, can still take it. Closing a
+    probe socket and hoping the port stays free would race with every other program.
+    """
+
+    def __init__(self) -> None:
+        self._held: list[socket.socket] = []
+
+    def take(self) -> int:
+        sock = socket.socket()
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind(("127.0.0.1", 0))
+        self._held.append(sock)
+        return int(sock.getsockname()[1])
+
+    def release(self) -> None:
+        for sock in self._held:
+            sock.close()
+        self._held.clear()
 
 
 class _DbApp:
@@ -107,21 +125,22 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
     ready = {name: asyncio.Event() for name in ("db", "web")}
     stop_proxies = asyncio.Event()
     clients: list[AgentClient] = []
-    upstream_port = _free_port()
+    ports = ReservedPorts()
+    upstream_port = ports.take()
     try:
         _say(f"==> Dev agent running at {agent.url} (trust domain {agent.state.ca.trust_domain})")
         for body in (
             {
                 "Name": "db",
                 "Port": app.port,
-                "Connect": {"SidecarService": {"Port": _free_port(), "Address": "127.0.0.1"}},
+                "Connect": {"SidecarService": {"Port": ports.take(), "Address": "127.0.0.1"}},
             },
             {
                 "Name": "web",
-                "Port": _free_port(),
+                "Port": ports.take(),
                 "Connect": {
                     "SidecarService": {
-                        "Port": _free_port(),
+                        "Port": ports.take(),
                         "Address": "127.0.0.1",
                         "Proxy": {
                             "Upstreams": [{"DestinationName": "db", "LocalBindPort": upstream_port}]
@@ -155,6 +174,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         async with asyncio.timeout(15):
             await ready["db"].wait()
             await ready["web"].wait()
+        ports.release()
         db, web = proxies["db"], proxies["web"]
         assert db.public is not None and db.tls.material and web.tls.material
         _say(f"    db  identity: {db.tls.material.leaf.uri}")
@@ -234,6 +254,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         await stop.wait()
         return 0 if ok else 1
     finally:
+        ports.release()
         stop_proxies.set()
         await asyncio.gather(*tasks, return_exceptions=True)
         for client in clients:

@@ -1,11 +1,14 @@
-"""Proxy: owns the certificate watches, the listeners, and their lifecycles.
+"""Proxy: owns the certificate watches, the listeners, and their lifecycles; `run` serves
+the configs of a config source with it.
 
 Wires the parts: two blocking watches (roots, and the leaf of the proxied service) feed the
 TLSStore; upstream listeners bind at once (their connections wait for certificates); the
 public listener binds once the certificates are ready. `apply()` moves a running proxy to a
 new ProxyConfig by diffing it against the current one.
 
-Rule 1: every task has an owner (this object) and is cancelled by `close()`.
+Rule 1: every task has an owner: the proxy's TaskGroup (watches, the public listener's bind,
+listeners draining after a change, the -register monitor), or a listener (its connections).
+No task of the group ever raises: each logs its own failure.
 Rule 2: shutdown order: stop accepting, let connections finish up to the drain timeout, cancel
 the rest, stop the watches.
 """
@@ -15,12 +18,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
+from collections.abc import Awaitable, Callable, Coroutine
+from dataclasses import dataclass
+from typing import Any, TypeVar
 
 from listeners.public import PublicListener
 from listeners.upstream import UpstreamListener
-from proxy.addr import split_host_port
 from proxy.agent import AgentClient
 from proxy.authorize import Authorizer
 from proxy.config import (
@@ -28,7 +31,9 @@ from proxy.config import (
     ProxyConfig,
     UpstreamConfig,
     plan_upstreams,
+    upstream_key,
 )
+from proxy.register import RegisterMonitor
 from proxy.resolve import AgentResolver, WatchingResolver
 from proxy.sources import ConfigSource
 from proxy.tlsstore import TLSStore, describe_engine
@@ -36,33 +41,55 @@ from proxy.watch import BACKOFF_BASE, watch
 
 log = logging.getLogger("proxy")
 
+T = TypeVar("T")
+
+
+@dataclass(frozen=True, slots=True)
+class ProxySettings:
+    """How a proxy runs, whatever its config: the same for every config of one process."""
+
+    drain_timeout: float = 10.0  # connections' grace after a stop or a listener change
+    watch_backoff: float = BACKOFF_BASE  # base of the blocking watches' retry backoff
+    reuse_port: bool = False  # -workers: several processes bind each listener
+    tls_engine: str = DEFAULT_TLS_ENGINE
+
+
+@dataclass(slots=True)
+class _Upstream:
+    """One running upstream: its config, its listener, and how it finds instances."""
+
+    config: UpstreamConfig
+    listener: UpstreamListener
+    resolver: AgentResolver | WatchingResolver
+
+    async def close_resolver(self) -> None:
+        if isinstance(self.resolver, WatchingResolver):
+            await self.resolver.aclose()
+
 
 class Proxy:
-    """One running proxy for one proxied service."""
+    """One running proxy for one proxied service.
+
+    `start()` and `close()` bracket its life (`close()` is idempotent); both must be awaited
+    by the same task, which owns the proxy's TaskGroup.
+    """
 
     def __init__(
-        self,
-        agent: AgentClient,
-        config: ProxyConfig,
-        *,
-        drain_timeout: float = 10.0,
-        watch_backoff: float = BACKOFF_BASE,
-        reuse_port: bool = False,
-        tls_engine: str = DEFAULT_TLS_ENGINE,
+        self, agent: AgentClient, config: ProxyConfig, settings: ProxySettings | None = None
     ) -> None:
         self.agent = agent
         self.config = config
-        self.reuse_port = reuse_port
-        self.drain_timeout = drain_timeout
-        self.watch_backoff = watch_backoff
-        self.tls = TLSStore(tls_engine)
+        self.settings = settings or ProxySettings()
+        self.tls = TLSStore(self.settings.tls_engine)
         self.public: PublicListener | None = None
-        self.upstreams: dict[tuple[str, int], UpstreamListener] = {}
-        self._resolvers: dict[tuple[str, int], WatchingResolver] = {}
-        self._upstream_configs: dict[tuple[str, int], UpstreamConfig] = {}
+        self._upstreams: dict[tuple[str, int], _Upstream] = {}
+        self._tasks = asyncio.TaskGroup()
         self._watches: list[asyncio.Task[None]] = []
-        self._draining: set[asyncio.Task[None]] = set()
+        self._background: set[asyncio.Task[None]] = set()  # cancelled at close
+        self._draining: set[asyncio.Task[None]] = set()  # awaited at close
         self._public_task: asyncio.Task[None] | None = None
+        self._public_error: BaseException | None = None
+        self._started = False
         self._closed = False
 
     # -- lifecycle -----------------------------------------------------------------------
@@ -73,35 +100,50 @@ class Proxy:
         Raises:
             OSError: with `strict`, an upstream listener cannot be bound.
         """
+        await self._tasks.__aenter__()
+        self._started = True
         self._start_watches()
         await self.apply(self.config, force=True, strict=strict)
 
     async def wait_ready(self) -> None:
-        """Certificates loaded and the public listener (if any) bound."""
+        """Certificates loaded and the public listener (if any) bound.
+
+        Raises:
+            OSError: the public listener could not be bound.
+        """
         await self.tls.wait_ready()
         if self._public_task is not None:
             await asyncio.shield(self._public_task)
+        if self._public_error is not None:
+            raise self._public_error
+
+    @property
+    def upstreams(self) -> dict[tuple[str, int], UpstreamListener]:
+        """The running upstream listeners, by (bind address, port)."""
+        return {key: u.listener for key, u in self._upstreams.items()}
+
+    def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        """Run `coro` in the proxy's TaskGroup until it ends or the proxy closes."""
+        task = self._tasks.create_task(_logged(coro, name), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     async def close(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, drain connections (bounded), stop the watches. Idempotent."""
-        if self._closed:
+        if self._closed or not self._started:
             return
         self._closed = True
-        timeout = self.drain_timeout if drain_timeout is None else drain_timeout
-        closers = [u.close(timeout) for u in self.upstreams.values()]
-        if self._public_task is not None:
-            self._public_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
-                await self._public_task
+        timeout = self.settings.drain_timeout if drain_timeout is None else drain_timeout
+        closers = [u.listener.close(timeout) for u in self._upstreams.values()]
+        await self._stop_public_bind()
         if self.public is not None:
             closers.append(self.public.close(timeout))
         await asyncio.gather(*closers, *self._draining)
-        for resolver in self._resolvers.values():
-            await resolver.aclose()
-        self._resolvers.clear()
-        for task in self._watches:
+        for upstream in self._upstreams.values():
+            await upstream.close_resolver()
+        for task in (*self._watches, *self._background):
             task.cancel()
-        await asyncio.gather(*self._watches, return_exceptions=True)
+        await self._tasks.__aexit__(None, None, None)
 
     # -- certificates --------------------------------------------------------------------
 
@@ -118,25 +160,24 @@ class Proxy:
             body = answer.body or {}
             return (body.get("CertPEM", ""), body.get("PrivateKeyPEM", "")), answer.index
 
-        loop = asyncio.get_running_loop()
         self._watches = [
-            loop.create_task(
+            self._tasks.create_task(
                 watch(
                     "connect_roots",
                     fetch_roots,
                     self.tls.set_roots,
                     log=log,
-                    backoff_base=self.watch_backoff,
+                    backoff_base=self.settings.watch_backoff,
                 ),
                 name="watch roots",
             ),
-            loop.create_task(
+            self._tasks.create_task(
                 watch(
                     "connect_leaf",
                     fetch_leaf,
                     lambda leaf: self.tls.set_leaf(*leaf),
                     log=log,
-                    backoff_base=self.watch_backoff,
+                    backoff_base=self.settings.watch_backoff,
                     service=service,
                 ),
                 name=f"watch leaf {service}",
@@ -148,197 +189,207 @@ class Proxy:
     async def apply(
         self, config: ProxyConfig, *, force: bool = False, strict: bool = False
     ) -> None:
-        """Move to `config`: start, stop or rebind only the listeners that changed."""
+        """Move to `config`: start, stop or rebind only the listeners that changed.
+
+        A listener that cannot be bound is logged as an error and the rest keeps serving;
+        with `strict` (the first config) an upstream's bind error is raised instead, and the
+        public listener's is raised by `wait_ready()`.
+        """
         old = self.config
         if config.service != old.service:
             raise ValueError("the proxied service of a running proxy cannot change")
         self.config = config
-        stop, start = plan_upstreams(self._upstream_configs, config.upstreams)
+        running = {key: u.config for key, u in self._upstreams.items()}
+        stop, start = plan_upstreams(running, config.upstreams)
         for key in stop:
-            listener = self.upstreams.pop(key)
-            log.info("stopping upstream listener %s", self._upstream_configs.pop(key).identity)
+            upstream = self._upstreams.pop(key)
+            log.info("stopping upstream listener %s", upstream.config.label)
             # Stop accepting now, so a changed upstream can bind again at once; its open
             # connections drain in the background (awaited by close()).
-            listener.stop_accepting()
-            resolver = self._resolvers.pop(key, None)
-            if resolver is not None:
-                await resolver.aclose()
-            task = asyncio.get_running_loop().create_task(listener.close(self.drain_timeout))
-            self._draining.add(task)
-            task.add_done_callback(self._draining.discard)
-        for upstream in start:
-            await self._start_upstream(upstream, strict=strict)
+            upstream.listener.stop_accepting()
+            await upstream.close_resolver()
+            self._drain(upstream.listener.close(self.settings.drain_timeout), "drain upstream")
+        for upstream_config in start:
+            await self._start_upstream(upstream_config, strict=strict)
         if force or config.public_listener != old.public_listener:
-            await self._restart_public()
+            await self._restart_public(strict=strict)
 
-    async def _start_upstream(self, upstream: UpstreamConfig, *, strict: bool = False) -> None:
-        key = (upstream.local_bind_address, upstream.local_bind_port)
-        resolver: AgentResolver | WatchingResolver
+    def _drain(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = self._tasks.create_task(_logged(coro, name), name=name)
+        self._draining.add(task)
+        task.add_done_callback(self._draining.discard)
+
+    def _resolver(self, upstream: UpstreamConfig) -> AgentResolver | WatchingResolver:
         if upstream.destination_type == "prepared_query":
             # A prepared query cannot be watched: it is executed per connection, as in Consul.
-            resolver = AgentResolver(
+            return AgentResolver(
                 self.agent,
                 upstream.destination_name,
                 destination_type="prepared_query",
                 datacenter=upstream.datacenter,
             )
-        else:
-            resolver = WatchingResolver(
-                self.agent,
-                upstream.destination_name,
-                datacenter=upstream.datacenter,
-                backoff_base=self.watch_backoff,
-            )
-            self._resolvers[key] = resolver
+        return WatchingResolver(
+            self.agent,
+            upstream.destination_name,
+            datacenter=upstream.datacenter,
+            backoff_base=self.settings.watch_backoff,
+        )
+
+    async def _start_upstream(self, config: UpstreamConfig, *, strict: bool = False) -> None:
+        resolver = self._resolver(config)
         listener = UpstreamListener(
-            name=upstream.destination_name,
-            bind_host=upstream.local_bind_address,
-            bind_port=upstream.local_bind_port,
+            name=config.destination_name,
+            bind_host=config.local_bind_address,
+            bind_port=config.local_bind_port,
             contexts=self.tls,
             resolver=resolver,
-            connect_timeout=upstream.connect_timeout,
-            reuse_port=self.reuse_port,
+            connect_timeout=config.connect_timeout,
+            reuse_port=self.settings.reuse_port,
         )
         try:
             await listener.start()
         except OSError as exc:
-            log.error("failed to start upstream listener %s: %s", upstream.identity, exc)
-            if isinstance(resolver, WatchingResolver):
-                self._resolvers.pop(key, None)
+            log.error("failed to start upstream listener %s: %s", config.label, exc)
             if strict:
                 raise
             return
-        self.upstreams[key] = listener
-        self._upstream_configs[key] = upstream
+        self._upstreams[upstream_key(config)] = _Upstream(config, listener, resolver)
 
-    async def _restart_public(self) -> None:
+    async def _stop_public_bind(self) -> None:
         if self._public_task is not None:
             self._public_task.cancel()
-            with contextlib.suppress(asyncio.CancelledError, OSError):
+            with contextlib.suppress(asyncio.CancelledError):
                 await self._public_task
             self._public_task = None
+
+    async def _restart_public(self, *, strict: bool = False) -> None:
+        await self._stop_public_bind()
+        self._public_error = None
         if self.public is not None:
             old_public, self.public = self.public, None
             old_public.stop_accepting()
-            task = asyncio.get_running_loop().create_task(old_public.close(self.drain_timeout))
-            self._draining.add(task)
-            task.add_done_callback(self._draining.discard)
+            self._drain(old_public.close(self.settings.drain_timeout), "drain public listener")
         cfg = self.config.public_listener
         if cfg is None:
             return
-        app_host, app_port = split_host_port(cfg.local_service_address, "local_service_address")
         self.public = PublicListener(
             bind_host=cfg.bind_address,
             bind_port=cfg.bind_port,
-            app_host=app_host,
-            app_port=app_port,
+            app_host=cfg.local_service_host,
+            app_port=cfg.local_service_port,
             contexts=self.tls,
             authorizer=Authorizer(self.agent, self.config.service),
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,
-            reuse_port=self.reuse_port,
+            reuse_port=self.settings.reuse_port,
         )
-        self._public_task = asyncio.get_running_loop().create_task(
-            self.public.start(), name="public listener"
+        self._public_task = self._tasks.create_task(
+            self._bind_public(self.public, report=not strict), name="public listener"
         )
+
+    async def _bind_public(self, listener: PublicListener, *, report: bool) -> None:
+        """Bind once the certificates are ready; a failure is kept for `wait_ready()`."""
+        try:
+            await listener.start()
+        except Exception as exc:  # CancelledError is a BaseException and passes
+            self._public_error = exc
+            if report:
+                log.error("failed to start public listener %s: %s", listener.address, exc)
+
+
+async def _logged(coro: Awaitable[None], name: str) -> None:
+    """Run a task of the proxy's group: a failure is logged, never raised into the group."""
+    try:
+        await coro
+    except Exception:
+        log.exception("%s failed", name)
 
 
 # -- running ------------------------------------------------------------------------------
 
 
-async def _next_or_stop(
-    configs: AsyncIterator[ProxyConfig], stop: asyncio.Event
-) -> ProxyConfig | None:
-    """The next config, or None once `stop` is set first."""
-    nxt = asyncio.ensure_future(anext(configs))
+class _Stopped(Exception):
+    """`stop` was set before the awaited thing happened."""
+
+
+async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
+    """The result of `awaitable`, unless `stop` is set first (then it is cancelled).
+
+    Raises:
+        _Stopped: `stop` came first.
+    """
+    task = asyncio.ensure_future(awaitable)
     stopper = asyncio.ensure_future(stop.wait())
     try:
-        await asyncio.wait({nxt, stopper}, return_when=asyncio.FIRST_COMPLETED)
+        await asyncio.wait({task, stopper}, return_when=asyncio.FIRST_COMPLETED)
     finally:
         stopper.cancel()
-    if nxt.done():
-        return nxt.result()
-    nxt.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
     with contextlib.suppress(asyncio.CancelledError, StopAsyncIteration):
-        await nxt
-    return None
+        await task
+    raise _Stopped
 
 
 async def run(
     agent: AgentClient,
     source: ConfigSource,
     stop: asyncio.Event,
+    settings: ProxySettings | None = None,
     *,
-    drain_timeout: float = 10.0,
-    watch_backoff: float = BACKOFF_BASE,
     on_ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
-    reuse_port: bool = False,
-    tls_engine: str = DEFAULT_TLS_ENGINE,
+    register: Callable[[int], RegisterMonitor] | None = None,
 ) -> None:
     """Serve configs from `source` until `stop` is set, then drain and close.
 
     The first config must start cleanly: every listener bound. Later configs are applied
     live; a listener that cannot be bound then is logged and the rest keeps serving.
 
+    Args:
+        register: with `-register`, makes the monitor for the bound public port; it runs
+            while the proxy serves, and deregisters at the end.
+
     Raises:
         ConfigError: the first config is unusable.
         OSError: a listener of the first config cannot be bound.
     """
-    log.info("TLS engine: %s", describe_engine(tls_engine))
+    settings = settings or ProxySettings()
+    log.info("TLS engine: %s", describe_engine(settings.tls_engine))
     configs = source.configs()
     proxy: Proxy | None = None
+    monitor: RegisterMonitor | None = None
     try:
-        first = await _next_or_stop(configs, stop)
-        if first is None:
-            return
-        proxy = Proxy(
-            agent,
-            first,
-            drain_timeout=drain_timeout,
-            watch_backoff=watch_backoff,
-            reuse_port=reuse_port,
-            tls_engine=tls_engine,
-        )
+        proxy = Proxy(agent, await _unless_stopped(anext(configs), stop), settings)
         await proxy.start(strict=True)
-        ready = asyncio.ensure_future(proxy.wait_ready())
-        stopper = asyncio.ensure_future(stop.wait())
-        try:
-            await asyncio.wait({ready, stopper}, return_when=asyncio.FIRST_COMPLETED)
-        finally:
-            stopper.cancel()
-        if not ready.done():
-            ready.cancel()
-            return
-        ready.result()  # raises the public listener's bind error
+        await _unless_stopped(proxy.wait_ready(), stop)
         log.info("Proxy loaded config and ready to serve")
+        if register is not None and proxy.public is not None:
+            monitor = register(proxy.public.port)
+            proxy.spawn(monitor.run(), "register")
         if on_ready is not None:
             result = on_ready(proxy)
             if result is not None:
                 await result
         while True:
-            config = await _next_or_stop(configs, stop)
-            if config is None:
-                return
-            if config.service != proxy.config.service:
-                log.info(
-                    "proxied service changed from %s to %s: restarting",
-                    proxy.config.service,
-                    config.service,
-                )
-                await proxy.close()
-                proxy = Proxy(
-                    agent,
-                    config,
-                    drain_timeout=drain_timeout,
-                    watch_backoff=watch_backoff,
-                    reuse_port=reuse_port,
-                    tls_engine=tls_engine,
-                )
-                await proxy.start()
-            else:
+            config = await _unless_stopped(anext(configs), stop)
+            if config.service == proxy.config.service:
                 await proxy.apply(config)
+                continue
+            log.info(
+                "proxied service changed from %s to %s: restarting",
+                proxy.config.service,
+                config.service,
+            )
+            await proxy.close()
+            proxy = Proxy(agent, config, settings)
+            await proxy.start()
+    except _Stopped:
+        return
     finally:
         with contextlib.suppress(Exception):
             await configs.aclose()  # type: ignore[attr-defined]
         if proxy is not None:
-            await proxy.close(drain_timeout)
+            await proxy.close(settings.drain_timeout)
+        if monitor is not None:
+            await monitor.deregister()

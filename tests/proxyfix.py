@@ -21,7 +21,7 @@ from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
 from proxy.devagent import DevAgent
 from proxy.devagent.ca import key_id
 from proxy.httpflags import HTTPOptions
-from proxy.supervisor import Proxy
+from proxy.supervisor import Proxy, ProxySettings
 from tests.certs import load_chain
 
 
@@ -106,7 +106,8 @@ async def running_proxy(
 ) -> AsyncIterator[Proxy]:
     if TLS_ENGINE is not None:
         kwargs.setdefault("tls_engine", TLS_ENGINE)
-    proxy = Proxy(agent_client(agent), config, watch_backoff=0.05, **kwargs)  # type: ignore[arg-type]
+    settings = ProxySettings(watch_backoff=0.05, **kwargs)  # type: ignore[arg-type]
+    proxy = Proxy(agent_client(agent), config, settings)
     await proxy.start()
     try:
         async with asyncio.timeout(5):
@@ -125,7 +126,8 @@ async def db_sidecar(agent: DevAgent, app: EchoApp, **public: object) -> AsyncIt
         public_listener=PublicListenerConfig(
             bind_address="127.0.0.1",
             bind_port=0,
-            local_service_address=f"127.0.0.1:{app.port}",
+            local_service_host="127.0.0.1",
+            local_service_port=app.port,
             **public,  # type: ignore[arg-type]
         ),
     )

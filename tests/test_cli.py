@@ -184,7 +184,10 @@ def test_listen_with_empty_host_binds_all_interfaces() -> None:
     options = parse("-service", "web", "-listen", ":4567", "-service-addr", "127.0.0.1:1234")
     assert options.static is not None
     assert options.static.public_listener == PublicListenerConfig(
-        bind_address="0.0.0.0", bind_port=4567, local_service_address="127.0.0.1:1234"
+        bind_address="0.0.0.0",
+        bind_port=4567,
+        local_service_host="127.0.0.1",
+        local_service_port=1234,
     )
     assert options.listen == ":4567"
 
@@ -916,7 +919,8 @@ EXPECTED_MANAGED = ProxyConfig(
     public_listener=PublicListenerConfig(
         bind_address="127.0.0.1",
         bind_port=21000,
-        local_service_address="127.0.0.1:8080",
+        local_service_host="127.0.0.1",
+        local_service_port=8080,
         local_connect_timeout=0.5,
         handshake_timeout=10.0,
     ),

@@ -193,7 +193,7 @@ def test_upstream_config_that_is_not_an_object_is_refused() -> None:
     ],
 )
 def test_upstream_identity_is_consuls_log_format(upstream: UpstreamConfig, identity: str) -> None:
-    assert upstream.identity == identity
+    assert upstream.label == identity
 
 
 # -- load_agent_service -------------------------------------------------------------------
@@ -232,7 +232,8 @@ async def test_agent_sidecar_service_becomes_a_proxy_config(agent: DevAgent) -> 
         public_listener=PublicListenerConfig(
             bind_address="0.0.0.0",
             bind_port=21000,
-            local_service_address="127.0.0.1:8080",
+            local_service_host="127.0.0.1",
+            local_service_port=8080,
             local_connect_timeout=0.444,
             handshake_timeout=0.999,
         ),

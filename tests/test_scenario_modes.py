@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import socket
 from collections.abc import AsyncIterator, Iterator
 from typing import Any
 
@@ -12,6 +11,7 @@ import httpx
 import pytest
 
 from proxy.command import ProxyOptions, parse_proxy_args, proxy_main, serve
+from proxy.demo import ReservedPorts
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.tlsstore import describe_engine
 from tests.proxyfix import (
@@ -25,10 +25,12 @@ from tests.proxyfix import (
 )
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+@pytest.fixture
+def ports() -> Iterator[ReservedPorts]:
+    """Ports for registrations and flags, held by this test until it ends (no free-port race)."""
+    held = ReservedPorts()
+    yield held
+    held.release()
 
 
 @contextlib.asynccontextmanager
@@ -73,11 +75,11 @@ def _sidecar(
 
 
 async def test_sidecar_mode_end_to_end_with_live_upstream_changes(
-    agent: DevAgent, logs: LogWaiter
+    agent: DevAgent, logs: LogWaiter, ports: ReservedPorts
 ) -> None:
     async with echo_app() as db_app, echo_app() as cache_app:
-        db_port, web_port, cache_port = _free_port(), _free_port(), _free_port()
-        up_db, up_cache = _free_port(), _free_port()
+        db_port, web_port, cache_port = ports.take(), ports.take(), ports.take()
+        up_db, up_cache = ports.take(), ports.take()
         await _register(agent, _sidecar("db", db_app, db_port))
         await _register(agent, _sidecar("cache", cache_app, cache_port))
         await _register(
@@ -140,9 +142,11 @@ async def test_sidecar_mode_end_to_end_with_live_upstream_changes(
                 assert await plain_exchange(up_cache, b"still") == b"still"
 
 
-async def test_proxy_id_mode_serves_public_listener(agent: DevAgent, logs: LogWaiter) -> None:
+async def test_proxy_id_mode_serves_public_listener(
+    agent: DevAgent, logs: LogWaiter, ports: ReservedPorts
+) -> None:
     async with echo_app() as app:
-        port = _free_port()
+        port = ports.take()
         await _register(agent, _sidecar("db", app, port))
         options = parse_proxy_args(
             ["-proxy-id", "db-sidecar-proxy", "-http-addr", agent.http_addr], {}
@@ -153,12 +157,12 @@ async def test_proxy_id_mode_serves_public_listener(agent: DevAgent, logs: LogWa
             assert await tls_exchange(port, client_ctx(agent, "web"), b"hello") == b"hello"
 
 
-async def test_legacy_managed_proxy_mode_from_env(logs: LogWaiter) -> None:
+async def test_legacy_managed_proxy_mode_from_env(logs: LogWaiter, ports: ReservedPorts) -> None:
     async with (
         DevAgent(AgentConfig(node_name="n", http_port=0, emulate_consul_1_2=True)) as agent,
         echo_app() as app,
     ):
-        port = _free_port()
+        port = ports.take()
         await _register(agent, _sidecar("db", app, port))
         env = {
             "CONSUL_HTTP_ADDR": agent.http_addr,
@@ -174,13 +178,13 @@ async def test_legacy_managed_proxy_mode_from_env(logs: LogWaiter) -> None:
 
 
 async def test_falls_back_to_managed_proxy_endpoint_on_404(
-    logs: LogWaiter,
+    logs: LogWaiter, ports: ReservedPorts
 ) -> None:
     async with (
         DevAgent(AgentConfig(node_name="n", http_port=0, emulate_consul_1_2=True)) as agent,
         echo_app() as app,
     ):
-        port = _free_port()
+        port = ports.take()
         await _register(agent, _sidecar("db", app, port))
         options = parse_proxy_args(
             ["-proxy-id", "db-sidecar-proxy", "-http-addr", agent.http_addr], {}
@@ -193,9 +197,11 @@ async def test_falls_back_to_managed_proxy_endpoint_on_404(
         assert any("trying the managed-proxy endpoint" in line for line in logs.lines)
 
 
-async def test_flags_mode_with_register_lifecycle(agent: DevAgent, logs: LogWaiter) -> None:
+async def test_flags_mode_with_register_lifecycle(
+    agent: DevAgent, logs: LogWaiter, ports: ReservedPorts
+) -> None:
     async with echo_app() as app:
-        port = _free_port()
+        port = ports.take()
         options = parse_proxy_args(
             [
                 "-service",
@@ -247,10 +253,10 @@ async def test_flags_mode_with_register_lifecycle(agent: DevAgent, logs: LogWait
             assert (await c.get("/v1/agent/service/db-proxy-one")).status_code == 404
 
 
-async def test_unreachable_agent_then_up(logs: LogWaiter) -> None:
-    agent_port = _free_port()
+async def test_unreachable_agent_then_up(logs: LogWaiter, ports: ReservedPorts) -> None:
+    agent_port = ports.take()
     async with echo_app() as app:
-        port = _free_port()
+        port = ports.take()
         options = parse_proxy_args(
             [
                 "-service",
@@ -275,7 +281,7 @@ async def test_unreachable_agent_then_up(logs: LogWaiter) -> None:
 
 
 async def test_403_is_explained_and_the_token_never_printed(
-    logs: LogWaiter, capsys: pytest.CaptureFixture[str]
+    logs: LogWaiter, capsys: pytest.CaptureFixture[str], ports: ReservedPorts
 ) -> None:
     secret = "weak-token-8d7c"
     cfg = AgentConfig(
@@ -301,7 +307,7 @@ async def test_403_is_explained_and_the_token_never_printed(
                 "-service",
                 "db",
                 "-upstream",
-                f"x:{_free_port()}",
+                f"x:{ports.take()}",
                 "-http-addr",
                 agent.http_addr,
                 "-token",
@@ -331,9 +337,11 @@ async def test_proxy_id_of_a_service_that_is_not_a_proxy_is_an_error(
     assert "want 'connect-proxy'" in err
 
 
-async def test_unusable_update_keeps_the_last_good_config(agent: DevAgent, logs: LogWaiter) -> None:
+async def test_unusable_update_keeps_the_last_good_config(
+    agent: DevAgent, logs: LogWaiter, ports: ReservedPorts
+) -> None:
     async with echo_app() as app:
-        port, up = _free_port(), _free_port()
+        port, up = ports.take(), ports.take()
         await _register(
             agent, _sidecar("web", app, port, [{"DestinationName": "db", "LocalBindPort": up}])
         )
@@ -359,10 +367,10 @@ async def test_unusable_update_keeps_the_last_good_config(agent: DevAgent, logs:
 
 @pytest.mark.parametrize("engine", ["ssl", "openssl"])
 async def test_tls_engine_comes_from_the_environment_and_is_logged_at_start(
-    agent: DevAgent, logs: LogWaiter, engine: str
+    agent: DevAgent, logs: LogWaiter, engine: str, ports: ReservedPorts
 ) -> None:
     async with echo_app() as app:
-        port = _free_port()
+        port = ports.take()
         await _register(agent, _sidecar("db", app, port))
         options = parse_proxy_args(
             ["-sidecar-for", "db", "-http-addr", agent.http_addr],

@@ -150,7 +150,11 @@ async def test_upstream_rejects_server_with_wrong_spiffe_id(agent: DevAgent) -> 
         await impostor.apply(
             ProxyConfig(
                 service="api",
-                public_listener=PublicListenerConfig("127.0.0.1", 0, f"127.0.0.1:{app.port}"),
+                public_listener=PublicListenerConfig(
+                    bind_address="127.0.0.1",
+                    local_service_host="127.0.0.1",
+                    local_service_port=app.port,
+                ),
             ),
             force=True,
         )

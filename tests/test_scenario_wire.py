@@ -121,7 +121,10 @@ async def test_local_app_on_ipv6(agent: DevAgent) -> None:
     port = app.sockets[0].getsockname()[1]
     try:
         cfg = ProxyConfig(
-            service="db", public_listener=PublicListenerConfig("127.0.0.1", 0, f"[::1]:{port}")
+            service="db",
+            public_listener=PublicListenerConfig(
+                bind_address="127.0.0.1", local_service_host="::1", local_service_port=port
+            ),
         )
         async with running_proxy(agent, cfg) as db:
             assert db.public is not None

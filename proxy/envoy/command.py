@@ -448,6 +448,7 @@ def envoy_main(args: Sequence[str], env: Mapping[str, str]) -> int:
                 register=False,
                 register_id="",
                 listen="",
+                service_addr="",
                 log_level="INFO",
                 log_json=False,
                 drain_timeout=10.0,
