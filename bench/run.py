@@ -14,7 +14,6 @@ import argparse
 import contextlib
 import datetime as dt
 import functools
-import hashlib
 import json
 import multiprocessing
 import multiprocessing.pool
@@ -22,16 +21,12 @@ import os
 import platform
 import re
 import shutil
-import signal
 import ssl
 import subprocess
 import sys
-import tempfile
-import threading
 import time
-from collections import deque
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -51,23 +46,23 @@ from bench_load import (  # noqa: E402
     throughput,
     tls_info,
 )
+from bench_procs import ENGINE_VAR, Pid, Proc, Processes, Scene, children, pin, reap  # noqa: E402
 from bench_report import heading, render  # noqa: E402
 from bench_util import (  # noqa: E402
     CLK_TCK,
     AgentHTTP,
-    TLSMaterial,
     cpu_busy,
     cpu_times,
     free_port,
+    log,
     percentile,
     proc_cpu_seconds,
     proc_rss_kib,
+    source_state,
 )
 
 MiB = 1 << 20
 GiB = 1 << 30
-READY_LINE = "Proxy loaded config and ready to serve"
-ENGINE_VAR = "CONNECT_PROXY_TLS_ENGINE"  # our proxy's TLS engine (`ssl`, `openssl`)
 QUIET = 0.1  # core: the machine counts as quiet when other load stays under this
 DISTURBED = 0.15  # core: a measurement with more other load than this is retried
 
@@ -105,198 +100,6 @@ QUICK = Params(
     clients=2,
     quiet_budget=20.0,
 )
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
-
-
-# -- processes ------------------------------------------------------------------------------
-
-
-def pin(pid: int, cpu: int | set[int] | None) -> None:
-    """Pin every thread of `pid` to `cpu` (one CPU or a set; new threads inherit it)."""
-    if cpu is None:
-        return
-    mask = {cpu} if isinstance(cpu, int) else set(cpu)
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError):
-                os.sched_setaffinity(int(tid), mask)
-
-
-def children(pid: int) -> list[int]:
-    """The child processes of `pid` (from /proc/<pid>/task/*/children)."""
-    out: list[int] = []
-    with contextlib.suppress(OSError):
-        for tid in os.listdir(f"/proc/{pid}/task"):
-            with contextlib.suppress(OSError), open(f"/proc/{pid}/task/{tid}/children") as f:
-                out += [int(x) for x in f.read().split()]
-    return sorted(set(out))
-
-
-@dataclass(frozen=True, slots=True)
-class Pid:
-    """A process we did not start ourselves (a -workers child), for CPU and RSS accounting."""
-
-    name: str
-    pid: int
-
-
-class Proc:
-    """A child process whose stdout+stderr is drained by a thread (it must never block on a
-    full pipe) and scanned for warnings and errors."""
-
-    PROBLEM = re.compile(r"\[(WARN|ERROR|CRIT|ALERT|EMERG)\]|Traceback|LOG[0-3]\[", re.IGNORECASE)
-
-    def __init__(
-        self,
-        name: str,
-        argv: Sequence[str],
-        *,
-        cpu: int | None,
-        problem_filter: Callable[[str], bool] | None = None,
-        env: dict[str, str] | None = None,
-        stdin_data: str | None = None,
-    ) -> None:
-        self.name = name
-        self.argv = list(argv)
-        self.popen = subprocess.Popen(
-            self.argv,
-            stdin=subprocess.DEVNULL if stdin_data is None else subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.STDOUT,
-            text=True,
-            bufsize=1,
-            errors="replace",
-            start_new_session=True,  # a Ctrl-C on the terminal reaches only us; we stop them
-            env=env,
-        )
-        pin(self.popen.pid, cpu)
-        if stdin_data is not None:
-            assert self.popen.stdin is not None
-            # Key material for the Go reference proxy: a pipe, never a file. The process
-            # reads it all before anything else, so this cannot block for long.
-            try:
-                self.popen.stdin.write(stdin_data)
-                self.popen.stdin.close()
-            except OSError:
-                pass  # it exited already: wait_for reports its output
-        self.cpu = cpu
-        self.head: list[str] = []
-        self.tail: deque[str] = deque(maxlen=200)
-        self.problems: list[str] = []
-        self.problem_count = 0
-        self.problem_filter = problem_filter
-        self.eof = False
-        self._cond = threading.Condition()
-        self._thread = threading.Thread(target=self._drain, name=f"drain-{name}", daemon=True)
-        self._thread.start()
-
-    @property
-    def pid(self) -> int:
-        return self.popen.pid
-
-    def _drain(self) -> None:
-        assert self.popen.stdout is not None
-        for raw in self.popen.stdout:
-            line = raw.rstrip("\n")
-            with self._cond:
-                if len(self.head) < 2000:
-                    self.head.append(line)
-                self.tail.append(line)
-                if self.PROBLEM.search(line) and (
-                    self.problem_filter is None or self.problem_filter(line)
-                ):
-                    self.problem_count += 1
-                    if len(self.problems) < 20:
-                        self.problems.append(line)
-                self._cond.notify_all()
-        with self._cond:
-            self.eof = True
-            self._cond.notify_all()
-
-    def wait_for(self, pattern: str, timeout: float) -> re.Match[str]:
-        """The first output line (of the first 2000) matching `pattern`.
-
-        Raises:
-            RuntimeError: the process ended first, or `timeout` passed.
-        """
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        seen = 0
-        with self._cond:
-            while True:
-                for line in self.head[seen:]:
-                    if m := rx.search(line):
-                        return m
-                seen = len(self.head)
-                left = deadline - time.monotonic()
-                if self.eof or left <= 0:
-                    why = "exited" if self.eof else f"gave no {pattern!r} within {timeout:g}s"
-                    out = "\n    ".join(list(self.tail)[-15:])
-                    raise RuntimeError(f"{self.name} {why}; last output:\n    {out}")
-                self._cond.wait(min(left, 0.5))
-
-    def wait_count(self, pattern: str, count: int, timeout: float) -> None:
-        """Until `count` output lines (of the first 2000) match `pattern`.
-
-        Raises:
-            RuntimeError: the process ended first, or `timeout` passed.
-        """
-        rx = re.compile(pattern)
-        deadline = time.monotonic() + timeout
-        with self._cond:
-            while True:
-                if sum(1 for line in self.head if rx.search(line)) >= count:
-                    return
-                left = deadline - time.monotonic()
-                if self.eof or left <= 0:
-                    why = "exited" if self.eof else f"gave fewer than {count} {pattern!r}"
-                    out = "\n    ".join(list(self.tail)[-15:])
-                    raise RuntimeError(f"{self.name} {why}; last output:\n    {out}")
-                self._cond.wait(min(left, 0.5))
-
-    def alive(self) -> bool:
-        return self.popen.poll() is None
-
-    def stop(self, timeout: float = 5.0) -> None:
-        """SIGTERM, then SIGKILL after `timeout`; by PID only."""
-        if self.popen.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(self.popen.pid, signal.SIGTERM)
-            try:
-                self.popen.wait(timeout)
-            except subprocess.TimeoutExpired:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(self.popen.pid, signal.SIGKILL)
-                self.popen.wait(5)
-        self._thread.join(2)
-
-
-def listening(port: int) -> bool:
-    """Whether a TCP socket listens on 127.0.0.1:`port` (from /proc/net/tcp: no connection
-    is made, so the listener logs nothing about a probe)."""
-    want = f"0100007F:{port:04X}"
-    with contextlib.suppress(OSError), open("/proc/net/tcp") as f:
-        next(f, None)
-        for line in f:
-            fields = line.split()
-            if len(fields) > 3 and fields[1] == want and fields[3] == "0A":  # LISTEN
-                return True
-    return False
-
-
-def wait_port(proc: Proc, port: int, timeout: float) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not proc.alive():
-            out = "\n    ".join(list(proc.tail)[-15:])
-            raise RuntimeError(f"{proc.name} exited; last output:\n    {out}")
-        if listening(port):
-            return
-        time.sleep(0.05)
-    raise RuntimeError(f"{proc.name}: port {port} not listening within {timeout:g}s")
 
 
 # -- measurement ----------------------------------------------------------------------------
@@ -634,34 +437,43 @@ class Bench:
 # -- scenarios ------------------------------------------------------------------------------
 
 
-@dataclass
-class Scene:
-    """What one scenario started: processes stopped at its end, then `after` callbacks run."""
+LAYOUTS = ("inbound", "outbound", "chain")
 
-    name: str
-    proxies: list[Proc] = field(default_factory=list)
-    after: list[Callable[[], None]] = field(default_factory=list)
+
+def params_of(args: argparse.Namespace) -> Params:
+    """The run's parameters: --quick or the full run, with --clients and --quiet-budget."""
+    params = QUICK if args.quick else FULL
+    if getattr(args, "clients", 0):
+        params = Params(**{**asdict(params), "clients": args.clients})
+    if getattr(args, "quiet_budget", None) is not None:
+        params = Params(**{**asdict(params), "quiet_budget": args.quiet_budget})
+    return params
+
+
+def named(base: str, engine: str | None) -> str:
+    """A scenario of ours under one TLS engine: `inbound/openssl` (`inbound` for None)."""
+    return base if engine is None else f"{base}/{engine}"
 
 
 class Harness:
+    """One run: set-up, every scenario selected by `--only`, clean-up.
+
+    `results` maps each scenario's name to its figures (from `Bench`), with its `kind`
+    (direct, ours, peer, go, workers), its layout (`base`) and what else names it.
+    """
+
     def __init__(self, args: argparse.Namespace) -> None:
         self.args = args
-        self.params = QUICK if args.quick else FULL
-        if getattr(args, "clients", 0):
-            self.params = Params(**{**asdict(self.params), "clients": args.clients})
-        if getattr(args, "quiet_budget", None) is not None:
-            self.params = Params(**{**asdict(self.params), "quiet_budget": args.quiet_budget})
+        self.params = params_of(args)
         self.engines: list[str | None] = list(getattr(args, "engine", None) or [None])
         self.only: set[str] = set(getattr(args, "only", None) or [])
         self.bench: Bench | None = None
         cpus = sorted(os.sched_getaffinity(0))
         self.proxy_cpu: int | None = cpus[0] if len(cpus) >= 2 else None
         self.load_cpu: int | None = cpus[1] if len(cpus) >= 2 else None
-        self.procs: list[Proc] = []
-        self.tmpdirs: list[str] = []
+        self.procs = Processes(self.proxy_cpu, self.load_cpu)
         self.results: dict[str, Any] = {}
         self.skipped: list[str] = []
-        self.logs: dict[str, Any] = {}
         self.pool: multiprocessing.pool.Pool | None = None
         self.elapsed = 0.0
         self.busy_before: dict[str, float] = {}
@@ -672,65 +484,16 @@ class Harness:
         self.go_resume = {"off": [False], "on": [True], "both": [False, True]}[cache]
         self.trust_domain = ""
 
+    @property
+    def logs(self) -> dict[str, Any]:
+        """Per stopped process: exit code and problem lines of its output."""
+        return self.procs.logs
+
     def want(self, name: str, kind: str, base: str = "") -> bool:
         """Whether `--only` selects this scenario (by name, kind or base; all without it)."""
         if not self.only:
             return True
         return bool(self.only & {name, name.split("/", maxsplit=1)[0], kind, base})
-
-    # processes
-
-    def start(self, name: str, argv: Sequence[str], cpu: int | None, **kw: Any) -> Proc:
-        proc = Proc(name, argv, cpu=cpu, **kw)
-        self.procs.append(proc)
-        return proc
-
-    def stop(self, proc: Proc) -> None:
-        proc.stop()
-        self.logs[proc.name] = {
-            "exit_code": proc.popen.returncode,
-            "problem_lines": proc.problem_count,
-            "problems": proc.problems,
-        }
-
-    def proxy(
-        self,
-        scene: Scene,
-        name: str,
-        args: Sequence[str],
-        engine: str | None,
-        *,
-        cpus: set[int] | None = None,
-        ready: int = 1,
-    ) -> Proc:
-        """Start `python -m proxy <args>` on the proxy CPU (or on `cpus`) with the TLS engine
-        `engine` (CONNECT_PROXY_TLS_ENGINE; unset for None) and wait for `ready` ready lines
-        (one per -workers process)."""
-        argv = [sys.executable, "-m", "proxy", *args, "-http-addr", self.agent_addr]
-        argv += ["-drain-timeout", "1s"]
-        env = None if engine is None else {**os.environ, ENGINE_VAR: engine}
-        proc = self.start(name, argv, self.proxy_cpu if cpus is None else None, env=env)
-        scene.proxies.append(proc)
-        proc.wait_count(re.escape(READY_LINE), ready, 60)
-        pin(proc.pid, self.proxy_cpu if cpus is None else cpus)  # threads started since
-        return proc
-
-    def start_goref(
-        self, scene: Scene, name: str, argv: Sequence[str], material: TLSMaterial
-    ) -> int:
-        """Start the Go reference proxy on the proxy CPU; returns the port it listens on."""
-        env = {**os.environ, "GOMAXPROCS": str(self.args.go_maxprocs)}
-        proc = self.start(
-            name,
-            argv,
-            self.proxy_cpu,
-            env=env,
-            stdin_data=bench_goref.stdin_material(material),
-        )
-        scene.proxies.append(proc)
-        m = proc.wait_for(r"READY listen=\S+:(\d+)", 30)
-        pin(proc.pid, self.proxy_cpu)  # threads started since
-        return int(m.group(1))
 
     @contextlib.contextmanager
     def scenario(self, name: str, kind: str, base: str = "", **info: Any) -> Iterator[Scene]:
@@ -742,13 +505,7 @@ class Harness:
             log(f"{name}: FAILED: {exc}")
             self.results[name] = {"scenario": name, "error": str(exc)}
         finally:
-            for p in scene.proxies:
-                self.stop(p)
-            for fn in scene.after:
-                try:
-                    fn()
-                except Exception as exc:
-                    log(f"{name}: clean-up step failed: {exc}")
+            self.procs.end(scene)
             if name in self.results:
                 self.results[name].update(kind=kind, base=base, **info)
 
@@ -757,21 +514,16 @@ class Harness:
             self.pool.terminate()  # SIGTERM to each worker, by its PID
             self.pool.join()
             self.pool = None
-        for proc in reversed(self.procs):
-            if proc.name not in self.logs:
-                self.stop(proc)
-        for d in self.tmpdirs:
-            shutil.rmtree(d, ignore_errors=True)
+        self.procs.close()
 
     # set-up
 
     def build_goref(self) -> None:
         """Build the Go reference proxy (before pinning: the build may use every CPU)."""
-        if not any(self.want(f"{b}-go", "go", b) for b in ("inbound", "outbound", "chain")):
+        if not any(self.want(f"{b}-go", "go", b) for b in LAYOUTS):
             return
         self.versions["go"] = bench_goref.version()
-        directory = tempfile.mkdtemp(prefix="bench-goref-")  # mode 0700
-        self.tmpdirs.append(directory)
+        directory = self.procs.tmpdir("bench-goref-")
         if self.versions["go"]:
             log(f"building the Go reference proxy ({self.versions['go']})")
         binary, why = bench_goref.build(Path(directory))
@@ -794,16 +546,7 @@ class Harness:
         if any(v > 0.1 for v in self.busy_before.values()):
             log(f"the machine is busy before we start anything: {self.busy_before}")
         log("starting the dev agent")
-        self.agent = self.start(
-            "dev-agent",
-            [
-                *(sys.executable, "-m", "proxy", "dev-agent"),
-                *("-http-addr", "127.0.0.1:0", "-sidecar-check-interval", "1s"),
-            ],
-            self.load_cpu,
-        )
-        m = self.agent.wait_for(r"HTTP API address:\s*(\S+)", 60)
-        self.agent_addr = m.group(1)
+        self.agent, self.agent_addr = self.procs.agent()
         self.api = AgentHTTP(self.agent_addr)
         self.api.put(
             "/v1/config",
@@ -817,19 +560,13 @@ class Harness:
         self.db = self.api.material("db")
         self.trust_domain = str(self.api.get("/v1/agent/connect/ca/roots")[0]["TrustDomain"])
         log("starting the backend")
-        self.backend = self.start(
-            "backend",
-            [sys.executable, str(HERE / "bench_backend.py"), "-http-addr", self.agent_addr],
-            self.load_cpu,
-        )
-        m = self.backend.wait_for(r"READY plain=(\d+) tls=(\d+)", 60)
-        self.plain_port, self.tls_port = int(m.group(1)), int(m.group(2))
+        self.backend, self.plain_port, self.tls_port = self.procs.backend(self.agent_addr)
         self.pool = multiprocessing.get_context("spawn").Pool(self.params.clients)
         self.bench = Bench(self.params, self.pool, Roles(agent=self.agent, backend=self.backend))
         profile = getattr(self.args, "profile", None)
         self.bench.profile_dir = Path(profile) if profile else None
 
-    # scenarios
+    # the run
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -854,38 +591,21 @@ class Harness:
             self.cleanup()
             self.elapsed = time.monotonic() - t0
 
-    @staticmethod
-    def named(base: str, engine: str | None) -> str:
-        return base if engine is None else f"{base}/{engine}"
+    def suite(self, name: str, target: Target, proxies: Sequence[Proc | Pid]) -> dict[str, Any]:
+        assert self.bench is not None, "setup() first"
+        return self.bench.run_suite(name, target, proxies)
 
-    def direct(self) -> None:
-        for name, target in (
-            ("direct-plain", Target("127.0.0.1", self.plain_port)),
-            ("direct-mtls", Target("127.0.0.1", self.tls_port, self.web)),
-        ):
-            if not self.want(name, "direct"):
-                continue
-            with self.scenario(name, "direct"):
-                self.results[name] = self.suite(name, target, [])
-                self.results[name]["tls"] = tls_info(target)
-
-    def inbound_args(self, listen: int) -> list[str]:
-        return [
-            *("-service", "db", "-listen", f"127.0.0.1:{listen}"),
-            *("-service-addr", f"127.0.0.1:{self.plain_port}"),
-        ]
-
-    def inbound(self, engine: str | None) -> None:
-        """mTLS with web's leaf -> our public listener for db -> the plain backend."""
-        name = self.named("inbound", engine)
-        if not self.want(name, "ours", "inbound"):
-            return
-        with self.scenario(name, "ours", "inbound", engine=engine) as scene:
-            listen = free_port()
-            self.proxy(scene, f"proxy-{name}", self.inbound_args(listen), engine)
-            target = Target("127.0.0.1", listen, self.web)
-            self.results[name] = self.suite(name, target, scene.proxies)
+    def measure(self, name: str, target: Target, scene: Scene) -> None:
+        """Every figure of `target` through the scene's proxies, and the TLS negotiated on
+        the load generator's hop when it is TLS."""
+        self.results[name] = self.suite(name, target, scene.proxies)
+        if target.tls is not None:
             self.results[name]["tls"] = tls_info(target)
+
+    # registrations
+
+    def deregister(self, service_id: str) -> None:
+        self.api.put(f"/v1/agent/service/deregister/{service_id}", None)
 
     def register_native_db(self, scene: Scene) -> None:
         """The mTLS backend, registered as a Connect-native db instance."""
@@ -901,18 +621,6 @@ class Harness:
         )
         scene.after.append(functools.partial(self.deregister, "db-native"))
         self.api.wait_connect_instance("db", self.tls_port)
-
-    def outbound(self, engine: str | None) -> None:
-        """Plain -> our upstream listener -> the mTLS backend, registered as Connect-native db."""
-        name = self.named("outbound", engine)
-        if not self.want(name, "ours", "outbound"):
-            return
-        with self.scenario(name, "ours", "outbound", engine=engine) as scene:
-            self.register_native_db(scene)
-            up = free_port()
-            self.proxy(scene, f"proxy-{name}", ["-service", "web", "-upstream", f"db:{up}"], engine)
-            target = Target("127.0.0.1", up)
-            self.results[name] = self.suite(name, target, scene.proxies)
 
     def register_chain(self, scene: Scene) -> tuple[int, int]:
         """db and web with sidecar registrations; returns (db sidecar port, web's upstream
@@ -944,9 +652,55 @@ class Harness:
             scene.after.append(functools.partial(self.deregister, str(service["ID"])))
         return db_side, up
 
+    # the scenarios
+
+    def direct(self) -> None:
+        """The baselines: plain TCP and mTLS straight to the backend."""
+        for name, target in (
+            ("direct-plain", Target("127.0.0.1", self.plain_port)),
+            ("direct-mtls", Target("127.0.0.1", self.tls_port, self.web)),
+        ):
+            if not self.want(name, "direct"):
+                continue
+            with self.scenario(name, "direct"):
+                # "tls" is recorded for both baselines (None for plain TCP).
+                self.results[name] = self.suite(name, target, [])
+                self.results[name]["tls"] = tls_info(target)
+
+    def inbound_args(self, listen: int) -> list[str]:
+        return [
+            *("-service", "db", "-listen", f"127.0.0.1:{listen}"),
+            *("-service-addr", f"127.0.0.1:{self.plain_port}"),
+        ]
+
+    def proxy(self, scene: Scene, name: str, args: Sequence[str], engine: str | None) -> Proc:
+        """`python -m proxy <args>` against our agent, pinned to the proxy CPU."""
+        return self.procs.proxy(scene, name, args, self.agent_addr, engine)
+
+    def inbound(self, engine: str | None) -> None:
+        """mTLS with web's leaf -> our public listener for db -> the plain backend."""
+        name = named("inbound", engine)
+        if not self.want(name, "ours", "inbound"):
+            return
+        with self.scenario(name, "ours", "inbound", engine=engine) as scene:
+            listen = free_port()
+            self.proxy(scene, f"proxy-{name}", self.inbound_args(listen), engine)
+            self.measure(name, Target("127.0.0.1", listen, self.web), scene)
+
+    def outbound(self, engine: str | None) -> None:
+        """Plain -> our upstream listener -> the mTLS backend, registered as Connect-native db."""
+        name = named("outbound", engine)
+        if not self.want(name, "ours", "outbound"):
+            return
+        with self.scenario(name, "ours", "outbound", engine=engine) as scene:
+            self.register_native_db(scene)
+            up = free_port()
+            self.proxy(scene, f"proxy-{name}", ["-service", "web", "-upstream", f"db:{up}"], engine)
+            self.measure(name, Target("127.0.0.1", up), scene)
+
     def chain(self, engine: str | None) -> None:
         """Plain -> web sidecar's upstream -> db sidecar's public listener -> plain backend."""
-        name = self.named("chain", engine)
+        name = named("chain", engine)
         if not self.want(name, "ours", "chain"):
             return
         with self.scenario(name, "ours", "chain", engine=engine) as scene:
@@ -954,8 +708,7 @@ class Harness:
             self.proxy(scene, f"proxy-{name}-db", ["-sidecar-for", "db"], engine)
             self.proxy(scene, f"proxy-{name}-web", ["-sidecar-for", "web"], engine)
             self.api.wait_connect_instance("db", db_side)
-            target = Target("127.0.0.1", up)
-            self.results[name] = self.suite(name, target, scene.proxies)
+            self.measure(name, Target("127.0.0.1", up), scene)
 
     def go(self, base: str, *, resume: bool) -> None:
         """The Go reference proxy in the `base` layout (inbound, outbound or chain); with
@@ -963,82 +716,88 @@ class Harness:
         name = f"{base}-go{'-resume' if resume else ''}"
         if self.goref is None or not self.want(name, "go", base):
             return
-        binary, agent = self.goref, self.agent_addr
         info = {
             "gomaxprocs": self.args.go_maxprocs,
             "discovery": self.args.go_discovery,
             "session_cache": resume,
         }
-
-        def outbound_argv(listen: int) -> list[str]:
-            return bench_goref.outbound_argv(
-                binary,
-                agent,
-                "db",
-                f"127.0.0.1:{listen}",
-                self.trust_domain,
-                discovery=self.args.go_discovery,
-                session_cache=resume,
-            )
-
+        layout = {"inbound": self._go_inbound, "outbound": self._go_outbound}
         with self.scenario(name, "go", base, **info) as scene:
-            backend = f"127.0.0.1:{self.plain_port}"
-            if base == "inbound":
-                argv = bench_goref.inbound_argv(binary, agent, "db", "127.0.0.1:0", backend)
-                port = self.start_goref(scene, "goref-inbound", argv, self.db)
-                target = Target("127.0.0.1", port, self.web)
-            elif base == "outbound":
-                self.register_native_db(scene)
-                up = free_port()
-                self.start_goref(scene, "goref-outbound", outbound_argv(up), self.web)
-                target = Target("127.0.0.1", up)
-            else:
-                db_side, up = self.register_chain(scene)
-                argv = bench_goref.inbound_argv(
-                    binary, agent, "db", f"127.0.0.1:{db_side}", backend
-                )
-                self.start_goref(scene, "goref-chain-db", argv, self.db)
-                self.api.wait_connect_instance("db", db_side)
-                self.start_goref(scene, "goref-chain-web", outbound_argv(up), self.web)
-                target = Target("127.0.0.1", up)
+            target = layout.get(base, self._go_chain)(scene, self.goref, resume)
             latency(target, 1, warmup=0)  # one end-to-end check before measuring
-            self.results[name] = self.suite(name, target, scene.proxies)
-            if target.tls is not None:
-                self.results[name]["tls"] = tls_info(target)
+            self.measure(name, target, scene)
+
+    def _goref(self, scene: Scene, name: str, argv: Sequence[str], web: bool) -> int:
+        material = self.web if web else self.db
+        return self.procs.goref(scene, name, argv, material, self.args.go_maxprocs)
+
+    def _go_inbound_argv(self, binary: Path, listen: str) -> list[str]:
+        backend = f"127.0.0.1:{self.plain_port}"
+        return bench_goref.inbound_argv(binary, self.agent_addr, "db", listen, backend)
+
+    def _go_outbound_argv(self, binary: Path, listen: int, resume: bool) -> list[str]:
+        return bench_goref.outbound_argv(
+            binary,
+            self.agent_addr,
+            "db",
+            f"127.0.0.1:{listen}",
+            self.trust_domain,
+            discovery=self.args.go_discovery,
+            session_cache=resume,
+        )
+
+    def _go_inbound(self, scene: Scene, binary: Path, resume: bool) -> Target:
+        argv = self._go_inbound_argv(binary, "127.0.0.1:0")
+        port = self._goref(scene, "goref-inbound", argv, web=False)
+        return Target("127.0.0.1", port, self.web)
+
+    def _go_outbound(self, scene: Scene, binary: Path, resume: bool) -> Target:
+        self.register_native_db(scene)
+        up = free_port()
+        self._goref(scene, "goref-outbound", self._go_outbound_argv(binary, up, resume), web=True)
+        return Target("127.0.0.1", up)
+
+    def _go_chain(self, scene: Scene, binary: Path, resume: bool) -> Target:
+        db_side, up = self.register_chain(scene)
+        argv = self._go_inbound_argv(binary, f"127.0.0.1:{db_side}")
+        self._goref(scene, "goref-chain-db", argv, web=False)
+        self.api.wait_connect_instance("db", db_side)
+        self._goref(scene, "goref-chain-web", self._go_outbound_argv(binary, up, resume), web=True)
+        return Target("127.0.0.1", up)
 
     def workers(self, engine: str | None) -> None:
         """Inbound conn/s at 64 with -workers 1 and -workers 2, every proxy process free to
         run on both CPUs (the load side stays on its CPU)."""
         both = {c for c in (self.proxy_cpu, self.load_cpu) if c is not None} or None
         for n in (1, 2):
-            name = self.named(f"inbound-w{n}", engine)
+            name = named(f"inbound-w{n}", engine)
             if not self.want(name, "workers", "workers"):
                 continue
             with self.scenario(name, "workers", "inbound", engine=engine, workers=n) as scene:
-                listen = free_port()
-                args = [*self.inbound_args(listen), "-workers", str(n)]
-                main = self.proxy(scene, f"proxy-{name}", args, engine, cpus=both, ready=n)
-                kids = children(main.pid)
-                if len(kids) != n - 1:
-                    raise RuntimeError(f"expected {n - 1} worker process(es), found {kids}")
-                procs: list[Proc | Pid] = [main]
-                for i, pid in enumerate(kids, 1):
-                    procs.append(Pid(f"{main.name}-worker{i}", pid))
-                    pin(pid, both)
-                scene.after.append(functools.partial(reap, procs[1:]))
-                target = Target("127.0.0.1", listen, self.web)
-                latency(target, 1, warmup=0)
-                assert self.bench is not None
-                res = self.bench.run_rates(name, target, procs)
-                res["cpus_allowed"] = sorted(both) if both else None
-                self.results[name] = res
+                self._workers(scene, name, n, engine, both)
 
-    def suite(self, name: str, target: Target, proxies: Sequence[Proc | Pid]) -> dict[str, Any]:
-        assert self.bench is not None, "setup() first"
-        return self.bench.run_suite(name, target, proxies)
-
-    def deregister(self, service_id: str) -> None:
-        self.api.put(f"/v1/agent/service/deregister/{service_id}", None)
+    def _workers(
+        self, scene: Scene, name: str, n: int, engine: str | None, both: set[int] | None
+    ) -> None:
+        listen = free_port()
+        args = [*self.inbound_args(listen), "-workers", str(n)]
+        main = self.procs.proxy(
+            scene, f"proxy-{name}", args, self.agent_addr, engine, cpus=both, ready=n
+        )
+        kids = children(main.pid)
+        if len(kids) != n - 1:
+            raise RuntimeError(f"expected {n - 1} worker process(es), found {kids}")
+        procs: list[Proc | Pid] = [main]
+        for i, pid in enumerate(kids, 1):
+            procs.append(Pid(f"{main.name}-worker{i}", pid))
+            pin(pid, both)
+        scene.after.append(functools.partial(reap, procs[1:]))
+        target = Target("127.0.0.1", listen, self.web)
+        latency(target, 1, warmup=0)
+        assert self.bench is not None
+        res = self.bench.run_rates(name, target, procs)
+        res["cpus_allowed"] = sorted(both) if both else None
+        self.results[name] = res
 
     def peers(self) -> None:
         """HAProxy, nginx and stunnel as inbound mTLS terminators, when installed."""
@@ -1049,31 +808,29 @@ class Harness:
                 log(line)
                 self.skipped.append(line)
         for spec in found:
-            name = f"inbound-{spec.name}"
-            self.versions[spec.name] = bench_peers.version(spec)
-            directory = tempfile.mkdtemp(prefix=f"bench-{spec.name}-")  # mode 0700
-            self.tmpdirs.append(directory)
-            with self.scenario(name, "peer", "inbound") as scene:
-                scene.after.append(functools.partial(shutil.rmtree, directory, ignore_errors=True))
-                try:
-                    files = bench_peers.write_material(Path(directory), self.db)
-                    listen = free_port()
-                    argv = bench_peers.command(
-                        spec, Path(directory), files, listen, self.plain_port
-                    )
-                    proc = self.start(f"peer-{spec.name}", argv, self.proxy_cpu)
-                    scene.proxies.append(proc)
-                    wait_port(proc, listen, 20)
-                    pin(proc.pid, self.proxy_cpu)
-                    target = Target("127.0.0.1", listen, self.web)
-                    latency(target, 1, warmup=0)  # one end-to-end check before measuring
-                except Exception as exc:
-                    msg = f"{name}: could not be started or passed no traffic ({exc}); skipped"
-                    log(msg)
-                    self.skipped.append(msg)
-                    continue
-                self.results[name] = self.suite(name, target, scene.proxies)
-                self.results[name]["tls"] = tls_info(target)
+            self.peer(spec)
+
+    def peer(self, spec: bench_peers.PeerSpec) -> None:
+        """One peer in the inbound layout; skipped (with one line) when it cannot be started
+        or passes no traffic."""
+        name = f"inbound-{spec.name}"
+        self.versions[spec.name] = bench_peers.version(spec)
+        directory = self.procs.tmpdir(f"bench-{spec.name}-")  # mode 0700
+        with self.scenario(name, "peer", "inbound") as scene:
+            scene.after.append(functools.partial(shutil.rmtree, directory, ignore_errors=True))
+            try:
+                files = bench_peers.write_material(Path(directory), self.db)
+                listen = free_port()
+                argv = bench_peers.command(spec, Path(directory), files, listen, self.plain_port)
+                self.procs.peer(scene, f"peer-{spec.name}", argv, listen)
+                target = Target("127.0.0.1", listen, self.web)
+                latency(target, 1, warmup=0)  # one end-to-end check before measuring
+            except Exception as exc:
+                msg = f"{name}: could not be started or passed no traffic ({exc}); skipped"
+                log(msg)
+                self.skipped.append(msg)
+                return
+            self.measure(name, target, scene)
 
 
 def top_frames(path: Path, count: int = 30) -> list[tuple[str, float]]:
@@ -1104,52 +861,6 @@ def top_frames(path: Path, count: int = 30) -> list[tuple[str, float]]:
     branches = {k: v for k, v in inclusive.items() if v < total * 0.995}
     ranked = sorted(branches.items(), key=lambda kv: -kv[1])[:count]
     return [(k, round(v / total, 4)) for k, v in ranked]
-
-
-def reap(procs: Sequence[Proc | Pid]) -> None:
-    """Stop -workers children that outlived their parent (it passes its signals on, so this
-    is only for a parent that had to be killed), by PID, after checking it is still ours."""
-    for p in procs:
-        try:
-            with open(f"/proc/{p.pid}/cmdline", "rb") as f:
-                if b"proxy" not in f.read():
-                    continue  # the PID was reused by something else
-        except OSError:
-            continue  # gone
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(p.pid, signal.SIGKILL)
-
-
-def _git(*args: str) -> str | None:
-    """A read-only git command (no optional locks: `status` must not rewrite the index)."""
-    try:
-        res = subprocess.run(
-            ["git", "--no-optional-locks", *args],
-            check=True,
-            cwd=HERE.parent,
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-    except (OSError, subprocess.SubprocessError):
-        return None
-    return res.stdout
-
-
-def source_state() -> dict[str, Any]:
-    """Which proxy code was measured: HEAD, files changed since, and a digest of the sources
-    (the tree may be changing while we run)."""
-    root = HERE.parent
-    head = _git("rev-parse", "--short", "HEAD")
-    changed = _git("status", "--porcelain", "--", "proxy", "listeners")
-    digest = hashlib.sha256()
-    for path in sorted([*root.glob("proxy/**/*.py"), *root.glob("listeners/**/*.py")]):
-        digest.update(path.relative_to(root).as_posix().encode() + b"\0" + path.read_bytes())
-    return {
-        "git_head": head.strip() if head else None,
-        "git_changed": [x.strip() for x in (changed or "").splitlines() if x.strip()],
-        "sources_sha256": digest.hexdigest()[:16],
-    }
 
 
 def meta(h: Harness) -> dict[str, Any]:
