@@ -83,7 +83,8 @@ def metrics(res: dict[str, Any]) -> dict[str, Any]:
         "us_conn": c64["us_conn"],
         "s_gib": get(res, "throughput", "proxy_cpu_s_per_gib"),
         **{k: c64[k] for k in ("proxy64", "lg64", "busy64", "sirq64", "steal64")},
-        **{k: c64[k] for k in ("agent64", "backend64")},
+        "agent64": c64["agent64"],
+        "backend64": c64["backend64"],
         "errors": sum((get(res, "conn_rate", str(c), "errors") or 0) for c in (16, 64)),
         "foreign64": c64["foreign64"],
         "foreign_max": _foreign_max(res),
@@ -91,6 +92,7 @@ def metrics(res: dict[str, Any]) -> dict[str, Any]:
 
 
 def kind_of(res: dict[str, Any]) -> str:
+    """direct, ours, peer, go or workers ("" for a result without one)."""
     return str(res.get("kind", ""))
 
 

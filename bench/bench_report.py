@@ -27,6 +27,7 @@ from bench_table import NW, SCENARIO, Column, Row, fmt, get, num, table, text
 
 
 def bottleneck(m: dict[str, Any], proxy_cpu: int | None, load_cpu: int | None) -> str:
+    """What held a run back: the proxy (≥ 90 % of its core) or the load CPU (≥ 95 % busy)."""
     load_busy = m["busy64"].get(str(load_cpu)) if load_cpu is not None else None
     proxy = m["proxy64"]
     if proxy is not None and proxy >= 0.9:
@@ -40,6 +41,7 @@ def bottleneck(m: dict[str, Any], proxy_cpu: int | None, load_cpu: int | None) -
 
 
 def _worker_row(n: str, r: dict[str, Any]) -> Row:
+    """A worker-scaling result as a row; `key` is (engine, number of workers)."""
     c = get(r, "conn_rate", "64") or {}
     busy = {k: v["busy"] for k, v in (c.get("cpu_busy") or {}).items()}
     each = list((c.get("proxy_cpu_frac_each") or {}).values())
@@ -61,9 +63,9 @@ def _worker_row(n: str, r: dict[str, Any]) -> Row:
     }
 
 
-def _busy_of(cpu: int | None, head: str, width: int) -> Column:
-    """The busy fraction of one CPU (from the row's `busy`)."""
-    return Column(head + str(cpu), f">{width}", lambda r: fmt(r["busy"].get(str(cpu)), 2))
+def _busy_of(cpu: int | None, width: int, key: str) -> Column:
+    """The busy fraction of one CPU, from the row's per-CPU dict `key`."""
+    return Column(f"cpu{cpu}", f">{width}", lambda r: fmt(r[key].get(str(cpu)), 2))
 
 
 def _worker_columns(pc: int | None, lc: int | None) -> list[Column]:
@@ -76,8 +78,8 @@ def _worker_columns(pc: int | None, lc: int | None) -> list[Column]:
         num("agent", 7, "agent", 2),
         num("backend", 8, "backend", 2),
         num("other", 7, "other", 2),
-        _busy_of(pc, "cpu", 6),
-        _busy_of(lc, "cpu", 6),
+        _busy_of(pc, 6, "busy"),
+        _busy_of(lc, 6, "busy"),
         num("machine", 8, "machine", 2),
         num("c/s per proxy core", 19, "per_core"),
         text("errors", ">7", "errors"),
@@ -144,6 +146,7 @@ def _workers(v: View) -> list[str]:
 
 
 def _busy_columns(h: Outcome, errors: str) -> list[Column]:
+    """Who was busy: the columns of both tables (`errors` heads the errors column)."""
     pc, lc = h.proxy_cpu, h.load_cpu
     return [
         SCENARIO,
@@ -152,8 +155,8 @@ def _busy_columns(h: Outcome, errors: str) -> list[Column]:
         num("agent", 7, "agent64", 2),
         num("backend", 9, "backend64", 2),
         num("other", 7, "foreign64", 2),
-        Column(f"cpu{pc}", ">7", lambda r: fmt(r["busy64"].get(str(pc)), 2)),
-        Column(f"cpu{lc}", ">7", lambda r: fmt(r["busy64"].get(str(lc)), 2)),
+        _busy_of(pc, 7, "busy64"),
+        _busy_of(lc, 7, "busy64"),
         text(errors, ">8", "errors"),
         Column("bottleneck", "", lambda r: bottleneck(r, pc, lc), pre="  "),
     ]
@@ -194,6 +197,7 @@ def _busy_throughput(v: View) -> list[str]:
 
 
 def _disturbed(res: dict[str, Any]) -> bool:
+    """Whether more than 0.1 core of other load ran during a window of this scenario."""
     return (metrics(res)["foreign_max"] or 0) > 0.1 or (
         get(res, "conn_rate", "64", "foreign_cpu_frac") or 0
     ) > 0.1
@@ -273,6 +277,8 @@ def _problems(v: View) -> list[str]:
 
 
 def _blank_without_rows(v: View) -> list[str]:
+    """An extra blank line before "Who was busy" when no scenario gave figures (the report
+    has always been laid out so)."""
     return [] if v.rows else [""]
 
 
@@ -297,12 +303,12 @@ SECTIONS: tuple[Callable[[View], list[str]], ...] = (
 
 def render(h: Outcome) -> str:
     """The whole report (without the heading line: see `heading`)."""
-    figures = [
+    shown = [
         (n, metrics(r))
         for n, r in h.results.items()
         if "error" not in r and kind_of(r) != "workers"
     ]
-    v = View(h, figures, dict(figures))
+    v = View(h, shown, dict(shown))
     return "\n".join(line for section in SECTIONS for line in section(v))
 
 

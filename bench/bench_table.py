@@ -2,7 +2,8 @@
 format, how to get the cell from a row) and a list of rows (dicts).
 
 Rule 1: pure text formatting; nothing here knows what a figure means.
-Rule 2: a cell that is missing or not a number prints as "-", never raises.
+Rule 2: columns only place and format values: the sections compute their rows (ratios,
+notes, "-" for a missing figure) before the table is drawn.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ Row = dict[str, Any]
 
 
 def get(d: Any, *keys: str) -> Any:
+    """`d[k1][k2]...`, or None where a key or a dict is missing."""
     for k in keys:
         if not isinstance(d, dict) or k not in d:
             return None
@@ -29,6 +31,7 @@ def get(d: Any, *keys: str) -> Any:
 
 
 def fmt(v: Any, digits: int = 0) -> str:
+    """A number with `digits` decimals and thousands separators; "-" for None or NaN."""
     if v is None or (isinstance(v, float) and math.isnan(v)):
         return "-"
     if isinstance(v, float | int):
@@ -37,6 +40,7 @@ def fmt(v: Any, digits: int = 0) -> str:
 
 
 def ratio(a: Any, b: Any) -> str:
+    """`a / b` as "1.23x"; "-" when either is missing or zero."""
     if not a or not b:
         return "-"
     return f"{a / b:.2f}x"
@@ -77,10 +81,12 @@ def header(columns: Sequence[Column], indent: str = "") -> list[str]:
 
 
 def rows(columns: Sequence[Column], data: Iterable[Row], indent: str = "") -> list[str]:
+    """One line per row."""
     return [indent + "".join(c.pre + format(c.cell(r), c.spec) for c in columns) for r in data]
 
 
 def table(columns: Sequence[Column], data: Iterable[Row], indent: str = "") -> list[str]:
+    """The heading line(s), then one line per row."""
     return header(columns, indent) + rows(columns, data, indent)
 
 
