@@ -1,23 +1,35 @@
-"""Shared helpers of the benchmark: TLS material in memory, the agent's HTTP API, /proc.
+"""Shared helpers of the benchmark: TLS material in memory, the agent's HTTP API, /proc,
+the progress log and the state of the code measured.
 
-Nothing here writes key material to a regular file: keys are loaded into `ssl` through an
-anonymous memory file (memfd), as the proxy itself does.
+Rule 1: nothing here writes key material to a regular file: keys are loaded into `ssl`
+through an anonymous memory file (memfd), as the proxy itself does.
+Rule 2: nothing here imports another bench module (they all import this one).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import socket
 import ssl
 import statistics
+import subprocess
+import sys
 import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
+ROOT = Path(__file__).resolve().parent.parent  # the repository
+
+
+def log(msg: str) -> None:
+    """One progress line on stderr (the report goes to stdout)."""
+    print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
 
 
 @dataclass(frozen=True, slots=True)
@@ -191,3 +203,37 @@ def percentile(values: list[float], q: float) -> float:
     if len(values) == 1:
         return values[0]
     return statistics.quantiles(values, n=1000, method="inclusive")[max(0, int(q * 1000) - 1)]
+
+
+# -- the code measured ----------------------------------------------------------------------
+
+
+def _git(*args: str) -> str | None:
+    """A read-only git command (no optional locks: `status` must not rewrite the index)."""
+    try:
+        res = subprocess.run(
+            ["git", "--no-optional-locks", *args],
+            check=True,
+            cwd=ROOT,
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
+    except (OSError, subprocess.SubprocessError):
+        return None
+    return res.stdout
+
+
+def source_state() -> dict[str, Any]:
+    """Which proxy code was measured: HEAD, files changed since, and a digest of the sources
+    (the tree may be changing while we run)."""
+    head = _git("rev-parse", "--short", "HEAD")
+    changed = _git("status", "--porcelain", "--", "proxy", "listeners")
+    digest = hashlib.sha256()
+    for path in sorted([*ROOT.glob("proxy/**/*.py"), *ROOT.glob("listeners/**/*.py")]):
+        digest.update(path.relative_to(ROOT).as_posix().encode() + b"\0" + path.read_bytes())
+    return {
+        "git_head": head.strip() if head else None,
+        "git_changed": [x.strip() for x in (changed or "").splitlines() if x.strip()],
+        "sources_sha256": digest.hexdigest()[:16],
+    }
