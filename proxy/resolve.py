@@ -1,13 +1,14 @@
 """Upstream discovery: which instances serve an upstream, and which identity each must show.
 
-Owns consul-spec.md section 6: service upstreams come from
-`/v1/health/connect/<name>?passing&stale`, prepared queries from
-`/v1/query/<name>/execute?connect=true&stale`; an instance's address is `Service.Address`,
-else `Node.Address`; the expected identity is the proxy's destination service (or the
-service itself for Connect-native instances) in the instance's datacenter.
+Owns when the agent is asked (consul-spec.md section 6): service upstreams come from
+`/v1/health/connect/<name>?passing&stale`, followed by one blocking watch per upstream;
+prepared queries from `/v1/query/<name>/execute?connect=true&stale`, once per connection.
+Reading the agent's ServiceEntries into (host, port, expected identity) is
+`proxy.answers.endpoints_from_entries`, beside the HTTP code.
 
-Rule 1: `endpoints_from_entries` is pure; the resolvers only add the agent call.
-Rule 2: an entry that is not a valid Connect endpoint is skipped, not fatal.
+Rule 1: no JSON here; the resolvers only choose the agent call and keep its result.
+Rule 2: connections get the instances in random order, from a copy (the caller tries them
+in turn).
 """
 
 from __future__ import annotations
@@ -15,48 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from proxy.agent import AgentClient
 from proxy.errors import AgentError
-from proxy.identity import Endpoint, SpiffeIDService
+from proxy.identity import Endpoint
 from proxy.watch import backoff, next_index
 
 log = logging.getLogger("proxy.upstream")
-
-
-def endpoints_from_entries(entries: Iterable[Mapping[str, Any]]) -> list[Endpoint]:
-    """(host, port, expected identity) for each Connect-capable ServiceEntry."""
-    out: list[Endpoint] = []
-    for entry in entries:
-        svc = entry.get("Service") or {}
-        node = entry.get("Node") or {}
-        proxy = svc.get("Proxy") or {}
-        if svc.get("Kind") == "connect-proxy" and proxy.get("DestinationServiceName"):
-            service = proxy["DestinationServiceName"]
-        elif (svc.get("Connect") or {}).get("Native"):
-            service = svc.get("Service") or ""
-        else:
-            continue
-        host = svc.get("Address") or node.get("Address") or ""
-        port = svc.get("Port")
-        if not service or not host or not isinstance(port, int) or port <= 0:
-            continue
-        out.append(
-            (
-                host,
-                port,
-                SpiffeIDService(
-                    host="",
-                    namespace=svc.get("Namespace") or "default",
-                    datacenter=node.get("Datacenter") or "",
-                    service=service,
-                    partition=svc.get("Partition") or "default",
-                ),
-            )
-        )
-    return out
 
 
 class AgentResolver:
@@ -82,12 +49,10 @@ class AgentResolver:
             AgentError: the agent could not be asked.
         """
         if self.prepared_query:
-            answer = await self.agent.query_execute(self.name, datacenter=self.datacenter)
-            entries = (answer.body or {}).get("Nodes") or []
+            endpoints = await self.agent.query_execute(self.name, datacenter=self.datacenter)
         else:
-            answer = await self.agent.health_connect(self.name, datacenter=self.datacenter)
-            entries = answer.body or []
-        endpoints = endpoints_from_entries(entries)
+            result = await self.agent.health_connect(self.name, datacenter=self.datacenter)
+            endpoints = list(result.endpoints)
         random.shuffle(endpoints)
         return endpoints
 
@@ -138,7 +103,7 @@ class WatchingResolver:
         failures = 0
         while True:
             try:
-                answer = await self.agent.health_connect(
+                result = await self.agent.health_connect(
                     self.name, datacenter=self.datacenter, index=index
                 )
             except AgentError as exc:
@@ -156,12 +121,12 @@ class WatchingResolver:
                 await asyncio.sleep(delay)
                 continue
             failures = 0
-            self._endpoints = endpoints_from_entries(answer.body or [])
+            self._endpoints = list(result.endpoints)
             self._answered.set()
             self.updates += 1
             if self._updated is not None:
                 self._updated.set()
-            index = next_index(index, answer.index)
+            index = next_index(index, result.index)
 
     async def resolve(self) -> Sequence[Endpoint]:
         """The current healthy instances, in random order.

@@ -30,6 +30,12 @@ class ConfigSource(Protocol):
     def configs(self) -> AsyncIterator[ProxyConfig]: ...
 
 
+def _destination_id(service: dict[str, Any]) -> str:
+    proxy = service.get("Proxy")
+    destination = proxy.get("DestinationServiceID") if isinstance(proxy, dict) else None
+    return destination if isinstance(destination, str) else ""
+
+
 async def lookup_proxy_id_for_sidecar(agent: AgentClient, sidecar_for: str) -> str:
     """The ID of the one connect-proxy whose DestinationServiceID is `sidecar_for`.
 
@@ -37,16 +43,16 @@ async def lookup_proxy_id_for_sidecar(agent: AgentClient, sidecar_for: str) -> s
         ConfigError: none, several, or the lookup failed (Consul's messages).
     """
     try:
-        services = (await agent.services()).body or {}
+        services = await agent.services()
     except AgentError as exc:
         raise ConfigError(
             f"Failed looking up sidecar proxy info for {sidecar_for}: {explain(exc)}"
         ) from exc
     ids = sorted(
-        svc.get("ID", "")
+        str(svc.get("ID", ""))
         for svc in services.values()
         if svc.get("Kind") == "connect-proxy"
-        and (svc.get("Proxy") or {}).get("DestinationServiceID", "").lower() == sidecar_for.lower()
+        and _destination_id(svc).lower() == sidecar_for.lower()
     )
     if not ids:
         raise ConfigError(f"No sidecar proxy registered for {sidecar_for}")
@@ -85,7 +91,7 @@ class AgentConfigSource:
         if not self.legacy:
             try:
                 answer = await self.agent.agent_service(self.proxy_id, content_hash)
-                return load_agent_service(answer.body or {}), answer.content_hash
+                return load_agent_service(answer.body), answer.content_hash
             except AgentResponseError as exc:
                 if exc.status != 404:
                     raise
@@ -98,7 +104,7 @@ class AgentConfigSource:
                 self.legacy = True
                 content_hash = ""
         answer = await self.agent.managed_proxy(self.proxy_id, content_hash)
-        return load_managed_proxy(answer.body or {}), answer.content_hash
+        return load_managed_proxy(answer.body), answer.content_hash
 
     async def configs(self) -> AsyncIterator[ProxyConfig]:
         """Each distinct valid config, forever (until the consumer stops)."""

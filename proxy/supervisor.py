@@ -16,7 +16,6 @@ import asyncio
 import contextlib
 import logging
 from collections.abc import AsyncIterator, Awaitable, Callable
-from typing import Any
 
 from listeners.public import PublicListener
 from listeners.upstream import UpstreamListener
@@ -108,15 +107,13 @@ class Proxy:
     def _start_watches(self) -> None:
         service = self.config.service
 
-        async def fetch_roots(index: int) -> tuple[Any, int]:
-            answer = await self.agent.roots(index)
-            roots = tuple(r.get("RootCert", "") for r in (answer.body or {}).get("Roots") or [])
-            return roots, answer.index
+        async def fetch_roots(index: int) -> tuple[tuple[str, ...], int]:
+            roots = await self.agent.roots(index)
+            return roots.pems, roots.index
 
-        async def fetch_leaf(index: int) -> tuple[Any, int]:
-            answer = await self.agent.leaf(service, index)
-            body = answer.body or {}
-            return (body.get("CertPEM", ""), body.get("PrivateKeyPEM", "")), answer.index
+        async def fetch_leaf(index: int) -> tuple[tuple[str, str], int]:
+            leaf = await self.agent.leaf(service, index)
+            return (leaf.cert_pem, leaf.key_pem), leaf.index
 
         loop = asyncio.get_running_loop()
         self._watches = [
