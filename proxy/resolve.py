@@ -19,9 +19,9 @@ import random
 from collections.abc import Sequence
 
 from proxy.agent import AgentClient
-from proxy.errors import AgentError
+from proxy.counter import Counter
 from proxy.identity import Endpoint
-from proxy.watch import backoff, next_index
+from proxy.watch import BACKOFF_BASE, watch
 
 log = logging.getLogger("proxy.upstream")
 
@@ -85,7 +85,7 @@ class WatchingResolver:
         name: str,
         *,
         datacenter: str = "",
-        backoff_base: float = 5.0,
+        backoff_base: float = BACKOFF_BASE,
     ) -> None:
         self.agent = agent
         self.name = name
@@ -95,38 +95,31 @@ class WatchingResolver:
         self._error: Exception | None = None
         self._answered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.updates = 0
-        self._updated: asyncio.Event | None = None
+        self.updates = Counter()  # changes of the instance list (tests wait on it)
+
+    async def _fetch(self, index: int) -> tuple[tuple[Endpoint, ...], int]:
+        result = await self.agent.health_connect(self.name, datacenter=self.datacenter, index=index)
+        return result.endpoints, result.index
+
+    def _changed(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self._endpoints = list(endpoints)
+        self._answered.set()
+        self.updates.add()
+
+    def _failed(self, exc: Exception) -> None:
+        # Kept for `resolve()` before any success; after one, the last instances stay in use.
+        self._error = exc
+        self._answered.set()
 
     async def _run(self) -> None:
-        index = 0
-        failures = 0
-        while True:
-            try:
-                result = await self.agent.health_connect(
-                    self.name, datacenter=self.datacenter, index=index
-                )
-            except AgentError as exc:
-                failures += 1
-                self._error = exc
-                self._answered.set()
-                delay = backoff(failures, self.backoff_base)
-                log.warning(
-                    "Watch errored type=health_connect service=%s error=%s retry=%.1fs",
-                    self.name,
-                    exc,
-                    delay,
-                )
-                index = 0
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            self._endpoints = list(result.endpoints)
-            self._answered.set()
-            self.updates += 1
-            if self._updated is not None:
-                self._updated.set()
-            index = next_index(index, result.index)
+        await watch(
+            f"health_connect service={self.name}",
+            self._fetch,
+            self._changed,
+            log=log,
+            backoff_base=self.backoff_base,
+            on_error=self._failed,
+        )
 
     async def resolve(self) -> Sequence[Endpoint]:
         """The current healthy instances, in random order.
@@ -145,15 +138,6 @@ class WatchingResolver:
         endpoints = list(self._endpoints)
         random.shuffle(endpoints)
         return endpoints
-
-    async def until_updates(self, count: int) -> None:
-        """Return once the watch has had `count` answers (bound it with a timeout)."""
-        while self.updates < count:
-            self._updated = asyncio.Event()
-            try:
-                await self._updated.wait()
-            finally:
-                self._updated = None
 
     async def aclose(self) -> None:
         if self._task is not None:
