@@ -1,8 +1,9 @@
 """AgentClient: the proxy's calls to the local Consul agent.
 
 Owns: request shapes (paths, parameters, the token header), blocking-query parameters and
-timeouts, and the translation of transport failures and non-200 answers into `AgentError`s
-whose text matches Consul's Go client (`Unexpected response code: <code> (<body>)`).
+timeouts, and the translation of transport failures into `AgentUnavailable`. Each call hands
+its response to `proxy.answers`, which reads it into a typed result (or raises
+`AgentResponseError` with the text of Consul's Go client): no caller reads the agent's JSON.
 
 Rule 1: the token travels only in the `X-Consul-Token` header, never in a URL, and never
 appears in an error text or a log line.
@@ -18,15 +19,32 @@ import json
 import ssl
 import urllib.parse
 from collections.abc import Mapping
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 
 from proxy.addr import split_host_port
-from proxy.agenthttp import KeepAlivePool
+from proxy.agenthttp import KeepAlivePool, RawResponse
+from proxy.answers import (
+    AgentService,
+    Answer,
+    AuthorizeResult,
+    Endpoints,
+    Leaf,
+    Roots,
+    agent_service_from,
+    authorize_result,
+    catalog_entries_from,
+    decode,
+    health_endpoints,
+    leaf_from,
+    query_endpoints,
+    roots_from,
+    services_from,
+)
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 from proxy.httpflags import HTTPOptions
+from proxy.identity import Endpoint
 
 # Watches block for this long per request; the agent adds up to wait/16 of jitter.
 DEFAULT_WAIT = 300.0
@@ -98,15 +116,6 @@ def make_keepalive_pool(options: HTTPOptions, tls: ssl.SSLContext | None = None)
     )
 
 
-@dataclass(frozen=True, slots=True)
-class Answer:
-    """A decoded JSON body with the blocking metadata of its response."""
-
-    body: Any
-    index: int
-    content_hash: str
-
-
 def _wait_param(seconds: float) -> str:
     # The Go client always sends integer milliseconds with a unit.
     return f"{max(1, int(seconds * 1000))}ms"
@@ -117,29 +126,17 @@ def _encode(body: Any) -> bytes:
     return (json.dumps(body) + "\n").encode()
 
 
-def _answer(path: str, status: int, headers: Mapping[str, str], content: bytes) -> Answer:
-    """Decode a response as Go's client would, or raise with its text."""
-    if status != 200:
-        text = content.decode("utf-8", "replace").strip()
-        raise AgentResponseError(f"Unexpected response code: {status} ({text})", status=status)
-    try:
-        decoded = json.loads(content) if content else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise AgentResponseError(f"the agent answered {path} with invalid JSON: {exc}") from exc
-    raw_index = headers.get("x-consul-index", "0")
-    return Answer(
-        body=decoded,
-        index=int(raw_index) if raw_index.isdigit() else 0,
-        content_hash=headers.get("x-consul-contenthash", ""),
-    )
+AUTHORIZE_PATH = "/v1/agent/connect/authorize"
 
 
 class AgentClient:
-    """Calls to the local agent described by `options`.
+    """Calls to the local agent described by `options`, each returning a typed result.
 
     Two connections kinds, one agent: watches, registration and other rare calls go
     through one `httpx.AsyncClient`; the calls made for every proxied connection
-    (authorize, prepared-query discovery) go through a `KeepAlivePool`.
+    (authorize, prepared-query discovery) go through a `KeepAlivePool`. Every call raises
+    `AgentUnavailable` when the agent cannot be reached and `AgentResponseError` for a
+    non-200 answer or a body of the wrong shape (`proxy.answers`).
 
     Raises:
         ConfigError: TLS files for the agent connection that cannot be loaded.
@@ -159,6 +156,9 @@ class AgentClient:
             user, password = options.basic_auth
             raw = base64.b64encode(f"{user}:{password}".encode()).decode()
             self._pool_headers.append(("Authorization", f"Basic {raw}"))
+        # Built once: the authorize call runs for every inbound connection.
+        self._authorize_target = self._prefix + AUTHORIZE_PATH
+        self._authorize_headers = [*self._pool_headers, ("Content-Type", "application/json")]
         server_name = options.tls_server_name
         self._extensions = {"sni_hostname": server_name} if server_name else {}
         self.datacenter = options.datacenter
@@ -200,26 +200,21 @@ class AgentClient:
             raise AgentUnavailable(
                 f"error talking to the agent: {type(exc).__name__}: {exc}"
             ) from exc
-        return _answer(path, response.status_code, response.headers, response.content)
+        return decode(path, response.status_code, response.headers, response.content)
 
     async def _fast(
         self,
         method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        body: Any = None,
-    ) -> Answer:
-        """`_request` over the keep-alive pool, for calls made once per proxied connection."""
-        target = self._prefix + urllib.parse.quote(path, safe="/:@")
-        if params:
-            target += "?" + urllib.parse.urlencode(params)
-        headers = self._pool_headers
-        content = None if body is None else _encode(body)
-        if content is not None:
-            headers = [*headers, ("Content-Type", "application/json")]
+        target: str,
+        headers: list[tuple[str, str]],
+        content: bytes | None = None,
+    ) -> RawResponse:
+        """One exchange over the keep-alive pool, for calls made once per proxied connection.
+
+        `target`: the request target, path prefix and query string included.
+        """
         try:
-            raw = await self._pool.request(method, target, headers, content, self.timeout)
+            return await self._pool.request(method, target, headers, content, self.timeout)
         except TimeoutError:
             raise AgentUnavailable(
                 f"error talking to the agent: timed out after {self.timeout:g}s"
@@ -228,7 +223,6 @@ class AgentClient:
             raise AgentUnavailable(
                 f"error talking to the agent: {type(exc).__name__}: {exc}"
             ) from exc
-        return _answer(path, raw.status, raw.headers, raw.body)
 
     def _blocking(
         self, index: int, params: dict[str, str] | None = None
@@ -246,31 +240,31 @@ class AgentClient:
             return {}, self.timeout
         return {"hash": content_hash, "wait": _wait_param(self.wait)}, self.wait * 17 / 16 + 15
 
-    async def roots(self, index: int = 0) -> Answer:
+    async def roots(self, index: int = 0) -> Roots:
         """`GET /v1/agent/connect/ca/roots`, blocking when `index` > 0."""
+        path = "/v1/agent/connect/ca/roots"
         params, timeout = self._blocking(index)
-        return await self._request(
-            "GET", "/v1/agent/connect/ca/roots", params=params, timeout=timeout
-        )
+        return roots_from(path, await self._request("GET", path, params=params, timeout=timeout))
 
-    async def leaf(self, service: str, index: int = 0) -> Answer:
+    async def leaf(self, service: str, index: int = 0) -> Leaf:
         """`GET /v1/agent/connect/ca/leaf/:service`, blocking when `index` > 0."""
+        path = f"/v1/agent/connect/ca/leaf/{service}"
         params, timeout = self._blocking(index)
-        return await self._request(
-            "GET", f"/v1/agent/connect/ca/leaf/{service}", params=params, timeout=timeout
-        )
+        return leaf_from(path, await self._request("GET", path, params=params, timeout=timeout))
 
-    async def authorize(self, target: str, client_cert_uri: str, client_cert_serial: str) -> Answer:
-        """`POST /v1/agent/connect/authorize`."""
-        return await self._fast(
-            "POST",
-            "/v1/agent/connect/authorize",
-            body={
+    async def authorize(
+        self, target: str, client_cert_uri: str, client_cert_serial: str
+    ) -> AuthorizeResult:
+        """`POST /v1/agent/connect/authorize`, over the keep-alive pool."""
+        content = _encode(
+            {
                 "Target": target,
                 "ClientCertURI": client_cert_uri,
                 "ClientCertSerial": client_cert_serial,
-            },
+            }
         )
+        raw = await self._fast("POST", self._authorize_target, self._authorize_headers, content)
+        return authorize_result(AUTHORIZE_PATH, raw.status, raw.body)
 
     def _discovery_params(self, datacenter: str) -> dict[str, str]:
         params = {"stale": ""}
@@ -279,26 +273,43 @@ class AgentClient:
             params["dc"] = dc
         return params
 
-    async def health_connect(self, service: str, *, datacenter: str = "", index: int = 0) -> Answer:
+    async def health_connect(
+        self, service: str, *, datacenter: str = "", index: int = 0
+    ) -> Endpoints:
         """`GET /v1/health/connect/:service?passing&stale`: healthy Connect endpoints."""
+        path = f"/v1/health/connect/{service}"
         params, timeout = self._blocking(index, self._discovery_params(datacenter))
         params["passing"] = "1"
-        return await self._request(
-            "GET", f"/v1/health/connect/{service}", params=params, timeout=timeout
-        )
+        answer = await self._request("GET", path, params=params, timeout=timeout)
+        return health_endpoints(path, answer)
 
-    async def query_execute(self, query: str, *, datacenter: str = "") -> Answer:
-        """`GET /v1/query/:name/execute?connect=true&stale`."""
+    async def query_execute(self, query: str, *, datacenter: str = "") -> list[Endpoint]:
+        """`GET /v1/query/:name/execute?connect=true&stale`, over the keep-alive pool."""
+        path = f"/v1/query/{query}/execute"
         params = self._discovery_params(datacenter)
         params["connect"] = "true"
-        return await self._fast("GET", f"/v1/query/{query}/execute", params=params)
-
-    async def agent_service(self, service_id: str, content_hash: str = "") -> Answer:
-        """`GET /v1/agent/service/:id`, hash-blocking when `content_hash` is given."""
-        params, timeout = self._hash_blocking(content_hash)
-        return await self._request(
-            "GET", f"/v1/agent/service/{service_id}", params=params, timeout=timeout
+        target = (
+            self._prefix
+            + urllib.parse.quote(path, safe="/:@")
+            + "?"
+            + urllib.parse.urlencode(params)
         )
+        raw = await self._fast("GET", target, self._pool_headers)
+        return query_endpoints(path, decode(path, raw.status, raw.headers, raw.body))
+
+    async def agent_service(self, service_id: str, content_hash: str = "") -> AgentService:
+        """`GET /v1/agent/service/:id`, hash-blocking when `content_hash` is given."""
+        path = f"/v1/agent/service/{service_id}"
+        params, timeout = self._hash_blocking(content_hash)
+        answer = await self._request("GET", path, params=params, timeout=timeout)
+        return agent_service_from(path, answer)
+
+    async def managed_proxy(self, proxy_id: str, content_hash: str = "") -> AgentService:
+        """`GET /v1/agent/connect/proxy/:id` (Consul 1.2-1.5), hash-blocking."""
+        path = f"/v1/agent/connect/proxy/{proxy_id}"
+        params, timeout = self._hash_blocking(content_hash)
+        answer = await self._request("GET", path, params=params, timeout=timeout)
+        return agent_service_from(path, answer)
 
     async def self(self) -> Answer:
         """`GET /v1/agent/self`."""
@@ -308,32 +319,27 @@ class AgentClient:
         """`GET /v1/acl/token/self`."""
         return await self._request("GET", "/v1/acl/token/self")
 
-    async def services(self) -> Answer:
-        """`GET /v1/agent/services`."""
-        return await self._request("GET", "/v1/agent/services")
+    async def services(self) -> dict[str, dict[str, Any]]:
+        """`GET /v1/agent/services`: service ID -> service body."""
+        path = "/v1/agent/services"
+        return services_from(path, await self._request("GET", path))
 
-    async def managed_proxy(self, proxy_id: str, content_hash: str = "") -> Answer:
-        """`GET /v1/agent/connect/proxy/:id` (Consul 1.2-1.5), hash-blocking."""
-        params, timeout = self._hash_blocking(content_hash)
-        return await self._request(
-            "GET", f"/v1/agent/connect/proxy/{proxy_id}", params=params, timeout=timeout
-        )
+    async def catalog_service(self, name: str) -> list[dict[str, Any]]:
+        """`GET /v1/catalog/service/:name?stale`: the catalog's entries."""
+        path = f"/v1/catalog/service/{name}"
+        return catalog_entries_from(path, await self._request("GET", path, params={"stale": ""}))
 
-    async def catalog_service(self, name: str) -> Answer:
-        """`GET /v1/catalog/service/:name?stale`."""
-        return await self._request("GET", f"/v1/catalog/service/{name}", params={"stale": ""})
-
-    async def register(self, registration: Any) -> Answer:
+    async def register(self, registration: Any) -> None:
         """`PUT /v1/agent/service/register`."""
-        return await self._request("PUT", "/v1/agent/service/register", body=registration)
+        await self._request("PUT", "/v1/agent/service/register", body=registration)
 
-    async def deregister(self, service_id: str) -> Answer:
+    async def deregister(self, service_id: str) -> None:
         """`PUT /v1/agent/service/deregister/:id`."""
-        return await self._request("PUT", f"/v1/agent/service/deregister/{service_id}")
+        await self._request("PUT", f"/v1/agent/service/deregister/{service_id}")
 
-    async def pass_ttl(self, check_id: str, note: str = "") -> Answer:
+    async def pass_ttl(self, check_id: str, note: str = "") -> None:
         """`PUT /v1/agent/check/pass/:id?note=`."""
-        return await self._request("PUT", f"/v1/agent/check/pass/{check_id}", params={"note": note})
+        await self._request("PUT", f"/v1/agent/check/pass/{check_id}", params={"note": note})
 
 
 def explain(exc: Exception, service: str = "") -> str:

@@ -1,4 +1,4 @@
-"""Authorizer: an inbound peer's certificate -> identity -> the agent's decision.
+"""AgentAuthorizer: an inbound peer's certificate -> identity -> the agent's decision.
 
 Owns the inbound identity rules of Consul's proxy (consul-spec.md 3.2): the leaf must carry a
 URI SAN that parses as a Connect *service* SPIFFE ID; the agent is asked once per connection
@@ -16,8 +16,12 @@ from proxy.errors import AgentError, IdentityError
 from proxy.identity import Decision, SpiffeIDService, encode_serial, parse_spiffe_id, peer_identity
 
 
-class Authorizer:
-    """Authorizes inbound connections to `target` (the proxied service name)."""
+class AgentAuthorizer:
+    """Authorizes inbound connections to `target` (the proxied service name) by asking the agent.
+
+    Satisfies `listeners.public.InboundAuthorizer` (not to be confused with the dev agent's ACL
+    `proxy.devagent.acl.Authorizer`).
+    """
 
     def __init__(self, agent: AgentClient, target: str) -> None:
         self.agent = agent
@@ -39,15 +43,12 @@ class Authorizer:
         if not isinstance(ident, SpiffeIDService):
             return Decision(False, "connect: invalid leaf certificate URI")
         try:
-            answer = await self.agent.authorize(
+            result = await self.agent.authorize(
                 self.target, ident.uri(), encode_serial(peer.serial)
             )
         except AgentError as exc:
+            # An answer without a boolean `Authorized` reads "unexpected answer from the agent".
             return Decision(False, f"connect: authz call failed: {exc}")
-        body = answer.body
-        if not isinstance(body, dict) or not isinstance(body.get("Authorized"), bool):
-            return Decision(False, "connect: authz call failed: unexpected answer from the agent")
-        reason = str(body.get("Reason", ""))
-        if not body["Authorized"]:
-            return Decision(False, f"connect: authz denied: {reason}")
-        return Decision(True, reason)
+        if not result.allowed:
+            return Decision(False, f"connect: authz denied: {result.reason}")
+        return Decision(True, result.reason)

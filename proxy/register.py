@@ -42,7 +42,7 @@ class RegisterMonitor:
 
     async def register(self) -> None:
         try:
-            entries = (await self.agent.catalog_service(self.service_name)).body or []
+            entries = await self.agent.catalog_service(self.service_name)
         except AgentError:
             entries = []
         for entry in entries:

@@ -1,13 +1,14 @@
 """Upstream discovery: which instances serve an upstream, and which identity each must show.
 
-Owns consul-spec.md section 6: service upstreams come from
-`/v1/health/connect/<name>?passing&stale`, prepared queries from
-`/v1/query/<name>/execute?connect=true&stale`; an instance's address is `Service.Address`,
-else `Node.Address`; the expected identity is the proxy's destination service (or the
-service itself for Connect-native instances) in the instance's datacenter.
+Owns when the agent is asked (consul-spec.md section 6): service upstreams come from
+`/v1/health/connect/<name>?passing&stale`, followed by one blocking watch per upstream;
+prepared queries from `/v1/query/<name>/execute?connect=true&stale`, once per connection.
+Reading the agent's ServiceEntries into (host, port, expected identity) is
+`proxy.answers.endpoints_from_entries`, beside the HTTP code.
 
-Rule 1: `endpoints_from_entries` is pure; the resolvers only add the agent call.
-Rule 2: an entry that is not a valid Connect endpoint is skipped, not fatal.
+Rule 1: no JSON here; the resolvers only choose the agent call and keep its result.
+Rule 2: connections get the instances in random order, from a copy (the caller tries them
+in turn).
 """
 
 from __future__ import annotations
@@ -15,48 +16,14 @@ from __future__ import annotations
 import asyncio
 import logging
 import random
-from collections.abc import Iterable, Mapping, Sequence
-from typing import Any
+from collections.abc import Sequence
 
 from proxy.agent import AgentClient
-from proxy.errors import AgentError
-from proxy.identity import Endpoint, SpiffeIDService
-from proxy.watch import backoff, next_index
+from proxy.counter import Counter
+from proxy.identity import Endpoint
+from proxy.watch import BACKOFF_BASE, watch
 
 log = logging.getLogger("proxy.upstream")
-
-
-def endpoints_from_entries(entries: Iterable[Mapping[str, Any]]) -> list[Endpoint]:
-    """(host, port, expected identity) for each Connect-capable ServiceEntry."""
-    out: list[Endpoint] = []
-    for entry in entries:
-        svc = entry.get("Service") or {}
-        node = entry.get("Node") or {}
-        proxy = svc.get("Proxy") or {}
-        if svc.get("Kind") == "connect-proxy" and proxy.get("DestinationServiceName"):
-            service = proxy["DestinationServiceName"]
-        elif (svc.get("Connect") or {}).get("Native"):
-            service = svc.get("Service") or ""
-        else:
-            continue
-        host = svc.get("Address") or node.get("Address") or ""
-        port = svc.get("Port")
-        if not service or not host or not isinstance(port, int) or port <= 0:
-            continue
-        out.append(
-            (
-                host,
-                port,
-                SpiffeIDService(
-                    host="",
-                    namespace=svc.get("Namespace") or "default",
-                    datacenter=node.get("Datacenter") or "",
-                    service=service,
-                    partition=svc.get("Partition") or "default",
-                ),
-            )
-        )
-    return out
 
 
 class AgentResolver:
@@ -82,12 +49,10 @@ class AgentResolver:
             AgentError: the agent could not be asked.
         """
         if self.prepared_query:
-            answer = await self.agent.query_execute(self.name, datacenter=self.datacenter)
-            entries = (answer.body or {}).get("Nodes") or []
+            endpoints = await self.agent.query_execute(self.name, datacenter=self.datacenter)
         else:
-            answer = await self.agent.health_connect(self.name, datacenter=self.datacenter)
-            entries = answer.body or []
-        endpoints = endpoints_from_entries(entries)
+            result = await self.agent.health_connect(self.name, datacenter=self.datacenter)
+            endpoints = list(result.endpoints)
         random.shuffle(endpoints)
         return endpoints
 
@@ -120,7 +85,7 @@ class WatchingResolver:
         name: str,
         *,
         datacenter: str = "",
-        backoff_base: float = 5.0,
+        backoff_base: float = BACKOFF_BASE,
     ) -> None:
         self.agent = agent
         self.name = name
@@ -130,38 +95,31 @@ class WatchingResolver:
         self._error: Exception | None = None
         self._answered = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
-        self.updates = 0
-        self._updated: asyncio.Event | None = None
+        self.updates = Counter()  # changes of the instance list (tests wait on it)
+
+    async def _fetch(self, index: int) -> tuple[tuple[Endpoint, ...], int]:
+        result = await self.agent.health_connect(self.name, datacenter=self.datacenter, index=index)
+        return result.endpoints, result.index
+
+    def _changed(self, endpoints: tuple[Endpoint, ...]) -> None:
+        self._endpoints = list(endpoints)
+        self._answered.set()
+        self.updates.add()
+
+    def _failed(self, exc: Exception) -> None:
+        # Kept for `resolve()` before any success; after one, the last instances stay in use.
+        self._error = exc
+        self._answered.set()
 
     async def _run(self) -> None:
-        index = 0
-        failures = 0
-        while True:
-            try:
-                answer = await self.agent.health_connect(
-                    self.name, datacenter=self.datacenter, index=index
-                )
-            except AgentError as exc:
-                failures += 1
-                self._error = exc
-                self._answered.set()
-                delay = backoff(failures, self.backoff_base)
-                log.warning(
-                    "Watch errored type=health_connect service=%s error=%s retry=%.1fs",
-                    self.name,
-                    exc,
-                    delay,
-                )
-                index = 0
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            self._endpoints = endpoints_from_entries(answer.body or [])
-            self._answered.set()
-            self.updates += 1
-            if self._updated is not None:
-                self._updated.set()
-            index = next_index(index, answer.index)
+        await watch(
+            f"health_connect service={self.name}",
+            self._fetch,
+            self._changed,
+            log=log,
+            backoff_base=self.backoff_base,
+            on_error=self._failed,
+        )
 
     async def resolve(self) -> Sequence[Endpoint]:
         """The current healthy instances, in random order.
@@ -180,15 +138,6 @@ class WatchingResolver:
         endpoints = list(self._endpoints)
         random.shuffle(endpoints)
         return endpoints
-
-    async def until_updates(self, count: int) -> None:
-        """Return once the watch has had `count` answers (bound it with a timeout)."""
-        while self.updates < count:
-            self._updated = asyncio.Event()
-            try:
-                await self._updated.wait()
-            finally:
-                self._updated = None
 
     async def aclose(self) -> None:
         if self._task is not None:

@@ -1,25 +1,27 @@
 """Where a proxy's configuration comes from: the agent (agent and sidecar modes), or flags.
 
 `lookup_proxy_id_for_sidecar` finds the proxy ID of `-sidecar-for`; `AgentConfigSource`
-follows the proxy's registration with hash-blocking queries; `StaticConfigSource` is the one
-config of flags mode. Each satisfies `ConfigSource`: an async iterator of distinct valid
-configs.
+follows the proxy's registration with a hash-blocking watch (`proxy.watch.changes`);
+`StaticConfigSource` is the one config of flags mode. Each satisfies `ConfigSource`: an
+async iterator of distinct valid configs.
 
 Rule 1: a source yields only configs that loaded cleanly; a bad update is logged and the
-last good config is kept.
+last good config is kept. Only a first config that does not load is raised.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from typing import Any, Protocol
 
 from proxy.agent import AgentClient, explain
+from proxy.answers import AgentService
 from proxy.config import ProxyConfig, load_agent_service, load_managed_proxy
 from proxy.errors import AgentError, AgentResponseError, ConfigError
-from proxy.watch import BACKOFF_BASE, backoff
+from proxy.watch import BACKOFF_BASE, CONTENT_HASH, changes
 
 log = logging.getLogger("proxy")
 
@@ -30,6 +32,12 @@ class ConfigSource(Protocol):
     def configs(self) -> AsyncIterator[ProxyConfig]: ...
 
 
+def _destination_id(service: dict[str, Any]) -> str:
+    proxy = service.get("Proxy")
+    destination = proxy.get("DestinationServiceID") if isinstance(proxy, dict) else None
+    return destination if isinstance(destination, str) else ""
+
+
 async def lookup_proxy_id_for_sidecar(agent: AgentClient, sidecar_for: str) -> str:
     """The ID of the one connect-proxy whose DestinationServiceID is `sidecar_for`.
 
@@ -37,16 +45,16 @@ async def lookup_proxy_id_for_sidecar(agent: AgentClient, sidecar_for: str) -> s
         ConfigError: none, several, or the lookup failed (Consul's messages).
     """
     try:
-        services = (await agent.services()).body or {}
+        services = await agent.services()
     except AgentError as exc:
         raise ConfigError(
             f"Failed looking up sidecar proxy info for {sidecar_for}: {explain(exc)}"
         ) from exc
     ids = sorted(
-        svc.get("ID", "")
+        str(svc.get("ID", ""))
         for svc in services.values()
         if svc.get("Kind") == "connect-proxy"
-        and (svc.get("Proxy") or {}).get("DestinationServiceID", "").lower() == sidecar_for.lower()
+        and _destination_id(svc).lower() == sidecar_for.lower()
     )
     if not ids:
         raise ConfigError(f"No sidecar proxy registered for {sidecar_for}")
@@ -59,7 +67,7 @@ async def lookup_proxy_id_for_sidecar(agent: AgentClient, sidecar_for: str) -> s
 
 
 class AgentConfigSource:
-    """Configs of one proxy service from the agent, by hash-blocking queries.
+    """Configs of one proxy service from the agent, by a hash-blocking watch.
 
     `/v1/agent/service/:id` (Consul 1.3+) first; if the agent answers 404 there, or
     `legacy` is set (a managed proxy of Consul 1.2-1.5), `/v1/agent/connect/proxy/:id`.
@@ -79,13 +87,11 @@ class AgentConfigSource:
         self.proxy_id = proxy_id
         self.legacy = legacy
         self.backoff_base = backoff_base
-        self.first_error: ConfigError | None = None
 
-    async def _fetch(self, content_hash: str) -> tuple[Any, str]:
+    async def _service(self, content_hash: str) -> AgentService:
         if not self.legacy:
             try:
-                answer = await self.agent.agent_service(self.proxy_id, content_hash)
-                return load_agent_service(answer.body or {}), answer.content_hash
+                return await self.agent.agent_service(self.proxy_id, content_hash)
             except AgentResponseError as exc:
                 if exc.status != 404:
                     raise
@@ -96,47 +102,50 @@ class AgentConfigSource:
                     exc,
                 )
                 self.legacy = True
-                content_hash = ""
-        answer = await self.agent.managed_proxy(self.proxy_id, content_hash)
-        return load_managed_proxy(answer.body or {}), answer.content_hash
+                content_hash = ""  # a hash of the other endpoint means nothing here
+        return await self.agent.managed_proxy(self.proxy_id, content_hash)
+
+    async def _fetch(self, content_hash: str) -> tuple[ProxyConfig | ConfigError, str]:
+        """One read of the watch: the config, or why the answer does not make one."""
+        service = await self._service(content_hash)
+        load = load_managed_proxy if self.legacy else load_agent_service
+        try:
+            return load(service.body), service.content_hash
+        except ConfigError as exc:
+            return exc, service.content_hash
 
     async def configs(self) -> AsyncIterator[ProxyConfig]:
-        """Each distinct valid config, forever (until the consumer stops)."""
-        content_hash = ""
-        failures = 0
+        """Each distinct valid config, forever (until the consumer stops).
+
+        Raises:
+            ConfigError: the first answer does not make a config (for example the service
+                is not a connect-proxy): the proxy cannot start from it.
+        """
         last: ProxyConfig | None = None
-        while True:
-            try:
-                config, new_hash = await self._fetch(content_hash)
-            except ConfigError as exc:
-                if last is None:
-                    # Nothing to keep: the proxy cannot start from this (for example the
-                    # service is not a connect-proxy). Consul's proxy waits forever here.
-                    raise
-                log.error(
-                    "ignoring unusable configuration from the agent, keeping the last good one: %s",
-                    exc,
-                )
-                failures += 1
-                await asyncio.sleep(backoff(failures, self.backoff_base))
-                continue
-            except AgentError as exc:
-                failures += 1
-                delay = backoff(failures, self.backoff_base)
-                log.warning(
-                    "Watch errored type=agent_service error=%s retry=%.1fs",
-                    explain(exc, last.service if last else ""),
-                    delay,
-                )
-                content_hash = ""
-                await asyncio.sleep(delay)
-                continue
-            failures = 0
-            content_hash = new_hash
-            if config != last:
-                log.debug("got new config")
-                last = config
-                yield config
+        loaded = changes(
+            "agent_service",
+            self._fetch,
+            CONTENT_HASH,
+            log=log,
+            backoff_base=self.backoff_base,
+            service=lambda: last.service if last else "",
+        )
+        async with contextlib.aclosing(loaded):
+            async for config in loaded:
+                if isinstance(config, ConfigError):
+                    if last is None:
+                        # Nothing to keep. Consul's proxy waits forever here; we stop.
+                        raise config
+                    log.error(
+                        "ignoring unusable configuration from the agent, keeping the last "
+                        "good one: %s",
+                        config,
+                    )
+                    continue
+                if config != last:
+                    log.debug("got new config")
+                    last = config
+                    yield config
 
 
 class StaticConfigSource:

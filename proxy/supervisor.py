@@ -25,7 +25,7 @@ from typing import Any, TypeVar
 from listeners.public import PublicListener
 from listeners.upstream import UpstreamListener
 from proxy.agent import AgentClient
-from proxy.authorize import Authorizer
+from proxy.authorize import AgentAuthorizer
 from proxy.config import (
     DEFAULT_TLS_ENGINE,
     ProxyConfig,
@@ -150,15 +150,13 @@ class Proxy:
     def _start_watches(self) -> None:
         service = self.config.service
 
-        async def fetch_roots(index: int) -> tuple[Any, int]:
-            answer = await self.agent.roots(index)
-            roots = tuple(r.get("RootCert", "") for r in (answer.body or {}).get("Roots") or [])
-            return roots, answer.index
+        async def fetch_roots(index: int) -> tuple[tuple[str, ...], int]:
+            roots = await self.agent.roots(index)
+            return roots.pems, roots.index
 
-        async def fetch_leaf(index: int) -> tuple[Any, int]:
-            answer = await self.agent.leaf(service, index)
-            body = answer.body or {}
-            return (body.get("CertPEM", ""), body.get("PrivateKeyPEM", "")), answer.index
+        async def fetch_leaf(index: int) -> tuple[tuple[str, str], int]:
+            leaf = await self.agent.leaf(service, index)
+            return (leaf.cert_pem, leaf.key_pem), leaf.index
 
         self._watches = [
             self._tasks.create_task(
@@ -278,7 +276,7 @@ class Proxy:
             app_host=cfg.local_service_host,
             app_port=cfg.local_service_port,
             contexts=self.tls,
-            authorizer=Authorizer(self.agent, self.config.service),
+            authorizer=AgentAuthorizer(self.agent, self.config.service),
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,
             reuse_port=self.settings.reuse_port,

@@ -20,6 +20,7 @@ from aiohttp import web
 
 from proxy.agent import AgentClient
 from proxy.agenthttp import KeepAlivePool, PoolClosed
+from proxy.answers import AuthorizeResult
 from proxy.devagent import DevAgent
 from proxy.errors import AgentUnavailable
 from proxy.httpflags import HTTPOptions
@@ -289,7 +290,7 @@ async def test_authorize_calls_reuse_one_connection_to_the_dev_agent(agent: DevA
             answer = await client.authorize(
                 "db", f"spiffe://{agent.state.ca.trust_domain}/ns/default/dc/dc1/svc/web", "01"
             )
-            assert answer.body["Authorized"] is True
+            assert answer.allowed is True
         assert client.pool.opened == 1
     finally:
         await client.aclose()
@@ -308,7 +309,7 @@ async def test_authorize_over_a_unix_socket(tmp_path: Path) -> None:
     client = AgentClient(HTTPOptions(scheme="unix", address=str(sock)))
     try:
         answer = await client.authorize("db", "spiffe://x/ns/default/dc/dc1/svc/web", "01")
-        assert answer.body == {"Authorized": True, "Reason": "localhost"}
+        assert answer == AuthorizeResult(True, "localhost")
     finally:
         await client.aclose()
         await runner.cleanup()
@@ -345,7 +346,7 @@ async def test_authorize_over_https_verifies_the_agent(tmp_path: Path) -> None:
     )
     try:
         answer = await good.authorize("db", "spiffe://x/ns/default/dc/dc1/svc/web", "01")
-        assert answer.body == {"Authorized": True, "Reason": "tls"}
+        assert answer == AuthorizeResult(True, "tls")
         with pytest.raises(AgentUnavailable, match="CERTIFICATE_VERIFY_FAILED"):
             await wrong_name.authorize("db", "spiffe://x/ns/default/dc/dc1/svc/web", "01")
     finally:

@@ -2,23 +2,20 @@
 
 Covers `parse_proxy_args` (consul-spec.md 4.1, the `cmd/flag_upstreams_test.go` and
 `cmd/proxy_test.go` checklist of section 7), the HTTP options of the agent client (1.0),
-`make_http_client` over a Unix socket, `explain`, the legacy managed-proxy body (1.10) and
-`main` as a function. Environments are plain dicts; nothing here reads `os.environ`.
+the legacy managed-proxy body (1.10) and `main` as a function (`make_http_client` and
+`explain` are in test_agent.py). Environments are plain dicts; nothing here reads `os.environ`.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
-from aiohttp import web
 
 from proxy import __version__
-from proxy.agent import AgentClient, explain, make_http_client
 from proxy.command import ProxyOptions, parse_proxy_args
 from proxy.config import (
     ProxyConfig,
@@ -27,7 +24,7 @@ from proxy.config import (
     load_managed_proxy,
 )
 from proxy.devagent import DevAgent
-from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
+from proxy.errors import ConfigError
 from proxy.goflags import FlagError, HelpRequested
 from proxy.httpflags import HTTPOptions, load_http_options
 from proxy.main import main
@@ -643,142 +640,6 @@ def test_token_and_password_never_appear_in_reprs(tmp_path: Path) -> None:
         for text in (repr(options), repr(options.http), str(options), str(options.http)):
             assert "s3cr3t" not in text
             assert "hunter2" not in text
-
-
-# -- make_http_client ---------------------------------------------------------------------
-
-
-async def test_unix_address_talks_http_over_the_socket_with_host_localhost(
-    tmp_path: Path,
-) -> None:
-    seen: list[tuple[str, str | None, str | None]] = []
-
-    async def record(request: web.Request) -> web.Response:
-        seen.append(
-            (request.path, request.headers.get("Host"), request.headers.get("X-Consul-Token"))
-        )
-        if request.path == "/v1/agent/self":
-            return web.json_response({"Config": {"NodeName": "unix-node"}})
-        return web.json_response({})
-
-    app = web.Application()
-    app.router.add_get("/v1/agent/self", record)
-    app.router.add_get("/v1/agent/services", record)
-    runner = web.AppRunner(app)
-    await runner.setup()
-    sock = tmp_path / "consul.sock"
-    site = web.UnixSite(runner, str(sock))
-    await site.start()
-    try:
-        options = parse(
-            "-service", "web", env={"CONSUL_HTTP_ADDR": f"unix://{sock}", "CONSUL_HTTP_TOKEN": "t1"}
-        ).http
-        assert options.scheme == "unix" and options.address == str(sock)
-        client = make_http_client(options)
-        async with client:
-            response = await client.get("/v1/agent/self")
-        assert response.status_code == 200
-        assert response.json() == {"Config": {"NodeName": "unix-node"}}
-
-        agent = AgentClient(options)
-        try:
-            answer = await agent.services()
-        finally:
-            await agent.aclose()
-        assert answer.body == {}
-    finally:
-        await runner.cleanup()
-    assert seen == [
-        ("/v1/agent/self", "localhost", None),
-        ("/v1/agent/services", "localhost", "t1"),
-    ]
-
-
-async def test_unix_address_to_a_missing_socket_is_agent_unavailable(tmp_path: Path) -> None:
-    options = HTTPOptions(scheme="unix", address=str(tmp_path / "absent.sock"))
-    agent = AgentClient(options)
-    try:
-        with pytest.raises(AgentUnavailable):
-            await agent.services()
-    finally:
-        await agent.aclose()
-
-
-@pytest.mark.parametrize("field", ["ca_file", "client_cert"])
-def test_https_with_a_missing_tls_file_is_a_config_error(tmp_path: Path, field: str) -> None:
-    missing = str(tmp_path / "missing.pem")
-    options = HTTPOptions(scheme="https", address="127.0.0.1:8501")
-    if field == "ca_file":
-        options = replace(options, ca_file=missing)
-    else:
-        options = replace(options, client_cert=missing)
-    with pytest.raises(ConfigError, match="TLS"):
-        make_http_client(options)
-
-
-def test_https_with_an_unparseable_ca_file_is_a_config_error(tmp_path: Path) -> None:
-    garbage = tmp_path / "ca.pem"
-    garbage.write_text(
-        "-----BEGIN CERTIFICATE-----\nnot base64 at all\n-----END CERTIFICATE-----\n"
-    )
-    options = HTTPOptions(scheme="https", address="127.0.0.1:8501", ca_file=str(garbage))
-    with pytest.raises(ConfigError):
-        make_http_client(options)
-
-
-def test_tls_files_are_not_read_for_plain_http(tmp_path: Path) -> None:
-    options = HTTPOptions(scheme="http", ca_file=str(tmp_path / "missing.pem"))
-    client = make_http_client(options)
-    assert isinstance(client, httpx.AsyncClient)
-    assert str(client.base_url) == "http://127.0.0.1:8500"
-
-
-def test_path_prefix_is_part_of_the_base_url() -> None:
-    options = load_http_options({}, {"CONSUL_HTTP_ADDR": "http://127.0.0.1:8500/consul"})
-    client = make_http_client(options)
-    assert str(client.base_url) == "http://127.0.0.1:8500/consul/"
-
-
-# -- explain ------------------------------------------------------------------------------
-
-
-def test_explain_acl_not_found_names_the_ways_to_pass_a_token() -> None:
-    exc = AgentResponseError("Unexpected response code: 403 (ACL not found)", status=403)
-    text = explain(exc, "web")
-    assert text.startswith("Unexpected response code: 403 (ACL not found)")
-    for hint in ("-token", "-token-file", "CONSUL_HTTP_TOKEN"):
-        assert hint in text
-
-
-def test_explain_permission_denied_names_the_permission_on_the_service() -> None:
-    exc = AgentResponseError(
-        "Unexpected response code: 403 (Permission denied: token with AccessorID "
-        "'0b2a6c9c-1b1e-4c7a-9d3e-3f1f7c2d8e11' lacks permission 'service:write' on \"web\")",
-        status=403,
-    )
-    text = explain(exc, "web")
-    assert text.startswith(str(exc))
-    assert "service:write on 'web'" in text
-
-
-def test_explain_permission_denied_without_a_service_still_explains() -> None:
-    exc = AgentResponseError("Unexpected response code: 403 (Permission denied)", status=403)
-    text = explain(exc)
-    assert text.startswith(str(exc)) and "permission" in text
-
-
-@pytest.mark.parametrize(
-    "exc",
-    [
-        AgentResponseError("Unexpected response code: 500 (boom)", status=500),
-        AgentResponseError("Unexpected response code: 404 (unknown service ID: x)", status=404),
-        AgentResponseError("the agent answered /x with invalid JSON: oops"),
-        AgentUnavailable("error talking to the agent: ConnectError: refused"),
-        ValueError("anything else"),
-    ],
-)
-def test_explain_leaves_other_errors_unchanged(exc: Exception) -> None:
-    assert explain(exc, "web") == str(exc)
 
 
 # -- main / proxy_main --------------------------------------------------------------------

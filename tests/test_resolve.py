@@ -1,4 +1,5 @@
-"""proxy.resolve: ServiceEntry -> (host, port, expected identity), and the agent resolvers.
+"""proxy.resolve and `answers.endpoints_from_entries`: ServiceEntry -> (host, port, expected
+identity), and the agent resolvers.
 
 The entries are the dev agent's real `/v1/health/...` answers where possible.
 """
@@ -12,10 +13,11 @@ import httpx
 import pytest
 
 from proxy.agent import AgentClient
+from proxy.answers import endpoints_from_entries
 from proxy.devagent import DevAgent
 from proxy.errors import AgentResponseError
 from proxy.identity import SpiffeIDService
-from proxy.resolve import AgentResolver, StaticResolver, endpoints_from_entries
+from proxy.resolve import AgentResolver, StaticResolver
 from tests.conftest import register
 from tests.proxyfix import agent_client
 

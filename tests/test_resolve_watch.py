@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import socket
 
 import httpx
@@ -13,6 +15,7 @@ from proxy.devagent import DevAgent
 from proxy.errors import AgentError
 from proxy.httpflags import HTTPOptions
 from proxy.resolve import WatchingResolver
+from tests.conftest import wait_until
 
 
 async def _register_proxy(agent: DevAgent, sid: str, port: int) -> None:
@@ -44,10 +47,10 @@ async def test_connections_read_the_watched_instances(agent: DevAgent) -> None:
                 assert len(await resolver.resolve()) == 1
             await agent.state.notifier.until_waiting(1)
             assert agent.state.notifier.waiting() == 1
-            assert resolver.updates == 1
+            assert resolver.updates.value == 1
             # A new instance shows up through the blocking query, with no new poll.
             await _register_proxy(agent, "db-2", 7002)
-            await resolver.until_updates(2)
+            await resolver.updates.reached(2)
             assert sorted(p for _, p, _ in await resolver.resolve()) == [7001, 7002]
             # An instance failing its check drops out.
             async with httpx.AsyncClient(base_url=agent.url) as c:
@@ -62,7 +65,7 @@ async def test_connections_read_the_watched_instances(agent: DevAgent) -> None:
                     },
                 )
                 assert r.status_code == 200
-            await resolver.until_updates(3)
+            await resolver.updates.reached(3)
             assert [p for _, p, _ in await resolver.resolve()] == [7002]
     finally:
         await resolver.aclose()
@@ -82,3 +85,31 @@ async def test_unreachable_agent_before_any_answer_raises() -> None:
         finally:
             await resolver.aclose()
             await client.aclose()
+
+
+async def test_the_last_instances_stay_in_use_while_the_agent_is_away(
+    agent: DevAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    caplog.set_level(logging.INFO, logger="proxy.upstream")
+    await _register_proxy(agent, "db-1", 7001)
+    client = AgentClient(HTTPOptions(address=agent.http_addr))
+    resolver = WatchingResolver(client, "db", backoff_base=0.01)
+
+    def errors() -> list[str]:
+        return [r.getMessage() for r in caplog.records if "Watch errored" in r.getMessage()]
+
+    try:
+        async with asyncio.timeout(5):
+            assert len(await resolver.resolve()) == 1
+            await agent.close()
+            await wait_until(lambda: len(errors()) >= 2)
+            assert [(h, p) for h, p, _ in await resolver.resolve()] == [("127.0.0.1", 7001)]
+    finally:
+        await resolver.aclose()
+        await client.aclose()
+    # The one watch loop's line, with the upstream named.
+    assert re.fullmatch(
+        r"Watch errored type=health_connect service=db "
+        r"error=error talking to the agent: \w+: .* retry=0\.0s",
+        errors()[0],
+    )

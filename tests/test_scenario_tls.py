@@ -206,11 +206,11 @@ async def test_failover_to_a_second_instance_when_the_first_refuses(
             tls = TLSStore(tls_engine)
             async with asyncio.timeout(5):
                 client = agent_client(agent)
-                roots = (await client.roots()).body
-                leaf = (await client.leaf("web")).body
+                roots = await client.roots()
+                leaf = await client.leaf("web")
                 await client.aclose()
-            tls.set_roots([r["RootCert"] for r in roots["Roots"]])
-            tls.set_leaf(leaf["CertPEM"], leaf["PrivateKeyPEM"])
+            tls.set_roots(roots.pems)
+            tls.set_leaf(leaf.cert_pem, leaf.key_pem)
             expected = SpiffeIDService("", "default", "dc1", "db")
             listener = UpstreamListener(
                 name="db",

@@ -1,4 +1,4 @@
-"""proxy.watch: index and backoff arithmetic, and the loop driven by a scripted fetch."""
+"""proxy.watch: cursor and backoff arithmetic, and the one loop driven by a scripted fetch."""
 
 from __future__ import annotations
 
@@ -12,7 +12,16 @@ from typing import Any
 import pytest
 
 from proxy.errors import AgentResponseError, AgentUnavailable
-from proxy.watch import BACKOFF_MAX, backoff, next_index, watch
+from proxy.watch import (
+    BACKOFF_MAX,
+    CONTENT_HASH,
+    INDEX,
+    backoff,
+    changes,
+    next_hash,
+    next_index,
+    watch,
+)
 
 log = logging.getLogger("test.watch")
 
@@ -35,6 +44,23 @@ CLOCK_SLACK = 0.005
 )
 def test_next_index(previous: int, returned: int, expected: int) -> None:
     assert next_index(previous, returned) == expected
+
+
+@pytest.mark.parametrize(
+    ("previous", "returned", "expected"),
+    [
+        ("", "a1", "a1"),  # first answer: block on its hash
+        ("a1", "a1", "a1"),  # unchanged (a blocking timeout): block on it again
+        ("a1", "b2", "b2"),  # changed: a hash has no order, so no reset
+        ("a1", "", ""),  # no hash header: the next read does not block (as Consul's client)
+    ],
+)
+def test_next_hash(previous: str, returned: str, expected: str) -> None:
+    assert next_hash(previous, returned) == expected
+
+
+def test_cursors_start_non_blocking() -> None:
+    assert (INDEX.start, CONTENT_HASH.start) == (0, "")
 
 
 @pytest.mark.parametrize(
@@ -62,7 +88,7 @@ def test_backoff_custom_cap() -> None:
     assert backoff(10, 1.0, cap=7.5) == 7.5
 
 
-Step = tuple[Any, int] | Exception
+Step = tuple[Any, Any] | Exception
 
 
 class ScriptedFetch:
@@ -71,11 +97,11 @@ class ScriptedFetch:
 
     def __init__(self, steps: Sequence[Step]) -> None:
         self.steps = list(steps)
-        self.indexes: list[int] = []
+        self.indexes: list[Any] = []  # the cursors asked for
         self.times: list[float] = []
         self.exhausted = asyncio.Event()
 
-    async def __call__(self, index: int) -> tuple[Any, int]:
+    async def __call__(self, index: Any) -> tuple[Any, Any]:
         self.indexes.append(index)
         self.times.append(time.monotonic())
         if len(self.indexes) > len(self.steps):
@@ -213,3 +239,69 @@ async def test_handler_exception_is_logged_and_the_watch_goes_on(
     assert record.getMessage() == "handler of watch type=test failed"
     assert record.levelno == logging.ERROR
     assert record.exc_info is not None and "handler broke" in str(record.exc_info[1])
+
+
+async def test_handler_sees_unusable_answers_logged_as_such(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    seen: list[Any] = []
+    fetch = await _run([KeyError("Roots"), ("a", 5)], seen.append)
+    assert fetch.indexes == [0, 0, 5]
+    assert seen == ["a"]
+    errored = [r.getMessage() for r in caplog.records if "Watch errored" in r.getMessage()]
+    assert errored == [
+        "Watch errored type=test error=unusable answer: KeyError: 'Roots' retry=0.0s"
+    ]
+
+
+async def _collect(
+    cursor: Any, steps: Sequence[Step], count: int, **kwargs: Any
+) -> tuple[ScriptedFetch, list[Any]]:
+    """The first `count` values of `changes` over `steps`; the generator is then closed."""
+    fetch = ScriptedFetch(steps)
+    values: list[Any] = []
+    stream = changes("test", fetch, cursor, log=log, backoff_base=0.001, **kwargs)
+    async with asyncio.timeout(5), contextlib.aclosing(stream):
+        async for value in stream:
+            values.append(value)
+            if len(values) == count:
+                break
+    return fetch, values
+
+
+async def test_content_hash_cursor_blocks_on_the_last_hash_and_resets_after_an_error() -> None:
+    fetch, values = await _collect(
+        CONTENT_HASH,
+        [
+            ("c1", "h1"),
+            ("c1", "h1"),  # a blocking timeout: same hash, no new value
+            ("c2", "h2"),
+            AgentUnavailable("down"),
+            ("c2", "h2"),  # after recovery, the same value does not fire again
+            ("c3", "h3"),
+        ],
+        3,
+    )
+    assert values == ["c1", "c2", "c3"]
+    assert fetch.indexes == ["", "h1", "h1", "h2", "", "h2"]
+
+
+async def test_on_error_sees_each_failure_before_the_retry() -> None:
+    errors: list[Exception] = []
+    down, boom = AgentUnavailable("down"), AgentResponseError("boom", status=500)
+    fetch, values = await _collect(INDEX, [down, boom, ("a", 3)], 1, on_error=errors.append)
+    assert values == ["a"]
+    assert errors == [down, boom]
+    assert fetch.indexes == [0, 0, 0]
+
+
+async def test_the_service_of_an_explained_403_is_read_at_the_time_of_the_error(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    denied = AgentResponseError("Unexpected response code: 403 (Permission denied)", status=403)
+    names = iter(["first", "second"])
+    await _collect(INDEX, [denied, denied, ("a", 1)], 1, service=lambda: next(names))
+    errored = [r.getMessage() for r in caplog.records if "Watch errored" in r.getMessage()]
+    assert len(errored) == 2
+    assert "service:write on 'first'" in errored[0]
+    assert "service:write on 'second'" in errored[1]
