@@ -144,6 +144,30 @@ async def test_roots_blocking_wakes_on_rotation(agent: DevAgent, client: httpx.A
     assert len(r.json()["Roots"]) == 2
 
 
+@pytest.mark.parametrize("path", ["/v1/agent/connect/ca/roots", "/v1/connect/ca/roots"])
+async def test_leaf_ttl_update_wakes_a_blocked_roots_query(
+    agent: DevAgent, client: httpx.AsyncClient, path: str
+) -> None:
+    # A roots query's index covers the CA configuration too (Consul's CARootsAndConfig), so
+    # a new leaf TTL alone, which rotates nothing, still wakes it with a higher index.
+    first = await client.get(path)
+    index = int(first.headers["X-Consul-Index"])
+    before = (await client.get("/v1/connect/ca/configuration")).json()
+    pending = asyncio.create_task(client.get(f"{path}?index={index}&wait=30s"))
+    await _until_blocked(agent, 1)
+    r = await client.put(
+        "/v1/connect/ca/configuration", json={"Provider": "consul", "Config": {"LeafCertTTL": "2h"}}
+    )
+    assert (r.status_code, r.json()) == (200, True)
+    async with asyncio.timeout(5):
+        woken = await pending
+    assert int(woken.headers["X-Consul-Index"]) > index
+    assert woken.json()["ActiveRootID"] == first.json()["ActiveRootID"]
+    after = (await client.get("/v1/connect/ca/configuration")).json()
+    assert after["Config"]["LeafCertTTL"] == "2h"
+    assert after["ModifyIndex"] == int(woken.headers["X-Consul-Index"]) > before["ModifyIndex"]
+
+
 async def test_ca_configuration_with_a_new_key_type_rotates_the_root(
     agent: DevAgent, client: httpx.AsyncClient
 ) -> None:

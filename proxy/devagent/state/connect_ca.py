@@ -77,7 +77,9 @@ class ConnectCA:
         """`PUT /v1/connect/ca/configuration`: a new leaf TTL, or a rotation.
 
         A new key, key type or size, or the dev-agent field `"Rotate": true` rotates the
-        root.
+        root. A leaf TTL alone rotates nothing but still takes an index, so roots watchers
+        wake and the configuration's ModifyIndex moves (see
+        test_leaf_ttl_update_wakes_a_blocked_roots_query).
 
         Raises:
             BadRequest: another provider, or an unusable LeafCertTTL.
@@ -89,6 +91,7 @@ class ConnectCA:
                 f'the dev agent only runs the built-in "consul" CA provider, not "{provider}"'
             )
         cfg = {k.replace("_", "").lower(): v for k, v in (body.get("Config") or {}).items()}
+        ttl_changed = False
         if "leafcertttl" in cfg:
             try:
                 ttl = parse_duration(str(cfg["leafcertttl"]))
@@ -96,18 +99,26 @@ class ConnectCA:
                 raise BadRequest(f"Invalid LeafCertTTL: {exc}") from exc
             if ttl <= 0:
                 raise BadRequest("LeafCertTTL must be positive")
+            ttl_changed = ttl != self.ca.leaf_ttl
             self.ca.leaf_ttl = ttl
-        current = self.configuration()["Config"]
-        key_type = cfg.get("privatekeytype") or current["PrivateKeyType"]
-        bits = int(cfg.get("privatekeybits") or current["PrivateKeyBits"])
-        pem = cfg.get("privatekey") or None
-        if (
-            pem
-            or key_type != current["PrivateKeyType"]
-            or bits != current["PrivateKeyBits"]
-            or cfg.get("rotate")
-        ):
-            self.rotate(key_type=key_type, key_bits=bits, private_key_pem=pem)
+        rotated = False
+        try:
+            current = self.configuration()["Config"]
+            key_type = cfg.get("privatekeytype") or current["PrivateKeyType"]
+            bits = int(cfg.get("privatekeybits") or current["PrivateKeyBits"])
+            pem = cfg.get("privatekey") or None
+            if (
+                pem
+                or key_type != current["PrivateKeyType"]
+                or bits != current["PrivateKeyBits"]
+                or cfg.get("rotate")
+            ):
+                self.rotate(key_type=key_type, key_bits=bits, private_key_pem=pem)
+                rotated = True
+        finally:
+            # The new TTL holds even if a rotation asked for with it fails: its index moves.
+            if ttl_changed and not rotated:
+                self.config_modify_index = self._index.bump((CA_CONFIG,))
 
     # -- leaves ------------------------------------------------------------------------
 
