@@ -180,19 +180,24 @@ def apply_file(config: AgentConfig, data: Mapping[str, Any], source: str) -> Age
         raise ConfigError(f"{source}: {exc}") from exc
 
 
+def _decode_object(raw: Any, schema: decode.Schema, where: str) -> tuple[dict[str, Any], list[str]]:
+    """One object of a config file, decoded, and the keys `schema` does not know."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be an object")
+    unknown: list[str] = []
+    try:
+        return decode.decode(raw, schema, unknown=unknown, _path=where), unknown
+    except decode.DecodeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
 def _services(key: str, value: Any) -> list[Mapping[str, Any]]:
     # `service` (one, or a list of them) and `services` (a list): each a full definition,
     # where an unknown key is an error, as in Consul's loader.
     out: list[Mapping[str, Any]] = []
     for n, raw in enumerate(_as_list(value)):
         where = f"{key}[{n}]" if key == "services" or isinstance(value, list) else key
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where} must be an object")
-        unknown: list[str] = []
-        try:
-            svc = decode.decode(raw, decode.SERVICE, unknown=unknown, _path=where)
-        except decode.DecodeError as exc:
-            raise ConfigError(str(exc)) from exc
+        svc, unknown = _decode_object(raw, decode.SERVICE, where)
         if unknown:
             raise ConfigError(f"invalid config key {unknown[0]}")
         out.append(svc)
@@ -204,14 +209,7 @@ def _bootstrap_entries(block: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     # unknown key is an error); other kinds are kept as written, with Kind and Name folded.
     out: list[Mapping[str, Any]] = []
     for n, raw in enumerate(_as_list(block.get("bootstrap"))):
-        where = f"config_entries.bootstrap[{n}]"
-        if not isinstance(raw, Mapping):
-            raise ConfigError(f"{where} must be an object")
-        unknown: list[str] = []
-        try:
-            entry = decode.decode(raw, decode.CONFIG_ENTRY, unknown=unknown, _path=where)
-        except decode.DecodeError as exc:
-            raise ConfigError(str(exc)) from exc
+        entry, unknown = _decode_object(raw, decode.CONFIG_ENTRY, f"config_entries.bootstrap[{n}]")
         if entry.get("Kind") == "service-intentions" and unknown:
             raise ConfigError(f"invalid config key {unknown[0]}")
         if entry.get("Kind") != "service-intentions":
