@@ -850,6 +850,8 @@ async def test_agent_self_shape(agent: DevAgent, client: httpx.AsyncClient) -> N
     assert body["Config"]["NodeID"] == agent.state.node.id
     assert body["xDS"]["Ports"]["Plaintext"] == 8502
     assert body["DebugConfig"]["GRPCPort"] == 8502
+    # The agent was bound to port 0: HTTPPort is the port it got.
+    assert body["DebugConfig"]["HTTPPort"] == agent.http_port != 0
 
 
 async def test_pretty_output(client: httpx.AsyncClient) -> None:

@@ -4,8 +4,8 @@ Registration stores a service together with its checks at one index; the health,
 agent and legacy managed-proxy views read the services (and checks) back.
 
 Rule 1: ACL filtering of what a token may read happens here, not in the HTTP layer.
-Rule 2: a registration is prepared in full (sidecar and checks included) before anything is
-stored, so a refused one changes nothing.
+Rule 2: a service and its checks are stored together at one index, and the checks table's
+listeners hear of every check added or removed with them.
 """
 
 from __future__ import annotations

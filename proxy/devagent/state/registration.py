@@ -7,8 +7,8 @@ texts. Nothing is stored: the catalog and checks tables store what this returns.
 
 Rule 1: pure. What depends on the stored services (the next free sidecar port) or on the
 agent (node name, sidecar check interval) is passed in.
-Rule 2: an invalid definition raises `BadRequest` before anything is stored, so a refused
-registration changes nothing.
+Rule 2: an invalid definition raises `BadRequest` with Consul's text; the definitions passed
+in are never changed (a sidecar block is copied before its defaults are filled).
 """
 
 from __future__ import annotations
