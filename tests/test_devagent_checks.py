@@ -237,7 +237,8 @@ async def test_ttl_check_status_change_wakes_a_blocking_health_query(
     query = asyncio.create_task(
         client.get("/v1/health/service/web", params={"index": index, "wait": "5s"})
     )
-    await wait_until(lambda: agent.state.notifier.waiting() > 0)
+    async with asyncio.timeout(5):
+        await agent.state.notifier.parked.reached(1)
     assert not query.done()
     resp = await client.put("/v1/agent/check/pass/web-ttl")
     assert resp.status_code == 200, resp.text
@@ -878,7 +879,8 @@ async def test_set_check_status_wakes_blocking_queries(
     query = asyncio.create_task(
         client.get("/v1/health/service/web", params={"index": index, "wait": "5s"})
     )
-    await wait_until(lambda: agent.state.notifier.waiting() > 0)
+    async with asyncio.timeout(5):
+        await agent.state.notifier.parked.reached(1)
     agent.set_check_status("web-ttl", "passing", "ok")
     r = await query
 

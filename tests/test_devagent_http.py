@@ -144,6 +144,67 @@ async def test_roots_blocking_wakes_on_rotation(agent: DevAgent, client: httpx.A
     assert len(r.json()["Roots"]) == 2
 
 
+@pytest.mark.parametrize("path", ["/v1/agent/connect/ca/roots", "/v1/connect/ca/roots"])
+async def test_leaf_ttl_update_wakes_a_blocked_roots_query(
+    agent: DevAgent, client: httpx.AsyncClient, path: str
+) -> None:
+    # A roots query's index covers the CA configuration too (Consul's CARootsAndConfig), so
+    # a new leaf TTL alone, which rotates nothing, still wakes it with a higher index.
+    first = await client.get(path)
+    index = int(first.headers["X-Consul-Index"])
+    before = (await client.get("/v1/connect/ca/configuration")).json()
+    pending = asyncio.create_task(client.get(f"{path}?index={index}&wait=30s"))
+    await _until_blocked(agent, 1)
+    r = await client.put(
+        "/v1/connect/ca/configuration", json={"Provider": "consul", "Config": {"LeafCertTTL": "2h"}}
+    )
+    assert (r.status_code, r.json()) == (200, True)
+    async with asyncio.timeout(5):
+        woken = await pending
+    assert int(woken.headers["X-Consul-Index"]) > index
+    assert woken.json()["ActiveRootID"] == first.json()["ActiveRootID"]
+    after = (await client.get("/v1/connect/ca/configuration")).json()
+    assert after["Config"]["LeafCertTTL"] == "2h"
+    assert after["ModifyIndex"] == int(woken.headers["X-Consul-Index"]) > before["ModifyIndex"]
+
+
+async def test_ca_configuration_with_a_new_key_type_rotates_the_root(
+    agent: DevAgent, client: httpx.AsyncClient
+) -> None:
+    old_root = agent.state.ca.active_root.id
+    config = (await client.get("/v1/connect/ca/configuration")).json()
+    assert (config["Provider"], config["Config"]["PrivateKeyType"]) == ("consul", "ec")
+    r = await client.put(
+        "/v1/connect/ca/configuration",
+        json={"Provider": "consul", "Config": {"PrivateKeyType": "rsa", "PrivateKeyBits": 2048}},
+    )
+    assert r.status_code == 200, r.text
+    roots = (await client.get("/v1/agent/connect/ca/roots")).json()
+    assert roots["ActiveRootID"] != old_root
+    config = (await client.get("/v1/connect/ca/configuration")).json()
+    assert (config["Config"]["PrivateKeyType"], config["Config"]["PrivateKeyBits"]) == ("rsa", 2048)
+
+
+@pytest.mark.parametrize(
+    ("body", "text"),
+    [
+        (
+            {"Provider": "vault"},
+            'the dev agent only runs the built-in "consul" CA provider, not "vault"',
+        ),
+        ({"Config": {"LeafCertTTL": "0s"}}, "LeafCertTTL must be positive"),
+        ({"Config": {"LeafCertTTL": "soon"}}, "Invalid LeafCertTTL: "),
+    ],
+)
+async def test_ca_configuration_refuses_what_it_cannot_use(
+    client: httpx.AsyncClient, body: dict[str, Any], text: str
+) -> None:
+    before = (await client.get("/v1/connect/ca/configuration")).json()
+    r = await client.put("/v1/connect/ca/configuration", json=body)
+    assert r.status_code == 400 and r.text.startswith(text), r.text
+    assert (await client.get("/v1/connect/ca/configuration")).json() == before
+
+
 async def test_leaf_renews_between_60_and_90_percent_of_its_lifetime() -> None:
     dev = DevAgent(AgentConfig(node_name="n", leaf_cert_ttl=0.5))
     await dev.start("127.0.0.1", 0)
@@ -166,7 +227,7 @@ async def test_leaf_renews_between_60_and_90_percent_of_its_lifetime() -> None:
 
 async def _until_blocked(agent: DevAgent, n: int) -> None:
     async with asyncio.timeout(5):
-        await agent.state.notifier.until_waiting(n)
+        await agent.state.notifier.parked.reached(n)
 
 
 async def test_health_blocking_returns_promptly_after_change(
@@ -786,9 +847,11 @@ async def test_agent_self_shape(agent: DevAgent, client: httpx.AsyncClient) -> N
     body = (await client.get("/v1/agent/self")).json()
     assert body["Config"]["Datacenter"] == "dc1"
     assert body["Config"]["NodeName"] == "test-node"
-    assert body["Config"]["NodeID"] == agent.state.node_id
+    assert body["Config"]["NodeID"] == agent.state.node.id
     assert body["xDS"]["Ports"]["Plaintext"] == 8502
     assert body["DebugConfig"]["GRPCPort"] == 8502
+    # The agent was bound to port 0: HTTPPort is the port it got.
+    assert body["DebugConfig"]["HTTPPort"] == agent.http_port != 0
 
 
 async def test_pretty_output(client: httpx.AsyncClient) -> None:

@@ -45,7 +45,7 @@ async def test_connections_read_the_watched_instances(agent: DevAgent) -> None:
             # Many resolutions, one watch: the agent holds exactly one parked query for it.
             for _ in range(20):
                 assert len(await resolver.resolve()) == 1
-            await agent.state.notifier.until_waiting(1)
+            await agent.state.notifier.parked.reached(1)
             assert agent.state.notifier.waiting() == 1
             assert resolver.updates.value == 1
             # A new instance shows up through the blocking query, with no new poll.

@@ -5,11 +5,13 @@ paths, parameters, JSON shapes, headers, blocking semantics and error texts, so 
 proxy can be run and tested on a machine without Consul: in-process (`DevAgent`) or
 standalone (`connect-proxy dev-agent`).
 
-Modules: `ca` (X.509, pure), `state` (catalog, checks, intentions, queries, indexes),
-`http` (routes only), `acl`, `decode` (field-name normalisation), `config` (config files),
-`agent` (runtime: HTTP server, check runners, leaf renewal). It imports nothing from
-`listeners/` and nothing from the proxy runtime: it is a separate program that ships in the
-same package.
+Modules, from the bottom up: `decode` (field-name normalisation), `ca` (X.509, pure), `acl`
+(rules and tokens, pure), `config` (config files), `state/` (one class per table: catalog,
+checks, config entries, intentions, queries, Connect CA, ACL tokens; the shared index and
+blocking), `http/` (routes only, one route table), `agent` (runtime: HTTP server, check
+runners, leaf renewal). It takes from `proxy/` only the level-0 modules (`errors`,
+`identity`, `addr`, `counter`, `goflags`) and nothing from `listeners/`: it is a separate
+program that ships in the same package.
 
 Differences from a real Consul agent (what it leaves out or does differently):
 

@@ -22,12 +22,13 @@ from typing import Any
 import httpx
 from aiohttp import web
 
-from proxy.addr import split_host_port
+from proxy.addr import join_host_port, split_host_port
 from proxy.devagent.acl import ACLStore, Authorizer
 from proxy.devagent.ca import CertificateAuthority
 from proxy.devagent.config import AgentConfig
-from proxy.devagent.http import create_app
+from proxy.devagent.http import Settings, create_app
 from proxy.devagent.state import CRITICAL, PASSING, WARNING, LeafEntry, State
+from proxy.devagent.state.registration import CheckSpec
 
 log = logging.getLogger("devagent")
 
@@ -84,15 +85,14 @@ class DevAgent:
         self._http_clients: dict[bool, httpx.AsyncClient] = {}
         self._started = False
         self._closed = False
-        self.state.check_listeners.append(self._checks_changed)
-        self.state.leaf_listeners.append(self._leaf_issued)
+        self.state.checks.listeners.append(self._checks_changed)
+        self.state.connect_ca.listeners.append(self._leaf_issued)
 
     # -- lifecycle -----------------------------------------------------------------------
 
     @property
     def http_addr(self) -> str:
-        host = f"[{self.http_host}]" if ":" in self.http_host else self.http_host
-        return f"{host}:{self.http_port}"
+        return join_host_port(self.http_host, self.http_port)
 
     @property
     def url(self) -> str:
@@ -113,15 +113,22 @@ class DevAgent:
         self._started = True
         management = Authorizer(enabled=False, default_allow=True)
         for entry in self.config.config_entries:
-            self.state.put_config_entry(entry, management)
+            self.state.config_entries.put(entry, management)
         for service in self.config.services:
-            self.state.register_service(service, management)
+            self.state.catalog.register_service(service, management)
         # HTTP checks verify TLS unless the check says TLSSkipVerify, as Consul does.
         self._http_clients = {
             False: httpx.AsyncClient(verify=True),
             True: httpx.AsyncClient(verify=False),
         }
-        app = create_app(self)
+        app = create_app(
+            self.state,
+            Settings(
+                grpc_port=self.config.grpc_port,
+                emulate_consul_1_2=self.config.emulate_consul_1_2,
+                bind_address=self.bind_address,
+            ),
+        )
         # Access logs are off: request lines can carry ?token= and must never be logged.
         self._runner = web.AppRunner(
             app, access_log=None, handle_signals=False, shutdown_timeout=1.0
@@ -176,13 +183,13 @@ class DevAgent:
 
     def rotate_ca(self, **kwargs: Any) -> None:
         """Rotate the CA now: new root, cross-signed by the old, every cached leaf re-issued."""
-        self.state.rotate_ca(**kwargs)
+        self.state.connect_ca.rotate(**kwargs)
 
     def set_check_status(self, check_id: str, status: str, output: str = "") -> None:
         """Force a check's status (any check type) until its runner next reports."""
-        if check_id not in self.state.checks:
+        if check_id not in self.state.checks.records:
             raise KeyError(check_id)
-        self.state.update_check(check_id, status, output)
+        self.state.checks.update_check(check_id, status, output)
 
     # -- health checks -------------------------------------------------------------------
 
@@ -200,7 +207,7 @@ class DevAgent:
             return
         loop = asyncio.get_running_loop()
         for cid in added:
-            spec = self.state.check_specs.get(cid)
+            spec = self.state.checks.specs.get(cid)
             if spec is None:
                 continue
             if spec.kind == "ttl":
@@ -210,18 +217,19 @@ class DevAgent:
 
     def _ttl_expired(self, check_id: str) -> None:
         self._ttl_timers.pop(check_id, None)
-        check = self.state.checks.get(check_id)
+        check = self.state.checks.records.get(check_id)
         last = check["Output"] if check else ""
         output = (
             f"TTL expired (last output before timeout follows): {last}" if last else "TTL expired"
         )
-        self.state.update_check(check_id, CRITICAL, output)
+        self.state.checks.update_check(check_id, CRITICAL, output)
 
     async def _probe_loop(self, check_id: str) -> None:
         # Consul staggers the first run randomly within the interval; the dev agent runs it at
         # once so a freshly started proxy shows up as healthy without a wait.
-        spec = self.state.check_specs[check_id]
-        while not self._closed and self.state.check_specs.get(check_id) is spec:
+        specs = self.state.checks.specs
+        spec = specs[check_id]
+        while not self._closed and specs.get(check_id) is spec:
             try:
                 if spec.kind == "tcp":
                     status, output = await self._probe_tcp(spec.target, spec.timeout)
@@ -231,9 +239,9 @@ class DevAgent:
                 raise
             except Exception as exc:  # a probe must never kill its loop
                 status, output = CRITICAL, f"check failed: {exc}"
-            if self.state.check_specs.get(check_id) is not spec:
+            if specs.get(check_id) is not spec:
                 return
-            self.state.update_check(check_id, status, output)
+            self.state.checks.update_check(check_id, status, output)
             await asyncio.sleep(spec.interval)
 
     @staticmethod
@@ -255,7 +263,7 @@ class DevAgent:
             await writer.wait_closed()
         return PASSING, f"TCP connect {target}: Success"
 
-    async def _probe_http(self, spec: Any) -> tuple[str, str]:
+    async def _probe_http(self, spec: CheckSpec) -> tuple[str, str]:
         client = self._http_clients[spec.tls_skip_verify]
         headers = {k: (v[0] if isinstance(v, list) else str(v)) for k, v in spec.header.items()}
         try:
@@ -300,6 +308,6 @@ class DevAgent:
 
     def _renew_leaf(self, service: str) -> None:
         self._leaf_timers.pop(service, None)
-        if not self._closed and service in self.state.leaves:
+        if not self._closed and service in self.state.connect_ca.leaves:
             log.info("renewing leaf certificate for service %s", service)
-            self.state.issue_leaf(service)
+            self.state.connect_ca.issue_leaf(service)

@@ -177,7 +177,6 @@ class Root:
     active: bool
     create_index: int
     modify_index: int
-    rotated_out_at: dt.datetime | None = None
 
     @property
     def cert_pem(self) -> str:
@@ -406,9 +405,7 @@ class CertificateAuthority:
         new = self._new_root(key, index)
         cross = _pem(self._cross_sign(new, old))
         new = replace(new, intermediates=(*new.intermediates, cross))
-        retired = replace(
-            old, active=False, modify_index=index, rotated_out_at=dt.datetime.now(dt.UTC)
-        )
+        retired = replace(old, active=False, modify_index=index)
         self._roots = [*(r for r in self._roots if r is not old), retired, new]
         return new
 

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import json
 import socket
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -180,109 +180,133 @@ def apply_file(config: AgentConfig, data: Mapping[str, Any], source: str) -> Age
         raise ConfigError(f"{source}: {exc}") from exc
 
 
+def _decode_object(raw: Any, schema: decode.Schema, where: str) -> tuple[dict[str, Any], list[str]]:
+    """One object of a config file, decoded, and the keys `schema` does not know."""
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"{where} must be an object")
+    unknown: list[str] = []
+    try:
+        return decode.decode(raw, schema, unknown=unknown, _path=where), unknown
+    except decode.DecodeError as exc:
+        raise ConfigError(str(exc)) from exc
+
+
+def _services(key: str, value: Any) -> list[Mapping[str, Any]]:
+    # `service` (one, or a list of them) and `services` (a list): each a full definition,
+    # where an unknown key is an error, as in Consul's loader.
+    out: list[Mapping[str, Any]] = []
+    for n, raw in enumerate(_as_list(value)):
+        where = f"{key}[{n}]" if key == "services" or isinstance(value, list) else key
+        svc, unknown = _decode_object(raw, decode.SERVICE, where)
+        if unknown:
+            raise ConfigError(f"invalid config key {unknown[0]}")
+        out.append(svc)
+    return out
+
+
+def _bootstrap_entries(block: Mapping[str, Any]) -> list[Mapping[str, Any]]:
+    # `config_entries { bootstrap = [...] }`: service-intentions entries are decoded (an
+    # unknown key is an error); other kinds are kept as written, with Kind and Name folded.
+    out: list[Mapping[str, Any]] = []
+    for n, raw in enumerate(_as_list(block.get("bootstrap"))):
+        entry, unknown = _decode_object(raw, decode.CONFIG_ENTRY, f"config_entries.bootstrap[{n}]")
+        if entry.get("Kind") == "service-intentions" and unknown:
+            raise ConfigError(f"invalid config key {unknown[0]}")
+        if entry.get("Kind") != "service-intentions":
+            entry = {**raw, "Kind": entry.get("Kind"), "Name": entry.get("Name")}
+        out.append(entry)
+    return out
+
+
+def _str(value: Any, name: str) -> Any:
+    return _typed(value, str, name)
+
+
+def _int(value: Any, name: str) -> Any:
+    return _typed(value, int, name)
+
+
+def _bool(value: Any, name: str) -> Any:
+    return _typed(value, bool, name)
+
+
+def _host(value: Any, name: str) -> Any:
+    # `client_addr` and `addresses.http` may list several addresses; the agent serves the first.
+    return _typed(value, str, name).split()[0]
+
+
+@dataclass(frozen=True, slots=True)
+class _Key:
+    """Where one config-file key goes: a field of `AgentConfig`, and how to decode its value."""
+
+    field: str
+    decode: Callable[[Any, str], Any]
+    # A null value leaves the field as it is (instead of failing the type check).
+    skip_null: bool = False
+
+
+# Every config key the agent reads: a top-level key maps to its field, or (a block) each
+# dotted path inside it maps to one. Within a block the rows apply in this order, so of two
+# spellings of one field (acl.tokens.initial_management, acl.tokens.master) the later wins.
+_KEYS: dict[str, _Key | dict[str, _Key]] = {
+    "datacenter": _Key("datacenter", _str),
+    "node_name": _Key("node_name", _str),
+    "node_id": _Key("node_id", _str),
+    "client_addr": _Key("http_host", _host),
+    "default_intention_policy": _Key("default_intention_policy", _str),
+    "addresses": {"http": _Key("http_host", _host, skip_null=True)},
+    "ports": {
+        "http": _Key("http_port", _int),
+        "grpc": _Key("grpc_port", _int),
+        "sidecar_min_port": _Key("sidecar_min_port", _int),
+        "sidecar_max_port": _Key("sidecar_max_port", _int),
+    },
+    "acl": {
+        "enabled": _Key("acl_enabled", _bool),
+        "default_policy": _Key("acl_default_policy", _str),
+        "tokens.initial_management": _Key("acl_initial_management", _str),
+        "tokens.master": _Key("acl_initial_management", _str),
+        "tokens.default": _Key("acl_default_token", _str),
+        "tokens.agent": _Key("acl_agent_token", _str),
+    },
+    "connect": {
+        "ca_config.leaf_cert_ttl": _Key("leaf_cert_ttl", _duration),
+        "ca_config.private_key_type": _Key("private_key_type", _str),
+        "ca_config.private_key_bits": _Key("private_key_bits", _int),
+        "ca_config.private_key": _Key("private_key_pem", _str),
+        "ca_config.cluster_id": _Key("cluster_id", _str),
+    },
+}
+
+
+def _apply_block(
+    key: str, block: Mapping[str, Any], rows: Mapping[str, _Key], changes: dict[str, Any]
+) -> None:
+    for path, row in rows.items():
+        *parents, leaf = path.split(".")
+        where, inner = f"{key}.", block
+        for parent in parents:
+            inner = _sub(inner, parent, where)
+            where += f"{parent}."
+        if leaf in inner and not (row.skip_null and inner[leaf] is None):
+            changes[row.field] = row.decode(inner[leaf], where + leaf)
+
+
 def _apply(config: AgentConfig, data: Mapping[str, Any]) -> AgentConfig:
     changes: dict[str, Any] = {}
     ignored = list(config.ignored_keys)
     services = list(config.services)
     entries = list(config.config_entries)
     for key, value in data.items():
-        if key in ("service", "services"):
-            for n, raw in enumerate(_as_list(value)):
-                where = f"{key}[{n}]" if key == "services" or isinstance(value, list) else key
-                if not isinstance(raw, Mapping):
-                    raise ConfigError(f"{where} must be an object")
-                unknown: list[str] = []
-                try:
-                    svc = decode.decode(raw, decode.SERVICE, unknown=unknown, _path=where)
-                except decode.DecodeError as exc:
-                    raise ConfigError(str(exc)) from exc
-                if unknown:
-                    raise ConfigError(f"invalid config key {unknown[0]}")
-                services.append(svc)
+        target = _KEYS.get(key)
+        if isinstance(target, _Key):
+            changes[target.field] = target.decode(value, key)
+        elif target is not None:
+            _apply_block(key, _sub(data, key, ""), target, changes)
+        elif key in ("service", "services"):
+            services += _services(key, value)
         elif key == "config_entries":
-            boot = _sub(data, key, "")
-            for n, raw in enumerate(_as_list(boot.get("bootstrap"))):
-                if not isinstance(raw, Mapping):
-                    raise ConfigError(f"config_entries.bootstrap[{n}] must be an object")
-                unknown = []
-                try:
-                    entry = decode.decode(
-                        raw,
-                        decode.CONFIG_ENTRY,
-                        unknown=unknown,
-                        _path=f"config_entries.bootstrap[{n}]",
-                    )
-                except decode.DecodeError as exc:
-                    raise ConfigError(str(exc)) from exc
-                if entry.get("Kind") == "service-intentions" and unknown:
-                    raise ConfigError(f"invalid config key {unknown[0]}")
-                if entry.get("Kind") != "service-intentions":
-                    entry = {**raw, "Kind": entry.get("Kind"), "Name": entry.get("Name")}
-                entries.append(entry)
-        elif key == "datacenter":
-            changes["datacenter"] = _typed(value, str, key)
-        elif key == "node_name":
-            changes["node_name"] = _typed(value, str, key)
-        elif key == "node_id":
-            changes["node_id"] = _typed(value, str, key)
-        elif key == "client_addr":
-            changes["http_host"] = _typed(value, str, key).split()[0]
-        elif key == "addresses":
-            http = _sub(data, key, "").get("http")
-            if http is not None:
-                changes["http_host"] = _typed(http, str, "addresses.http").split()[0]
-        elif key == "ports":
-            ports = _sub(data, key, "")
-            for name, target in (
-                ("http", "http_port"),
-                ("grpc", "grpc_port"),
-                ("sidecar_min_port", "sidecar_min_port"),
-                ("sidecar_max_port", "sidecar_max_port"),
-            ):
-                if name in ports:
-                    changes[target] = _typed(ports[name], int, f"ports.{name}")
-        elif key == "acl":
-            acl = _sub(data, key, "")
-            if "enabled" in acl:
-                changes["acl_enabled"] = _typed(acl["enabled"], bool, "acl.enabled")
-            if "default_policy" in acl:
-                changes["acl_default_policy"] = _typed(
-                    acl["default_policy"], str, "acl.default_policy"
-                )
-            tokens = _sub(acl, "tokens", "acl.")
-            for name, target in (
-                ("initial_management", "acl_initial_management"),
-                ("master", "acl_initial_management"),
-                ("default", "acl_default_token"),
-                ("agent", "acl_agent_token"),
-            ):
-                if name in tokens:
-                    changes[target] = _typed(tokens[name], str, f"acl.tokens.{name}")
-        elif key == "default_intention_policy":
-            changes["default_intention_policy"] = _typed(value, str, key)
-        elif key == "connect":
-            connect = _sub(data, key, "")
-            ca = _sub(connect, "ca_config", "connect.")
-            if "leaf_cert_ttl" in ca:
-                changes["leaf_cert_ttl"] = _duration(
-                    ca["leaf_cert_ttl"], "connect.ca_config.leaf_cert_ttl"
-                )
-            if "private_key_type" in ca:
-                changes["private_key_type"] = _typed(
-                    ca["private_key_type"], str, "connect.ca_config.private_key_type"
-                )
-            if "private_key_bits" in ca:
-                changes["private_key_bits"] = _typed(
-                    ca["private_key_bits"], int, "connect.ca_config.private_key_bits"
-                )
-            if "private_key" in ca:
-                changes["private_key_pem"] = _typed(
-                    ca["private_key"], str, "connect.ca_config.private_key"
-                )
-            if "cluster_id" in ca:
-                changes["cluster_id"] = _typed(
-                    ca["cluster_id"], str, "connect.ca_config.cluster_id"
-                )
+            entries += _bootstrap_entries(_sub(data, key, ""))
         elif key in _IGNORED_TOP:
             ignored.append(key)
         else:

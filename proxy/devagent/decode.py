@@ -251,7 +251,6 @@ PROXY = Schema(
     },
 )
 
-TAGGED_ADDRESS = Schema("ServiceAddress", {"Address": "str", "Port": "int"})
 WEIGHTS = Schema("Weights", {"Passing": "int", "Warning": "int"})
 
 # A sidecar service is itself a service definition, so the schema refers to itself: the

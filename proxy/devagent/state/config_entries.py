@@ -1,0 +1,123 @@
+"""The config entries table, with the validation of `service-intentions` entries.
+
+Entries are stored by (Kind, Name) as given; only `service-intentions` is understood (its
+sources are validated and given a precedence), because intentions are stored as sources of
+those entries, as in Consul 1.9+. Other kinds are kept and served back unchanged.
+
+Rule 1: writing a `service-intentions` entry needs intention:write on its name; any other
+kind needs operator:write.
+Rule 2: fields starting with `_` are the table's own bookkeeping and are never rendered.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
+
+from proxy.devagent.acl import Authorizer
+from proxy.devagent.state.blocking import Index
+from proxy.devagent.state.records import BadRequest, NotFound, now_rfc3339
+
+INTENTIONS_KIND = "service-intentions"
+
+
+def precedence(source: str, destination: str) -> int:
+    """Intention precedence with namespaces fixed to `default` (exact names beat `*`)."""
+    top = 9 if destination != "*" else 6
+    return top - (0 if source != "*" else 1)
+
+
+def validate_name(field_name: str, value: str) -> None:
+    if value != "*" and "*" in value:
+        raise BadRequest(f"{field_name}: wildcard character '*' cannot be used with partial values")
+
+
+def check_source(src: dict[str, Any], destination: str) -> None:
+    """Validate one source of a `service-intentions` entry; fill its Type and Precedence."""
+    validate_name("SourceName", src.get("Name") or "")
+    if not src.get("Name"):
+        raise BadRequest("Sources[].Name is required")
+    perms = src.get("Permissions") or []
+    action = src.get("Action") or ""
+    if perms and action:
+        raise BadRequest(
+            f'Sources[].Action must be omitted if Permissions are specified for "{src["Name"]}"'
+        )
+    if not perms and action not in ("allow", "deny"):
+        raise BadRequest(f"Sources[].Action must be set to 'allow' or 'deny' for \"{src['Name']}\"")
+    if (src.get("Type") or "consul") != "consul":
+        raise BadRequest(f"Sources[].Type must be set to 'consul' for \"{src['Name']}\"")
+    src["Type"] = "consul"
+    src["Precedence"] = precedence(src["Name"], destination)
+
+
+def public(entry: Mapping[str, Any]) -> dict[str, Any]:
+    """An entry as it is rendered and written back: without the table's `_` fields."""
+    return {k: v for k, v in entry.items() if not k.startswith("_")}
+
+
+class ConfigEntries:
+    """Config entries by (Kind, Name); see the module docstring."""
+
+    def __init__(self, index: Index) -> None:
+        self._index = index
+        self.entries: dict[tuple[str, str], dict[str, Any]] = {}
+
+    def put(self, entry: Mapping[str, Any], authz: Authorizer) -> None:
+        """`PUT /v1/config` and `config_entries.bootstrap`. service-intentions are validated."""
+        kind = entry.get("Kind") or ""
+        name = entry.get("Name") or ""
+        if not kind:
+            raise BadRequest(
+                "Request decoding failed: Payload does not contain a kind/Kind key at the top level"
+            )
+        if not name:
+            raise BadRequest(
+                "Request decoding failed: Payload does not contain a name/Name key at the top level"
+            )
+        stored = dict(entry)
+        if kind == INTENTIONS_KIND:
+            validate_name("Name", name)
+            authz.require("intention", name, "write")
+            sources = [dict(s) for s in stored.get("Sources") or []]
+            seen = set()
+            for src in sources:
+                check_source(src, name)
+                if src["Name"] in seen:
+                    raise BadRequest(f'Sources[].Name "{src["Name"]}" is duplicated')
+                seen.add(src["Name"])
+            stored["Sources"] = sources
+        else:
+            authz.require("operator", "", "write")
+        old = self.entries.get((kind, name))
+        index = self._index.next
+        now = now_rfc3339()
+        stored["CreateIndex"] = old["CreateIndex"] if old else index
+        stored["ModifyIndex"] = index
+        stored["_created"] = old["_created"] if old else now
+        stored["_updated"] = now
+        self.entries[(kind, name)] = stored
+        self._index.bump(("config", f"config:{kind}", "intentions"))
+
+    def delete(self, kind: str, name: str, authz: Authorizer) -> None:
+        """`DELETE /v1/config/:kind/:name`; deleting what is not there is not an error."""
+        if kind == INTENTIONS_KIND:
+            authz.require("intention", name, "write")
+        else:
+            authz.require("operator", "", "write")
+        if self.entries.pop((kind, name), None) is not None:
+            self._index.bump(("config", f"config:{kind}", "intentions"))
+
+    def get(self, kind: str, name: str) -> dict[str, Any]:
+        """`GET /v1/config/:kind/:name`."""
+        entry = self.entries.get((kind, name))
+        if entry is None:
+            raise NotFound(f"Config entry not found for {kind!r} / {name!r}")
+        return public(entry)
+
+    def of_kind(self, kind: str) -> list[dict[str, Any]]:
+        """`GET /v1/config/:kind`: the entries of one kind, sorted by name."""
+        return [public(self.entries[key]) for key in sorted(self.entries) if key[0] == kind]
+
+    def kind_index(self, kind: str) -> int:
+        return self._index.of(f"config:{kind}", fallback="services")
