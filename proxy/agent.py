@@ -32,6 +32,7 @@ from proxy.answers import (
     Endpoints,
     Leaf,
     Roots,
+    XDSPorts,
     agent_service_from,
     authorize_result,
     catalog_entries_from,
@@ -41,6 +42,7 @@ from proxy.answers import (
     query_endpoints,
     roots_from,
     services_from,
+    xds_ports_from,
 )
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 from proxy.httpflags import HTTPOptions
@@ -314,6 +316,10 @@ class AgentClient:
     async def self(self) -> Answer:
         """`GET /v1/agent/self`."""
         return await self._request("GET", "/v1/agent/self")
+
+    async def xds_ports(self) -> XDSPorts:
+        """The agent's gRPC ports for Envoy, from `GET /v1/agent/self`."""
+        return xds_ports_from(await self.self())
 
     async def acl_token_self(self) -> Answer:
         """`GET /v1/acl/token/self`."""

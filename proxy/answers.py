@@ -300,3 +300,65 @@ def catalog_entries_from(path: str, answer: Answer) -> list[dict[str, Any]]:
         AgentResponseError: not an array of objects.
     """
     return [_object(path, entry, "an entry") for entry in _list(path, answer.body, "the body")]
+
+
+@dataclass(frozen=True, slots=True)
+class XDSPorts:
+    """The agent's gRPC ports for Envoy, as `/v1/agent/self` tells them (0: not told).
+
+    `grpc` is `DebugConfig.GRPCPort` (older agents): negative when gRPC is disabled, None
+    when the agent does not say.
+    """
+
+    tls: int
+    plaintext: int
+    grpc: int | None
+
+
+def _port(value: Any) -> int:
+    return value if isinstance(value, int) and not isinstance(value, bool) and value > 0 else 0
+
+
+def xds_ports_from(answer: Answer) -> XDSPorts:
+    """`{"xDS": {"Ports": {"TLS", "Plaintext"}}, "DebugConfig": {"GRPCPort"}}`; anything
+    else reads as "not told" (the caller then falls back to the default port, as Consul)."""
+    body = _mapping(answer.body) or {}
+    ports = _mapping((_mapping(body.get("xDS")) or {}).get("Ports")) or {}
+    grpc = (_mapping(body.get("DebugConfig")) or {}).get("GRPCPort")
+    return XDSPorts(
+        tls=_port(ports.get("TLS")),
+        plaintext=_port(ports.get("Plaintext")),
+        grpc=grpc if isinstance(grpc, int) and not isinstance(grpc, bool) else None,
+    )
+
+
+@dataclass(frozen=True, slots=True)
+class ProxyRegistration:
+    """What `connect envoy` needs of a proxy's registration (`/v1/agent/service/:id`)."""
+
+    cluster: str  # the destination service's name, else the service's own name
+    config: Mapping[str, Any]  # Proxy.Config: the central-config bootstrap keys
+    namespace: str
+    partition: str
+    datacenter: str
+
+
+def proxy_registration(service: AgentService) -> ProxyRegistration | None:
+    """The registration of a Connect proxy or gateway, or None when the service has no
+    `Proxy` block (a plain service)."""
+    body = service.body
+    proxy = body.get("Proxy")
+    if not isinstance(proxy, Mapping):
+        return None
+
+    def text(mapping: Mapping[str, Any], key: str) -> str:
+        value = mapping.get(key)
+        return value if isinstance(value, str) else ""
+
+    return ProxyRegistration(
+        cluster=text(proxy, "DestinationServiceName") or text(body, "Service"),
+        config=_mapping(proxy.get("Config")) or {},
+        namespace=text(body, "Namespace") or "default",
+        partition=text(body, "Partition") or "default",
+        datacenter=text(body, "Datacenter"),
+    )

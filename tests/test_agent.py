@@ -30,7 +30,9 @@ from proxy.answers import (
     AuthorizeResult,
     Endpoints,
     Leaf,
+    ProxyRegistration,
     Roots,
+    XDSPorts,
     agent_service_from,
     authorize_result,
     catalog_entries_from,
@@ -38,9 +40,11 @@ from proxy.answers import (
     health_endpoints,
     json_body,
     leaf_from,
+    proxy_registration,
     query_endpoints,
     roots_from,
     services_from,
+    xds_ports_from,
 )
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 from proxy.httpflags import HTTPOptions, load_http_options
@@ -639,3 +643,54 @@ def test_explain_permission_denied_without_a_service_still_explains() -> None:
 )
 def test_explain_leaves_other_errors_unchanged(exc: Exception) -> None:
     assert explain(exc, "web") == str(exc)
+
+
+# -- what `connect envoy` reads ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        ({"xDS": {"Ports": {"TLS": 8503, "Plaintext": 8502}}}, XDSPorts(8503, 8502, None)),
+        ({"xDS": {"Ports": {"Plaintext": 8502}}}, XDSPorts(0, 8502, None)),
+        ({"DebugConfig": {"GRPCPort": -1}}, XDSPorts(0, 0, -1)),
+        ({"DebugConfig": {"GRPCPort": 8502}}, XDSPorts(0, 0, 8502)),
+        ({"xDS": {"Ports": {"TLS": True, "Plaintext": "8502"}}}, XDSPorts(0, 0, None)),
+        ({"xDS": [], "DebugConfig": "x"}, XDSPorts(0, 0, None)),
+        (["not", "an", "object"], XDSPorts(0, 0, None)),
+        (None, XDSPorts(0, 0, None)),
+    ],
+)
+def test_xds_ports_read_what_the_agent_tells_and_nothing_else(
+    body: Any, expected: XDSPorts
+) -> None:
+    assert xds_ports_from(Answer(body, 0, "")) == expected
+
+
+@pytest.mark.parametrize(
+    ("body", "expected"),
+    [
+        (
+            {
+                "Service": "web-sidecar-proxy",
+                "Namespace": "ns",
+                "Datacenter": "dc2",
+                "Proxy": {"DestinationServiceName": "web", "Config": {"k": 1}},
+            },
+            ProxyRegistration("web", {"k": 1}, "ns", "default", "dc2"),
+        ),
+        (
+            {"Service": "gw", "Proxy": {"Config": "nope"}},
+            ProxyRegistration("gw", {}, "default", "default", ""),
+        ),
+        (
+            {"Service": "web", "Namespace": 5, "Proxy": {}},
+            ProxyRegistration("web", {}, "default", "default", ""),
+        ),
+        ({"Service": "web"}, None),
+        ({"Service": "web", "Proxy": None}, None),
+        ({"Service": "web", "Proxy": "x"}, None),
+    ],
+)
+def test_proxy_registration_of_a_service(body: Any, expected: ProxyRegistration | None) -> None:
+    assert proxy_registration(AgentService(body, "")) == expected

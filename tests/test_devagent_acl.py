@@ -149,7 +149,7 @@ async def test_acl_writes_need_acl_write(c: httpx.AsyncClient) -> None:
 
 async def test_acl_endpoints_without_acls() -> None:
     async with (
-        DevAgent(AgentConfig(node_name="n")) as dev,
+        DevAgent(AgentConfig(node_name="n", http_port=0)) as dev,
         httpx.AsyncClient(base_url=dev.url) as c,
     ):
         r = await c.get("/v1/acl/token/self")

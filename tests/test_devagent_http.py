@@ -572,7 +572,7 @@ async def test_authorize_legacy_intention_reason_carries_its_id(
 @pytest.mark.parametrize("policy", ["deny", "allow"])
 async def test_default_intention_policy(policy: str) -> None:
     async with (
-        DevAgent(AgentConfig(node_name="n", default_intention_policy=policy)) as dev,
+        DevAgent(AgentConfig(node_name="n", http_port=0, default_intention_policy=policy)) as dev,
         httpx.AsyncClient(base_url=dev.url) as c,
     ):
         body = (await authorize(c, "db", uri(dev, "web"))).json()

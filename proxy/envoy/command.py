@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from proxy import console
 from proxy.addr import split_host_port
 from proxy.agent import AgentClient
+from proxy.answers import XDSPorts, proxy_registration
 from proxy.command import ProxyOptions, run_with_signals
 from proxy.envoy.bootstrap import (
     DEFAULT_XDS_PORT,
@@ -193,22 +194,20 @@ async def _xds_address(agent: AgentClient, options: EnvoyOptions, warn: Warn) ->
     if options.grpc_addr:
         return options.grpc_addr
     try:
-        me = (await agent.self()).body or {}
+        ports = await agent.xds_ports()
     except AgentError as exc:
         if "Permission denied" not in str(exc):
             warn(f"unable to look up the agent's gRPC port: {exc}")
-        me = {}
-    ports = (me.get("xDS") or {}).get("Ports") or {}
-    if isinstance(ports.get("TLS"), int) and ports["TLS"] > 0:
-        return f"https://localhost:{ports['TLS']}"
-    if isinstance(ports.get("Plaintext"), int) and ports["Plaintext"] > 0:
-        return f"http://localhost:{ports['Plaintext']}"
-    grpc = (me.get("DebugConfig") or {}).get("GRPCPort")
-    if isinstance(grpc, int):
-        if grpc < 0:
+        ports = XDSPorts(tls=0, plaintext=0, grpc=None)
+    if ports.tls:
+        return f"https://localhost:{ports.tls}"
+    if ports.plaintext:
+        return f"http://localhost:{ports.plaintext}"
+    if ports.grpc is not None:
+        if ports.grpc < 0:
             raise ConfigError("agent has grpc disabled")
-        if grpc > 0:
-            return f"http://localhost:{grpc}"
+        if ports.grpc > 0:
+            return f"http://localhost:{ports.grpc}"
     warn(
         "-grpc-addr not provided and unable to discover a gRPC address for xDS. "
         f"Defaulting to localhost:{DEFAULT_XDS_PORT}"
@@ -276,17 +275,14 @@ async def prepare(
         pass
 
     try:
-        svc = (await agent.agent_service(proxy_id)).body or {}
+        registration = proxy_registration(await agent.agent_service(proxy_id))
     except AgentError as exc:
         raise ConfigError(f"failed fetch proxy config from local agent: {exc}") from exc
-    proxy = svc.get("Proxy")
-    if not isinstance(proxy, Mapping):
+    if registration is None:
         raise ConfigError("service is not a Connect proxy or gateway")
-    cluster = proxy.get("DestinationServiceName") or svc.get("Service") or proxy_id
-    config = proxy.get("Config") or {}
     return proxy_id, BootstrapArgs(
         proxy_id=proxy_id,
-        cluster=cluster,
+        cluster=registration.cluster or proxy_id,
         admin_address=admin_ip,
         admin_port=admin_port,
         admin_access_log_path=options.admin_access_log_path,
@@ -296,11 +292,11 @@ async def prepare(
         agent_tls=tls,
         agent_ca_pem=ca_pem,
         token=options.http.token,
-        namespace=svc.get("Namespace") or "default",
-        partition=svc.get("Partition") or "default",
-        datacenter=svc.get("Datacenter") or options.http.datacenter,
+        namespace=registration.namespace,
+        partition=registration.partition,
+        datacenter=registration.datacenter or options.http.datacenter,
         omit_deprecated_tags=options.omit_deprecated_tags,
-        proxy_config=config if isinstance(config, Mapping) else {},
+        proxy_config=registration.config,
     )
 
 
