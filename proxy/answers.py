@@ -206,7 +206,7 @@ def endpoints_from_entries(entries: Iterable[Any]) -> list[Endpoint]:
 
     An instance's address is `Service.Address`, else `Node.Address`; the expected identity is
     the proxy's destination service (or the service itself for Connect-native instances) in
-    the instance's datacenter (consul-spec.md section 6). Entries that are not usable Connect
+    the instance's datacenter (Consul's `connect/resolver.go`). Entries that are not usable Connect
     endpoints (plain services, gateways, no port or address, fields of the wrong type) are
     skipped.
     """

@@ -1,8 +1,9 @@
 """AgentAuthorizer: an inbound peer's certificate -> identity -> the agent's decision.
 
-Owns the inbound identity rules of Consul's proxy (consul-spec.md 3.2): the leaf must carry a
-URI SAN that parses as a Connect *service* SPIFFE ID; the agent is asked once per connection
-with the target service name, the URI and the colon-hex serial; any failure denies.
+Owns the inbound identity rules of Consul's proxy (`newServerSideVerifier` in Consul's
+`connect/tls.go`): the leaf must carry a URI SAN that parses as a Connect *service* SPIFFE
+ID; the agent is asked once per connection with the target service name, the URI and the
+colon-hex serial; any failure denies.
 
 Rule 1: fail closed. A transport error, a non-200 answer or an unreadable body is a denial
 with a reason, never an exception and never an allow.

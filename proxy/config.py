@@ -1,7 +1,7 @@
 """Proxy configuration: frozen values, parsed and validated once.
 
-Owns the mapping from what the agent says (`/v1/agent/service/:id`, consul-spec.md 4.2-4.3)
-to `ProxyConfig`, with Consul's defaults.
+Owns the mapping from what the agent says (`/v1/agent/service/:id`; Consul's
+`connect/proxy/config.go`) to `ProxyConfig`, with Consul's defaults.
 
 Rule 1: pure. `load_*` returns a valid object or raises ConfigError naming the field.
 Rule 2: durations are float seconds. `*_timeout_ms` values are honoured whether JSON gives an
@@ -179,7 +179,7 @@ def plan_upstreams(
 
     An upstream whose settings changed is stopped and started again (rebound); an unchanged
     one is left alone, with its connections. Consul's Go proxy does not diff: it only ever
-    adds listeners (consul-spec.md 5.1).
+    adds listeners (`connect/proxy/proxy.go`).
 
     Returns:
         (keys to stop, configs to start)

@@ -1,6 +1,6 @@
 """Connect identities: SPIFFE IDs, certificate serial encoding, identity comparison.
 
-Owns the parsing rules of Consul's `agent/connect/uri*.go` (consul-spec.md section 2.1) and
+Owns the parsing rules of Consul's `agent/connect/uri*.go` and
 the colon-hex encodings of section 2.6.
 
 Rule 1: pure values and functions: no I/O, no sockets, no awaits.
@@ -136,7 +136,7 @@ def parse_spiffe_id(uri: str) -> SpiffeID:
 
 
 def matches_expected(peer_uri: str, expected: SpiffeIDService) -> bool:
-    """Consul's server identity check (consul-spec.md section 3.3).
+    """Consul's server identity check (`verifyServerCertMatchesURI` in Consul's `connect/tls.go`).
 
     The expected URI takes the peer's trust-domain host (trust domains are deliberately not
     compared), then the two strings are compared case-insensitively.

@@ -15,7 +15,10 @@ log = logging.getLogger("proxy")
 
 
 class RegisterMonitor:
-    """`-register`: keep `<svc>-proxy[-<id>]` registered with a TTL check (consul-spec 1.9)."""
+    """`-register`: keep `<svc>-proxy[-<id>]` registered with a TTL check.
+
+    As Consul's `command/connect/proxy/register.go` does.
+    """
 
     def __init__(
         self,

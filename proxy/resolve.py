@@ -1,6 +1,6 @@
 """Upstream discovery: which instances serve an upstream, and which identity each must show.
 
-Owns when the agent is asked (consul-spec.md section 6): service upstreams come from
+Owns when the agent is asked (Consul's `connect/resolver.go`): service upstreams come from
 `/v1/health/connect/<name>?passing&stale`, followed by one blocking watch per upstream;
 prepared queries from `/v1/query/<name>/execute?connect=true&stale`, once per connection.
 Reading the agent's ServiceEntries into (host, port, expected identity) is

@@ -1,6 +1,6 @@
 """Blocking queries: the one watch loop of the proxy, over an index or a content hash.
 
-Owns the rules of Consul's watch library (consul-spec.md 1.1): the first fetch is
+Owns the rules of Consul's watch library (`api/watch/plan.go`): the first fetch is
 non-blocking; each next one blocks on the last cursor (the `X-Consul-Index`, or the
 `X-Consul-ContentHash` of hash-blocking endpoints); an index that goes backwards resets
 to 0; after an error the retry is a non-blocking read after a quadratic backoff (5 s x n²,

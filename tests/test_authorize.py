@@ -116,7 +116,7 @@ async def test_authorize_sends_no_token_header_without_a_token(
 async def test_authorize_reserializes_the_uri_it_parsed(
     agent: DevAgent, make_client: MakeClient
 ) -> None:
-    # Consul sends the parsed URI re-serialised (consul-spec.md 3.2 step 4): the trust domain
+    # Consul sends the parsed URI re-serialised (newServerSideVerifier, connect/tls.go): the trust domain
     # host is lowercased.
     td = agent.state.ca.trust_domain
     cert_pem, _ = custom_leaf(

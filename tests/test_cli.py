@@ -1,7 +1,7 @@
 """The `connect-proxy` command line: Consul's flags, environment variables and messages.
 
-Covers `parse_proxy_args` (consul-spec.md 4.1, the `cmd/flag_upstreams_test.go` and
-`cmd/proxy_test.go` checklist of section 7), the HTTP options of the agent client (1.0),
+Covers `parse_proxy_args` (Consul's `command/connect/proxy/proxy.go`, and the
+checks of its `flag_upstreams_test.go` and `proxy_test.go`), the HTTP options of the agent client (1.0),
 the legacy managed-proxy body (1.10) and `main` as a function (`make_http_client` and
 `explain` are in test_agent.py). Environments are plain dicts; nothing here reads `os.environ`.
 """
@@ -387,7 +387,7 @@ def test_proxy_token_without_proxy_id_is_not_legacy() -> None:
     assert options.mode == "sidecar" and options.legacy is False
 
 
-# -- HTTP options (consul-spec.md 1.0) ----------------------------------------------------
+# -- HTTP options (Consul's api/api.go) ------------------------------------------------------
 
 
 def test_http_defaults() -> None:
@@ -750,7 +750,7 @@ def test_main_never_prints_the_token_from_the_environment(
     assert "s3cr3t-env-value" not in out + err
 
 
-# -- legacy managed-proxy body (consul-spec.md 1.10) ---------------------------------------
+# -- legacy managed-proxy body (agent/agent_endpoint.go of Consul 1.5) --------------------
 
 WEB_WITH_SIDECAR = {
     "Name": "web",

@@ -113,7 +113,7 @@ def test_upstream_type_is_service_unless_prepared_query(
 
 @pytest.mark.parametrize("value", [2500, 2500.0, "2500"])
 def test_upstream_connect_timeout_ms_is_honoured_in_every_json_shape(value: Any) -> None:
-    # Go honours only Go ints, so JSON configs always get 10 s (consul-spec.md 4.3); we don't.
+    # Go honours only Go ints, so JSON configs always get 10 s (connect/proxy/config.go); we don't.
     up = load_upstream(
         {"DestinationName": "db", "LocalBindPort": 9191, "Config": {"connect_timeout_ms": value}}
     )

@@ -1,7 +1,8 @@
 """The dev agent's built-in certificate authority, shaped like Consul's `consul` CA provider.
 
 Owns the X.509 side of Connect: root generation, optional signing intermediate, cross-signing
-on rotation, and leaf issuance with the profile of modern Consul (consul-spec.md section 2).
+on rotation, and leaf issuance with the profile of modern Consul
+(`agent/connect/ca/provider_consul.go`).
 
 Rule 1: this module is pure. It does no I/O, knows nothing of HTTP, indexes or blocking; the
 agent's state stamps the records it gets back with Raft-like indexes.
@@ -358,7 +359,10 @@ class CertificateAuthority:
         return _Signer(builder.sign(root_key, hashes.SHA256()), key)
 
     def _cross_sign(self, new: Root, old: Root) -> x509.Certificate:
-        """The new root re-signed by the old root's key (consul-spec.md section 2.4)."""
+        """The new root re-signed by the old root's key.
+
+        As Consul's `agent/consul/leader_connect_ca.go` does on a rotation.
+        """
         now = dt.datetime.now(dt.UTC)
         builder = (
             x509.CertificateBuilder()

@@ -1,9 +1,10 @@
 """The Envoy bootstrap of `connect-proxy envoy`: a pure function of `BootstrapArgs`.
 
-Shaped like the bootstrap Consul's `connect envoy` prints (consul-envoy-exec-peering.md
-A.6-A.7): admin listener, the `local_agent` xDS cluster (TCP or Unix socket, TLS with the
-agent's CA), the ACL token as xDS metadata, stats tags, and the bootstrap keys of the proxy's
-central config (`envoy_*_json`, stats sinks, tracing).
+Shaped like the bootstrap Consul's `connect envoy` prints (Consul's
+`command/connect/envoy/bootstrap_tpl.go` and `bootstrap_config.go`): admin listener, the
+`local_agent` xDS cluster (TCP or Unix socket, TLS with the agent's CA), the ACL token as
+xDS metadata, stats tags, and the bootstrap keys of the proxy's central config
+(`envoy_*_json`, stats sinks, tracing).
 
 Rule 1: no I/O but reading the environment for `$VAR` and `${HOST_IP}` in stats sink URLs,
 as Consul does; it runs on every OS (`-bootstrap` needs no Envoy) and touches no agent.

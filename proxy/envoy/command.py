@@ -1,7 +1,7 @@
 """`connect-proxy envoy`: Consul's `connect envoy`, with our own proxy as the fallback.
 
 Owns the flags, the agent look-ups that fill the bootstrap's arguments
-(consul-envoy-exec-peering.md A.3, A.5; the bootstrap itself is `proxy.envoy.bootstrap`), and
+(Consul's `command/connect/envoy/envoy.go`; the bootstrap itself is `proxy.envoy.bootstrap`), and
 the edges: finding Envoy, handing it the bootstrap, replacing this process
 with it, or running connect-proxy itself when there is no Envoy binary.
 
@@ -218,7 +218,7 @@ async def _xds_address(agent: AgentClient, options: EnvoyOptions, warn: Warn) ->
 async def prepare(
     options: EnvoyOptions, agent: AgentClient, warn: Warn
 ) -> tuple[str, BootstrapArgs]:
-    """Resolve the proxy ID and everything the bootstrap needs from the agent (A.3, A.5).
+    """Resolve the proxy ID and everything the bootstrap needs from the agent (as `envoy.go` does).
 
     Returns:
         (proxy ID, bootstrap arguments)

@@ -252,7 +252,7 @@ class Catalog:
     def managed_proxy_config(
         self, proxy_id: str, authz: Authorizer, bind_address: str
     ) -> dict[str, Any]:
-        """`GET /v1/agent/connect/proxy/:id` of Consul 1.2-1.5 (consul-spec.md section 1.10).
+        """`GET /v1/agent/connect/proxy/:id` of Consul 1.2-1.5 (its `agent/agent_endpoint.go`).
 
         Raises:
             NotFound: no such connect-proxy, or its target service is gone.

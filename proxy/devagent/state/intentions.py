@@ -278,7 +278,7 @@ class Intentions:
     # -- deciding ------------------------------------------------------------------------
 
     def authorize(self, target: str, client_uri: str, authz: Authorizer) -> tuple[bool, str]:
-        """`POST /v1/agent/connect/authorize` (consul-spec.md section 1.6).
+        """`POST /v1/agent/connect/authorize` (Consul's `agent/connect_auth.go`).
 
         Raises:
             BadRequest: missing target or an unusable ClientCertURI.

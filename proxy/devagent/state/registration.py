@@ -165,7 +165,7 @@ def prepare_sidecar(
     free_port: Callable[[str], int],
     check_interval: float,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Fill a `connect.sidecar_service` block with Consul's defaults (consul-spec.md 1.2).
+    """Fill a `connect.sidecar_service` block with Consul's `agent/sidecar_service.go` defaults.
 
     Args:
         parent: the prepared record of the service the sidecar serves.

@@ -123,7 +123,7 @@ def catalog_entry(n: Node, svc: Mapping[str, Any]) -> dict[str, Any]:
 def managed_proxy(
     svc: Mapping[str, Any], target: Mapping[str, Any], bind_address: str
 ) -> dict[str, Any]:
-    """`GET /v1/agent/connect/proxy/:id` of Consul 1.2-1.5 (consul-spec.md section 1.10).
+    """`GET /v1/agent/connect/proxy/:id` of Consul 1.2-1.5 (its `agent/agent_endpoint.go`).
 
     Args:
         svc: the connect-proxy service record.
