@@ -2,7 +2,7 @@
 
     python bench/engines.py [--seconds S] [--repeat R] [--mib M] [--tls12] [--cpu N] [--json FILE]
 
-Engines (listeners/engine.py): `ssl`, CPython's ssl module on the OpenSSL the interpreter
+Engines (listeners/tls/engine.py): `ssl`, CPython's ssl module on the OpenSSL the interpreter
 links; `openssl`, pyOpenSSL on the OpenSSL bundled by the cryptography wheel. Contexts come
 from proxy.tlsstore.build_contexts (Consul's settings, ECDSA P-256 leaves from the dev
 agent's CA); TLS 1.3 unless --tls12 caps the clients. Per engine:
@@ -43,8 +43,8 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from listeners.engine import TLSContext, TLSEngine, TLSSession, new_engine  # noqa: E402
-from listeners.tls import TLSTransport  # noqa: E402
+from listeners.tls.engine import TLSContext, TLSEngine, TLSSession, new_engine  # noqa: E402
+from listeners.tls.transport import TLSTransport  # noqa: E402
 from proxy.config import TLS_ENGINES  # noqa: E402
 from proxy.devagent.ca import CertificateAuthority  # noqa: E402
 from proxy.tlsstore import build_contexts, describe_engine  # noqa: E402

@@ -22,10 +22,10 @@ import asyncio
 import logging
 from typing import Protocol
 
-from listeners.engine import TLSContext
 from listeners.pump import Pipe
 from listeners.serve import Listener, is_routine_close, tune_socket
-from listeners.tls import TLSTransport
+from listeners.tls.engine import TLSContext
+from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
 from proxy.identity import Decision
 

@@ -1,7 +1,7 @@
 """Two-way byte copy between two transports: backpressure, half-close, counters.
 
-Works on asyncio transports and on `listeners.tls.TLSTransport` alike: each side gets a small
-protocol that writes what it receives into the other side's transport.
+Works on asyncio transports and on `listeners.tls.transport.TLSTransport` alike: each side
+gets a small protocol that writes what it receives into the other side's transport.
 
 - Backpressure: when a transport's write buffer passes its high-water mark, reading from the
   other side is paused until it drains, so memory per connection stays bounded whatever the

@@ -20,10 +20,10 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol, cast
 
-from listeners.engine import TLSContext, TLSSession
 from listeners.pump import Pipe
 from listeners.serve import Listener, tune_socket
-from listeners.tls import TLSTransport
+from listeners.tls.engine import TLSContext, TLSSession
+from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
 from proxy.errors import IdentityError, ProxyError
 from proxy.identity import Endpoint, matches_expected, peer_identity

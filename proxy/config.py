@@ -316,7 +316,7 @@ def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
 
 TLS_ENGINE_VAR = "CONNECT_PROXY_TLS_ENGINE"
 # ssl: CPython's ssl module, on the OpenSSL the interpreter links (the system's).
-# openssl: pyOpenSSL, on the OpenSSL bundled by the cryptography wheel (listeners/engine.py).
+# openssl: pyOpenSSL, on the OpenSSL bundled by the cryptography wheel (listeners/tls/openssl.py).
 TLS_ENGINES = ("ssl", "openssl")
 # The engine when CONNECT_PROXY_TLS_ENGINE is unset or empty, chosen by measurement
 # (bench/README.md, "TLS engine"): per connection the proxy spends a quarter less CPU on it.

@@ -1,7 +1,7 @@
 """TLSStore: the current roots and leaf, as ready-to-use server and client TLS contexts.
 
 Owns: building contexts from PEM (Consul's TLS settings, consul-spec.md 3.1) for the TLS engine
-in use (`listeners.engine`: `ssl`, CPython's module on the system OpenSSL, or `openssl`,
+in use (`listeners.tls.engine`: `ssl`, CPython's module on the system OpenSSL, or `openssl`,
 pyOpenSSL on the OpenSSL bundled by `cryptography`), loading the leaf key without it ever
 touching the filesystem, checking that a new leaf chains to the roots before it is used (one
 in-memory handshake through the same engine the listeners drive), and swapping the contexts
@@ -26,7 +26,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from listeners.engine import TLSContext, TLSError, new_engine
+from listeners.tls.engine import TLSContext, TLSError, new_engine
 from proxy.config import DEFAULT_TLS_ENGINE, TLS_ENGINES
 from proxy.errors import TLSMaterialError
 from proxy.identity import PeerIdentity, peer_identity
@@ -123,7 +123,7 @@ def _openssl_contexts(
     from cryptography.hazmat.primitives.serialization import load_pem_private_key
     from OpenSSL import SSL, crypto
 
-    from listeners.engine_openssl import error_text
+    from listeners.tls.openssl import error_text
 
     try:
         trusted = [

@@ -10,8 +10,8 @@ import socket
 import ssl
 from collections.abc import Iterable
 
-from listeners.engine import TLSContext, TLSSession
-from listeners.tls import TLSTransport
+from listeners.tls.engine import TLSContext, TLSSession
+from listeners.tls.transport import TLSTransport
 from proxy.tlsstore import load_cert_chain
 
 

@@ -1,4 +1,4 @@
-"""listeners.engine and listeners.tls on both TLS engines, and between them.
+"""listeners.tls.engine and listeners.tls.transport on both TLS engines, and between them.
 
 Every test runs two TLSTransports over a real loopback connection, with the product's
 contexts (proxy.tlsstore.build_contexts) and leaves from the dev agent's CA. Pairs are named
@@ -17,8 +17,8 @@ import pytest
 from cryptography import x509
 from OpenSSL import SSL
 
-from listeners.engine import TLSContext, TLSError, TLSSession, new_engine
-from listeners.tls import HandshakeError, TLSTransport
+from listeners.tls.engine import TLSContext, TLSError, TLSSession, new_engine
+from listeners.tls.transport import HandshakeError, TLSTransport
 from proxy.devagent.ca import CertificateAuthority
 from proxy.tlsstore import build_contexts
 from tests.certs import Sink, attach, cap_at_tls12, connect_pair

@@ -19,9 +19,9 @@ from typing import Any
 
 import pytest
 
-from listeners.engine import TLSContext
 from listeners.pump import Pipe, PipeStats
-from listeners.tls import TLSTransport
+from listeners.tls.engine import TLSContext
+from listeners.tls.transport import TLSTransport
 from proxy.devagent import DevAgent
 from proxy.tlsstore import build_contexts
 from tests.certs import client_context, server_context

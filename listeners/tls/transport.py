@@ -9,7 +9,7 @@ delivered as `eof_received()` while we keep writing (both allowed by RFC 8446 an
 Owning the raw byte stream from the first packet also means no early ClientHello can be lost
 between accept and the start of TLS, and the context is chosen per connection (the one
 current at accept), which is how certificates are hot-swapped. The TLS protocol itself is an
-engine (`listeners.engine`): the stdlib `ssl` module or pyOpenSSL, by the kind of context.
+engine (`listeners.tls.engine`): the stdlib `ssl` module or pyOpenSSL, by the kind of context.
 
 Rule 1: this module knows nothing of Consul. It is a transport: bytes in, bytes out, flow
 control, half-close, close.
@@ -22,7 +22,7 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from listeners.engine import TLSContext, TLSError, TLSSession, new_engine
+from listeners.tls.engine import TLSContext, TLSError, TLSSession, new_engine
 
 # Application data handed to the app per call, at most: up to 16 TLS records, one write
 # downstream instead of one per record.

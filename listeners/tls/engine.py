@@ -1,13 +1,14 @@
 """TLS engines: the TLS state of one connection over memory buffers, behind one interface.
 
-`listeners.tls.TLSTransport` owns the socket side (asyncio, flow control, half-close); an
-engine owns the TLS protocol. Ciphertext goes in with `feed()` and comes out with `take()`;
-application data is read and written as bytes. Two implementations, chosen by the type of the
-context they are given (`proxy.tlsstore` builds the contexts of the configured engine):
+`listeners.tls.transport.TLSTransport` owns the socket side (asyncio, flow control,
+half-close); an engine owns the TLS protocol. Ciphertext goes in with `feed()` and comes out
+with `take()`; application data is read and written as bytes. Two implementations, chosen by
+the type of the context they are given (`proxy.tlsstore` builds the contexts of the
+configured engine):
 
 - `StdlibEngine`: `ssl.SSLObject` over two `ssl.MemoryBIO`s, on the OpenSSL CPython links
   (the system's);
-- `OpenSSLEngine` (`listeners.engine_openssl`): a pyOpenSSL `Connection` with memory BIOs, on
+- `OpenSSLEngine` (`listeners.tls.openssl`): a pyOpenSSL `Connection` with memory BIOs, on
   the OpenSSL bundled in the `cryptography` wheel (newer; faster handshakes, issue 5). It is
   imported on first use, so the stdlib engine never loads pyOpenSSL.
 
@@ -124,7 +125,7 @@ def new_engine(
     if isinstance(context, ssl.SSLContext):
         assert session is None or isinstance(session, ssl.SSLSession)
         return StdlibEngine(context, server_side=server_side, session=session)
-    from listeners.engine_openssl import OpenSSLEngine
+    from listeners.tls.openssl import OpenSSLEngine
 
     assert session is None or not isinstance(session, ssl.SSLSession)
     return OpenSSLEngine(context, server_side=server_side, session=session)

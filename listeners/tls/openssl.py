@@ -1,5 +1,5 @@
 """The TLS engine on the OpenSSL bundled by `cryptography`: a pyOpenSSL `Connection` over
-memory BIOs (see `listeners.engine` for the interface and its rules).
+memory BIOs (see `listeners.tls.engine` for the interface and its rules).
 
 pyOpenSSL reads into a buffer of its own and copies the result out (`recv_into`,
 `bio_read`), on both the plaintext and the ciphertext side, so each byte is copied once more
@@ -15,7 +15,7 @@ import contextlib
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
-from listeners.engine import RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
+from listeners.tls.engine import RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
 
 # Smallest ciphertext read: a whole handshake flight (certificates included) fits.
 _TAKE_MIN = 32 * 1024
