@@ -4,7 +4,7 @@
 
 Engines (listeners/tls/engine.py): `ssl`, CPython's ssl module on the OpenSSL the interpreter
 links; `openssl`, pyOpenSSL on the OpenSSL bundled by the cryptography wheel. Contexts come
-from proxy.tlsstore.build_contexts (Consul's settings, ECDSA P-256 leaves from the dev
+from listeners.tls.contexts.build_contexts (Consul's settings, ECDSA P-256 leaves from the dev
 agent's CA); TLS 1.3 unless --tls12 caps the clients. Per engine:
 
 - memory: full mutual handshakes between two engines over memory BIOs, then resumed ones
@@ -43,11 +43,11 @@ sys.path.insert(0, str(ROOT))
 
 import uvloop  # noqa: E402
 
-from listeners.tls.engine import TLSContext, TLSEngine, TLSSession, new_engine  # noqa: E402
+from listeners.tls.contexts import build_contexts, describe_engine, new_engine  # noqa: E402
+from listeners.tls.engine import TLSContext, TLSEngine, TLSSession  # noqa: E402
 from listeners.tls.transport import TLSTransport  # noqa: E402
 from proxy.config import TLS_ENGINES  # noqa: E402
 from proxy.devagent.ca import CertificateAuthority  # noqa: E402
-from proxy.tlsstore import build_contexts, describe_engine  # noqa: E402
 
 MiB = 1 << 20
 

@@ -24,6 +24,7 @@ from typing import Protocol
 
 from listeners.pump import Pipe
 from listeners.serve import Listener, is_routine_close, tune_socket
+from listeners.tls.contexts import explain_verify_failure
 from listeners.tls.engine import TLSContext
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
@@ -39,17 +40,6 @@ class ServerContexts(Protocol):
 
 class InboundAuthorizer(Protocol):
     async def authorize(self, peer_der: bytes | None) -> Decision: ...
-
-
-def explain_handshake_error(exc: BaseException) -> str:
-    text = str(exc) or type(exc).__name__
-    if "subtree" in text or "name constraint" in text.lower():
-        return (
-            f"{text}: a name constraint of the CA rejects the client's leaf. OpenSSL checks a "
-            "subject common name that looks like a host name against DNS name constraints "
-            "when the leaf has no DNS SAN; Consul's Go proxy does not"
-        )
-    return text
 
 
 class _InboundTLS(TLSTransport):
@@ -115,7 +105,8 @@ class PublicListener(Listener):
                 await tls.handshake(self.handshake_timeout)
             except OSError as exc:  # HandshakeError, TLSError, resets
                 level = logging.DEBUG if is_routine_close(exc) else logging.INFO
-                log.log(level, "TLS handshake failed: %s", explain_handshake_error(exc))
+                text = str(exc) or type(exc).__name__
+                log.log(level, "TLS handshake failed: %s", explain_verify_failure(text))
                 return
             decision = await self.authorizer.authorize(tls.peer_certificate())
             if not decision.allowed:

@@ -10,9 +10,9 @@ import socket
 import ssl
 from collections.abc import Iterable
 
+from listeners.tls.contexts import load_cert_chain
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
-from proxy.tlsstore import load_cert_chain
 
 
 def load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:

@@ -1,7 +1,7 @@
 """listeners.tls.engine and listeners.tls.transport on both TLS engines, and between them.
 
 Every test runs two TLSTransports over a real loopback connection, with the product's
-contexts (proxy.tlsstore.build_contexts) and leaves from the dev agent's CA. Pairs are named
+contexts (listeners.tls.contexts.build_contexts) and leaves from the dev agent's CA. Pairs are named
 client-server: `openssl-ssl` is a pyOpenSSL client talking to a stdlib server.
 """
 
@@ -17,10 +17,10 @@ import pytest
 from cryptography import x509
 from OpenSSL import SSL
 
-from listeners.tls.engine import TLSContext, TLSError, TLSSession, new_engine
+from listeners.tls.contexts import build_contexts, new_engine
+from listeners.tls.engine import TLSContext, TLSError, TLSSession
 from listeners.tls.transport import HandshakeError, TLSTransport
 from proxy.devagent.ca import CertificateAuthority
-from proxy.tlsstore import build_contexts
 from tests.certs import Sink, attach, cap_at_tls12, connect_pair
 
 PAIRS = [

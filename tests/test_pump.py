@@ -20,10 +20,10 @@ from typing import Any
 import pytest
 
 from listeners.pump import Pipe, PipeStats
+from listeners.tls.contexts import build_contexts
 from listeners.tls.engine import TLSContext
 from listeners.tls.transport import TLSTransport
 from proxy.devagent import DevAgent
-from proxy.tlsstore import build_contexts
 from tests.certs import client_context, server_context
 
 MiB = 1 << 20
@@ -291,7 +291,7 @@ def _contexts(agent: DevAgent) -> tuple[ssl.SSLContext, ssl.SSLContext]:
 
 
 def _engine_contexts(agent: DevAgent, engine: str) -> tuple[TLSContext, TLSContext]:
-    """The product's contexts (proxy.tlsstore) of `engine`: db serves, web dials."""
+    """The product's contexts (listeners.tls.contexts) of `engine`: db serves, web dials."""
     ca = agent.state.ca
     roots = [r.cert_pem for r in ca.roots]
     db = ca.sign_leaf("db", datacenter="dc1")

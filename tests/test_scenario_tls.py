@@ -55,13 +55,13 @@ async def test_leaf_and_root_rotation_keep_established_connections(agent: DevAge
             writer.write(b"before")
             assert await reader.readexactly(6) == b"before"
             old_serial = db.tls.material.leaf.serial
-            rotations = db.tls.rotations
+            rotations = db.tls.rotations.value
             agent.rotate_ca()  # new root, cross-signed; every cached leaf re-issued
             async with asyncio.timeout(5):
                 # Roots and leaf arrive on two watches: wait until the leaf has changed.
                 while db.tls.material.leaf.serial == old_serial:
-                    await db.tls.until_rotations(rotations + 1)
-                    rotations = db.tls.rotations
+                    await db.tls.rotations.reached(rotations + 1)
+                    rotations = db.tls.rotations.value
             # New handshakes see the new leaf, which still verifies for a client that trusts
             # only the old root, thanks to the cross-signed certificate in its chain...
             assert await _peer_serial(port, old_roots_only) == db.tls.material.leaf.serial
@@ -79,10 +79,10 @@ async def test_leaf_renewal_is_picked_up(agent: DevAgent) -> None:
     async with echo_app() as app, db_sidecar(agent, app) as db:
         assert db.tls.material is not None
         first = db.tls.material.leaf.serial
-        rotations = db.tls.rotations
+        rotations = db.tls.rotations.value
         agent.state.issue_leaf("db")  # what the agent's renewal timer does
         async with asyncio.timeout(5):
-            await db.tls.until_rotations(rotations + 1)
+            await db.tls.rotations.reached(rotations + 1)
         assert db.tls.material.leaf.serial != first
 
 
@@ -308,9 +308,9 @@ async def test_upstream_dials_resume_tls_sessions(agent: DevAgent) -> None:
                 await listener.until_idle()  # the session is kept when a connection ends
             assert listener.resumed == n  # the first dial is a full handshake
         # A rotation brings new contexts: the next dial is a full handshake again.
-        rotations = web.tls.rotations
+        rotations = web.tls.rotations.value
         agent.state.issue_leaf("web")
         async with asyncio.timeout(5):
-            await web.tls.until_rotations(rotations + 1)
+            await web.tls.rotations.reached(rotations + 1)
         assert await plain_exchange(local_port(web), b"fresh") == b"fresh"
         assert listener.resumed == 2

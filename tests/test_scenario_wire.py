@@ -13,9 +13,9 @@ import warnings
 import pytest
 
 from listeners.serve import tune_socket
+from listeners.tls.contexts import build_contexts
 from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.devagent import DevAgent
-from proxy.tlsstore import build_contexts
 from tests.proxyfix import client_ctx, db_sidecar, echo_app, running_proxy, tls_exchange
 
 pytestmark = pytest.mark.tls_engines()

@@ -1,4 +1,5 @@
-"""proxy.tlsstore: readiness, refused rotations, swaps, context settings, key handling.
+"""proxy.tlsstore and the contexts it builds (listeners.tls.contexts): readiness, refused
+rotations, swaps, context settings, key handling, the words for a name-constraint refusal.
 
 On both TLS engines, except the stdlib engine's key loader (memfd or a private file). Material
 comes from the dev agent's CA. File-system access while the key is loaded is observed with an
@@ -27,11 +28,11 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-import proxy.tlsstore
+from listeners.tls.contexts import TLS12_CIPHERS, explain_verify_failure, load_cert_chain
 from proxy.devagent import DevAgent
 from proxy.devagent.ca import CertificateAuthority
 from proxy.errors import TLSMaterialError
-from proxy.tlsstore import TLSStore, explain_verify_failure, load_cert_chain
+from proxy.tlsstore import TLSStore
 from tests.certs import transport_handshake
 
 pytestmark = pytest.mark.tls_engines()
@@ -103,7 +104,7 @@ async def test_ready_once_roots_and_leaf_both_arrived(
     )
     assert store.server_context() is material.server
     assert store.client_context() is material.client
-    assert store.rotations == 1
+    assert store.rotations.value == 1
 
 
 async def test_empty_roots_are_ignored(agent: DevAgent, tls_engine: str) -> None:
@@ -126,7 +127,7 @@ async def test_leaf_from_a_foreign_ca_is_refused_and_the_old_material_kept(
     assert store.set_leaf(foreign.cert_pem, foreign.private_key_pem) is False
 
     assert store.material is before
-    assert store.rotations == 1
+    assert store.rotations.value == 1
     (record,) = _refusals(caplog)
     assert record.levelno == logging.ERROR
     assert "does not verify against the CA roots" in record.getMessage()
@@ -190,7 +191,7 @@ async def test_leaf_that_arrives_before_its_roots_is_used_once_they_come(
 
     assert store.material is not None
     assert store.material.leaf.serial == leaf.cert.serial_number
-    assert store.rotations == 2
+    assert store.rotations.value == 2
 
 
 async def test_roots_update_after_a_refused_leaf_is_applied_with_the_last_good_leaf(
@@ -253,7 +254,7 @@ async def test_ca_rotation_swaps_the_material_for_a_new_object(
     assert third.cert_pem == cert_pem
     assert third.leaf.serial != first.leaf.serial
     assert third.server is not first.server and third.client is not first.client
-    assert store.rotations == 3
+    assert store.rotations.value == 3
 
 
 async def test_contexts_from_two_stores_complete_a_mutual_handshake(
@@ -310,7 +311,7 @@ async def test_contexts_use_consuls_tls_settings(agent: DevAgent, tls_engine: st
             assert options & SSL.OP_NO_RENEGOTIATION
             ciphers |= set(conn.get_cipher_list())
         tls12 = {c for c in ciphers if not c.startswith("TLS_")}  # TLS 1.3 suites: TLS_*
-    assert tls12 <= set(proxy.tlsstore.TLS12_CIPHERS.split(":"))
+    assert tls12 <= set(TLS12_CIPHERS.split(":"))
     assert "ECDHE-ECDSA-AES128-GCM-SHA256" in tls12
 
 
@@ -382,8 +383,27 @@ ssl_key_loader = pytest.mark.tls_engines("ssl")
 
 @linux_only
 @ssl_key_loader
-def test_key_loader_is_memfd_on_linux() -> None:
-    assert proxy.tlsstore.KEY_LOADER == "memfd"
+def test_key_loader_is_memfd_on_linux(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The real memfd_create, watched: the file OpenSSL is given is an anonymous memory file.
+    made: list[str] = []
+    memfd_create = os.memfd_create
+
+    def watched(name: str, flags: int = os.MFD_CLOEXEC) -> int:
+        fd = memfd_create(name, flags)
+        made.append(os.readlink(f"/proc/self/fd/{fd}"))
+        return fd
+
+    monkeypatch.setattr(os, "memfd_create", watched)
+    cert_pem, key_pem = _ca_leaf(ca)
+    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_cert_chain(ctx, cert_pem, key_pem)  # the default: memfd where there is one
+    assert made == ["/memfd:connect-proxy-leaf (deleted)"]
+    # OpenSSL read the chain and the key from there: a key of another leaf is refused.
+    with pytest.raises(TLSMaterialError, match="failed to load the leaf certificate and key"):
+        load_cert_chain(ctx, cert_pem, _ca_leaf(ca)[1])
+    assert len(made) == 2
 
 
 @pytest.fixture(scope="module")

@@ -2,15 +2,15 @@
 
 `listeners.tls.transport.TLSTransport` owns the socket side (asyncio, flow control,
 half-close); an engine owns the TLS protocol. Ciphertext goes in with `feed()` and comes out
-with `take()`; application data is read and written as bytes. Two implementations, chosen by
-the type of the context they are given (`proxy.tlsstore` builds the contexts of the
-configured engine):
+with `take()`; application data is read and written as bytes. Two implementations, named in
+`TLS_ENGINES`; `listeners.tls.contexts` builds the contexts of either and picks the engine
+of a context by its type (`new_engine`):
 
-- `StdlibEngine`: `ssl.SSLObject` over two `ssl.MemoryBIO`s, on the OpenSSL CPython links
-  (the system's);
-- `OpenSSLEngine` (`listeners.tls.openssl`): a pyOpenSSL `Connection` with memory BIOs, on
-  the OpenSSL bundled in the `cryptography` wheel (newer; faster handshakes, issue 5). It is
-  imported on first use, so the stdlib engine never loads pyOpenSSL.
+- `ssl`, `StdlibEngine`: `ssl.SSLObject` over two `ssl.MemoryBIO`s, on the OpenSSL CPython
+  links (the system's);
+- `openssl`, `OpenSSLEngine` (`listeners.tls.openssl`): a pyOpenSSL `Connection` with memory
+  BIOs, on the OpenSSL bundled in the `cryptography` wheel (newer; faster handshakes, issue
+  5). It is imported on first use, so the stdlib engine never loads pyOpenSSL.
 
 Rule 1: no I/O, no asyncio, no Consul: every call returns at once and the caller moves the
 bytes. `read()` decrypts only when asked: an engine never reads ahead of its caller.
@@ -27,6 +27,12 @@ from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
+
+# The engines by name (the proxy's configuration names them so: proxy.config imports these).
+TLS_ENGINES = ("ssl", "openssl")
+# The engine when none is named, chosen by measurement (bench/README.md, "TLS engine"): per
+# connection the proxy spends a quarter less CPU on it.
+DEFAULT_TLS_ENGINE = "openssl"
 
 # The context of either engine, and the session that a context's connections can resume.
 TLSContext: TypeAlias = "ssl.SSLContext | SSL.Context"
@@ -110,25 +116,6 @@ class TLSEngine(Protocol):
     @property
     def native(self) -> object:
         """The underlying object (`ssl.SSLObject` or `OpenSSL.SSL.Connection`), for tests."""
-
-
-def new_engine(
-    context: TLSContext, *, server_side: bool, session: TLSSession | None = None
-) -> TLSEngine:
-    """An engine for one connection, of the kind that built `context`.
-
-    Args:
-        context: a server or client context from `proxy.tlsstore` (either engine).
-        server_side: accept (True) or connect (False).
-        session: client side, a session of an earlier connection made with `context`.
-    """
-    if isinstance(context, ssl.SSLContext):
-        assert session is None or isinstance(session, ssl.SSLSession)
-        return StdlibEngine(context, server_side=server_side, session=session)
-    from listeners.tls.openssl import OpenSSLEngine
-
-    assert session is None or not isinstance(session, ssl.SSLSession)
-    return OpenSSLEngine(context, server_side=server_side, session=session)
 
 
 class StdlibEngine:

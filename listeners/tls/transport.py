@@ -22,7 +22,8 @@ from __future__ import annotations
 import asyncio
 from typing import Any, cast
 
-from listeners.tls.engine import TLSContext, TLSError, TLSSession, new_engine
+from listeners.tls.contexts import new_engine
+from listeners.tls.engine import TLSContext, TLSError, TLSSession
 
 # Application data handed to the app per call, at most: up to 16 TLS records, one write
 # downstream instead of one per record.

@@ -1,0 +1,333 @@
+"""TLS contexts for either engine: Consul's settings, the leaf key loaded from memory, a
+check that a leaf chains to its roots, and the engine that drives a context.
+
+Owns: building a server and a client context from PEM (Consul's TLS settings,
+consul-spec.md 3.1) for an engine named in `TLS_ENGINES`: the two builders sit side by side
+because they must agree setting by setting; checking a new pair with one in-memory mutual
+handshake through the same engine the listeners drive; `new_engine`, which picks the engine of
+a context by its type; the plain words for a chain OpenSSL refuses where Go accepts it.
+
+Rule 1: the private key exists only in memory. The `openssl` engine takes the parsed key
+object itself; `ssl` only reads paths, so on Linux the key goes through an anonymous memory
+file (memfd), elsewhere through a 0600 file in a private directory, unlinked at once.
+Rule 2: no state. Which material is current is `proxy.tlsstore`'s business; this module
+builds and checks what it is given, and raises `TLSMaterialError` when that does not load.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import ssl
+import tempfile
+from collections.abc import Sequence
+from typing import TYPE_CHECKING
+
+from cryptography import x509
+from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.hazmat.bindings.openssl.binding import Binding
+from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
+from cryptography.hazmat.primitives.serialization import load_pem_private_key
+
+from listeners.tls.engine import (
+    DEFAULT_TLS_ENGINE,
+    StdlibEngine,
+    TLSContext,
+    TLSEngine,
+    TLSError,
+    TLSSession,
+)
+from proxy.errors import TLSMaterialError
+
+if TYPE_CHECKING:
+    from OpenSSL import SSL
+
+# Consul's TLS 1.2 cipher suites, in its preference order (TLS 1.3 suites are not configurable).
+TLS12_CIPHERS = ":".join(
+    [
+        "ECDHE-RSA-AES128-GCM-SHA256",
+        "ECDHE-RSA-AES256-GCM-SHA384",
+        "ECDHE-ECDSA-AES128-GCM-SHA256",
+        "ECDHE-ECDSA-AES256-GCM-SHA384",
+        "ECDHE-RSA-CHACHA20-POLY1305",
+        "ECDHE-ECDSA-CHACHA20-POLY1305",
+    ]
+)
+
+# TLS 1.3 suites in Go's order on CPUs with AES instructions (pyOpenSSL engine only: CPython's
+# ssl cannot set them).
+TLS13_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
+
+
+def new_engine(
+    context: TLSContext, *, server_side: bool, session: TLSSession | None = None
+) -> TLSEngine:
+    """An engine for one connection, of the kind that built `context`.
+
+    Args:
+        context: a server or client context from `build_contexts` (either engine).
+        server_side: accept (True) or connect (False).
+        session: client side, a session of an earlier connection made with `context`.
+    """
+    if isinstance(context, ssl.SSLContext):
+        assert session is None or isinstance(session, ssl.SSLSession)
+        return StdlibEngine(context, server_side=server_side, session=session)
+    # pyOpenSSL is loaded on first use only, so the stdlib engine never loads it.
+    from listeners.tls.openssl import OpenSSLEngine
+
+    assert session is None or not isinstance(session, ssl.SSLSession)
+    return OpenSSLEngine(context, server_side=server_side, session=session)
+
+
+def build_contexts(
+    roots: Sequence[str], cert_pem: str, key_pem: str, engine: str = DEFAULT_TLS_ENGINE
+) -> tuple[TLSContext, TLSContext]:
+    """Server and client contexts of `engine` for a leaf and a set of roots (not yet checked).
+
+    Raises:
+        TLSMaterialError: the roots, the certificate or the key do not load.
+    """
+    if engine == "openssl":
+        return _openssl_contexts(roots, cert_pem, key_pem)
+    server = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER), roots)
+    client = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), roots)
+    # The peer's identity is its URI SAN, checked by the proxy; there is no host name.
+    client.check_hostname = False
+    load_cert_chain(server, cert_pem, key_pem)
+    load_cert_chain(client, cert_pem, key_pem)
+    return server, client
+
+
+def load_cert_chain(
+    ctx: ssl.SSLContext, cert_pem: str, key_pem: str, *, use_memfd: bool = True
+) -> None:
+    """Load a certificate chain and its private key into `ctx` from memory.
+
+    `ssl.SSLContext.load_cert_chain` only reads paths. On Linux the path is an anonymous
+    memory file (`/proc/self/fd/N` of a memfd), so the key is never written to any
+    filesystem. Elsewhere it is a 0600 file inside a fresh 0700 directory, removed right
+    after OpenSSL has read it.
+
+    Raises:
+        TLSMaterialError: the certificate or key does not load.
+    """
+    data = (cert_pem.strip() + "\n" + key_pem.strip() + "\n").encode()
+    try:
+        if use_memfd and hasattr(os, "memfd_create"):
+            fd = os.memfd_create("connect-proxy-leaf", os.MFD_CLOEXEC)
+            try:
+                os.write(fd, data)
+                ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
+            return
+        directory = tempfile.mkdtemp(prefix="connect-proxy-")  # created 0700
+        path = os.path.join(directory, "leaf.pem")
+        try:
+            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+            try:
+                os.write(fd, data)
+            finally:
+                os.close(fd)
+            ctx.load_cert_chain(path)
+        finally:
+            with contextlib.suppress(FileNotFoundError):
+                os.unlink(path)
+            os.rmdir(directory)
+    except (ssl.SSLError, OSError, ValueError) as exc:
+        raise TLSMaterialError(f"failed to load the leaf certificate and key: {exc}") from exc
+
+
+def _base(ctx: ssl.SSLContext, roots: Sequence[str]) -> ssl.SSLContext:
+    ctx.minimum_version = ssl.TLSVersion.TLSv1_2
+    ctx.set_ciphers(TLS12_CIPHERS)
+    ctx.verify_mode = ssl.CERT_REQUIRED
+    ctx.options |= ssl.OP_NO_COMPRESSION | ssl.OP_NO_RENEGOTIATION
+    # No ALPN: Consul's proxy neither offers nor selects a protocol.
+    try:
+        ctx.load_verify_locations(cadata="\n".join(r.strip() for r in roots) + "\n")
+    except (ssl.SSLError, ValueError) as exc:
+        raise TLSMaterialError(f"failed to load the CA roots: {exc}") from exc
+    return ctx
+
+
+def _openssl_contexts(
+    roots: Sequence[str], cert_pem: str, key_pem: str
+) -> tuple[SSL.Context, SSL.Context]:
+    """pyOpenSSL server and client contexts with the settings `_base` gives the stdlib ones.
+
+    Certificates and key go in as parsed objects: nothing is written anywhere, not even to
+    a memory file.
+    """
+    # pyOpenSSL is loaded on first use only, as in `new_engine`.
+    from OpenSSL import SSL, crypto
+
+    from listeners.tls.openssl import error_text
+
+    try:
+        trusted = [
+            crypto.X509.from_cryptography(cert)
+            for pem in roots
+            for cert in x509.load_pem_x509_certificates(pem.strip().encode())
+        ]
+    except ValueError as exc:
+        raise TLSMaterialError(f"failed to load the CA roots: {exc}") from exc
+    try:
+        chain = x509.load_pem_x509_certificates(cert_pem.strip().encode())
+        key = load_pem_private_key(key_pem.strip().encode(), password=None)
+    except (ValueError, TypeError, UnsupportedAlgorithm) as exc:
+        raise TLSMaterialError(f"failed to load the leaf certificate and key: {exc}") from exc
+    signing = (
+        ec.EllipticCurvePrivateKey,
+        rsa.RSAPrivateKey,
+        ed25519.Ed25519PrivateKey,
+        ed448.Ed448PrivateKey,
+        dsa.DSAPrivateKey,
+    )
+    if not isinstance(key, signing):
+        raise TLSMaterialError(
+            f"failed to load the leaf certificate and key: a {type(key).__name__} cannot sign"
+        )
+    contexts: list[SSL.Context] = []
+    for server_side in (True, False):
+        ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server_side else SSL.TLS_CLIENT_METHOD)
+        ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
+        ctx.set_cipher_list(TLS12_CIPHERS.encode())
+        # Go's crypto/tls (Consul's proxy) prefers AES-128-GCM when the CPU has AES
+        # instructions; OpenSSL's default puts AES-256 first. With server preference on, the
+        # server picks AES-128 whatever the client's order: cheaper bulk encryption.
+        ctx.set_tls13_ciphersuites(TLS13_CIPHERS.encode())
+        options = SSL.OP_NO_COMPRESSION | SSL.OP_NO_RENEGOTIATION
+        if server_side:
+            options |= SSL.OP_CIPHER_SERVER_PREFERENCE  # Consul's order, as CPython's ssl
+        ctx.set_options(options)
+        # As CPython's ssl: idle connections give their record buffers back. Unlike
+        # pyOpenSSL's default, SSL_write encrypts all it is given in one call (a memory BIO
+        # never blocks, so partial writes would only add round trips through Python).
+        ctx.set_mode(SSL.MODE_RELEASE_BUFFERS)
+        ctx.clear_mode(Binding.lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
+        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+        # No ALPN and no host name check, as `_base`: the proxy checks the peer's URI SAN.
+        store = ctx.get_cert_store()
+        assert store is not None
+        for cert in trusted:
+            store.add_cert(cert)
+        if server_side:
+            # OpenSSL refuses to resume a session of a verified peer without a session ID
+            # context (CPython's ssl sets one too).
+            ctx.set_session_id(b"connect-proxy")
+        try:
+            ctx.use_certificate(chain[0])
+            for extra in chain[1:]:
+                ctx.add_extra_chain_cert(extra)
+            ctx.use_privatekey(key)
+            ctx.check_privatekey()
+        except (SSL.Error, IndexError, TypeError) as exc:
+            text = error_text(None, exc) if isinstance(exc, SSL.Error) else str(exc)
+            raise TLSMaterialError(f"failed to load the leaf certificate and key: {text}") from exc
+        contexts.append(ctx)
+    return contexts[0], contexts[1]
+
+
+def check_contexts(
+    server: TLSContext, client: TLSContext, roots: Sequence[str], leaf_cn: str | None = None
+) -> None:
+    """Check that the leaf of a new pair of contexts chains to their roots, as peers will.
+
+    One mutual handshake between the two contexts in memory, through their engine: the
+    client verifies the server's chain (server purpose) and the server verifies the client's
+    (client purpose), both with OpenSSL and the new roots.
+
+    Args:
+        leaf_cn: the leaf's subject common name, for the words on a name-constraint refusal.
+
+    Raises:
+        TLSMaterialError: either side refused the other, or the handshake did not complete.
+    """
+    try:
+        _self_handshake(server, client)
+    except TLSError as exc:
+        raise TLSMaterialError(
+            "the leaf certificate does not verify against the CA roots: "
+            + explain_verify_failure(str(exc), roots, leaf_cn)
+        ) from exc
+
+
+def _self_handshake(server: TLSContext, client: TLSContext) -> None:
+    srv = new_engine(server, server_side=True)
+    cli = new_engine(client, server_side=False)
+    done = [False, False]
+    for _ in range(8):  # a TLS 1.3 mutual handshake takes 3 flights
+        for i, side in enumerate((cli, srv)):
+            if not done[i]:
+                # With TLS 1.3 the server checks the client's chain in its last step, which
+                # completes only once that chain has verified.
+                done[i] = side.do_handshake()
+        if data := cli.take():
+            srv.feed(data)
+        if data := srv.take():
+            cli.feed(data)
+        if all(done):
+            return
+    raise TLSError("self-test handshake did not complete")
+
+
+def explain_verify_failure(
+    error: str, roots: Sequence[str] | None = None, leaf_cn: str | None = None
+) -> str:
+    """Plain words for a chain OpenSSL rejects where Go would accept it (consul-spec.md 9).
+
+    OpenSSL checks a subject common name that looks like a host name against the CA's DNS
+    name constraints when the leaf has no DNS SAN; Go never does. Consul 1.7-1.10 leaves
+    (`CN=<svc>.svc.<ns>.<td8>.consul`) under a constrained root hit this. Any other error
+    comes back unchanged.
+
+    Args:
+        error: OpenSSL's words (a `TLSError`'s text).
+        roots: the CA roots (PEM each) the chain was checked against, when known: their
+            permitted DNS names are quoted.
+        leaf_cn: the refused leaf's subject common name, when known.
+    """
+    if "subtree" not in error and "name constraint" not in error.lower():
+        return error
+    if roots is None:
+        constraints = "a name constraint of the CA rejects"
+    else:
+        permitted = ", ".join(_permitted_dns_names(roots)) or "unknown"
+        constraints = f"the CA's name constraints (permitted DNS names: {permitted}) reject"
+    cn = f" {leaf_cn!r}" if leaf_cn else ""
+    return (
+        f"{error}: {constraints} the leaf's subject common name{cn}. OpenSSL checks a common "
+        "name that looks like a host name against DNS name constraints when the leaf has no "
+        "DNS SAN; Consul's Go proxy does not. Leaves with an empty subject (Consul 1.11 and "
+        "later) avoid this."
+    )
+
+
+def _permitted_dns_names(pems: Sequence[str]) -> list[str]:
+    permitted: list[str] = []
+    for pem in pems:
+        try:
+            certs = x509.load_pem_x509_certificates(pem.strip().encode())
+        except ValueError:
+            continue
+        for cert in certs:
+            with contextlib.suppress(x509.ExtensionNotFound):
+                nc = cert.extensions.get_extension_for_class(x509.NameConstraints).value
+                permitted += [str(n.value) for n in nc.permitted_subtrees or []]
+    return permitted
+
+
+def describe_engine(engine: str) -> str:
+    """Which TLS engine, on which OpenSSL: for the startup log."""
+    if engine == "openssl":
+        import cryptography
+        import OpenSSL
+        from OpenSSL import SSL
+
+        library = SSL.OpenSSL_version(SSL.OPENSSL_VERSION).decode()
+        return (
+            f"openssl ({library}, bundled by cryptography {cryptography.__version__}; "
+            f"pyOpenSSL {OpenSSL.__version__})"
+        )
+    return f"ssl ({ssl.OPENSSL_VERSION}, linked by CPython's ssl module)"
