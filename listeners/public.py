@@ -12,8 +12,8 @@ Order per connection (consul-spec.md 3.2, 5.3, and where we differ):
 
 Rule 1: no byte from the client reaches the app, and no connection is opened to the app,
 before the authorizer has allowed the connection.
-Rule 2: this module takes only `proxy.errors` and `proxy.identity` from `proxy/`; its
-collaborators are Protocols.
+Rule 2: this module takes from `proxy/` only level-0 modules (`proxy.addr`,
+`proxy.identity`); its collaborators are Protocols.
 """
 
 from __future__ import annotations

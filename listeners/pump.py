@@ -13,8 +13,15 @@ gets a small protocol that writes what it receives into the other side's transpo
   after the EOF unless it finishes first.
 - Counters: bytes copied in each direction.
 
+A side may be the protocol of its connection from the first byte (the upstream listener makes
+side A the protocol of the accepted connection): what arrives before `start()` waits in the
+side, so nothing sent with the connect is lost.
+
 Rule 1: no Consul and no TLS knowledge here; only transports.
 Rule 2: each transport is closed exactly once, by this module, once the pipe owns it.
+Rule 3: nothing flows before `start()`, and this module owns that: a side pauses its
+transport's reading when it gets one and keeps what arrives anyway; `start()` delivers it and
+resumes reading. After that, reading is paused and resumed only for backpressure, here too.
 """
 
 from __future__ import annotations
@@ -45,14 +52,19 @@ class PipeStats:
     b_to_a: int = 0
 
 
-class _Side(asyncio.Protocol):
-    """Reads from its own transport and writes into the peer's."""
+class Side(asyncio.Protocol):
+    """Reads from its own transport and writes into the peer's.
 
-    def __init__(self, pipe: Pipe, name: str) -> None:
-        self.pipe = pipe
-        self.name = name
+    A subclass may act on `connection_made` (calling this one's first); the rest is the pump's.
+    """
+
+    # Set by the pipe that takes this side.
+    pipe: Pipe
+    name: str  # "a" or "b"
+
+    def __init__(self) -> None:
         self.transport: Transport | None = None
-        self.peer: _Side | None = None
+        self.peer: Side | None = None
         self.eof = False  # this side sent EOF (its direction is finished)
         self.lost = False
         # What arrived before the pipe started (an event loop may deliver data before a
@@ -119,14 +131,19 @@ class Pipe:
 
     Create it, hand `pipe.a` and `pipe.b` to the transports as their protocols (or via
     `set_protocol`/`attach`), then call `start()`. `done` resolves with the stats.
+
+    Args:
+        a: side A, when it must be a `Side` subclass (a fresh `Side` otherwise).
+        close_timeout: how long a direction may go on after an EOF that cannot be passed on.
     """
 
-    def __init__(self, *, close_timeout: float = 10.0) -> None:
+    def __init__(self, a: Side | None = None, *, close_timeout: float = 10.0) -> None:
         self.stats = PipeStats()
         self.close_timeout = close_timeout
-        self.a = _Side(self, "a")
-        self.b = _Side(self, "b")
-        self.a.peer, self.b.peer = self.b, self.a
+        self.a = a if a is not None else Side()
+        self.b = Side()
+        self.a.pipe, self.a.name, self.a.peer = self, "a", self.b
+        self.b.pipe, self.b.name, self.b.peer = self, "b", self.a
         self.error: Exception | None = None
         self.done: asyncio.Future[PipeStats] = asyncio.get_running_loop().create_future()
         self._closing = False
@@ -155,7 +172,7 @@ class Pipe:
             if not side.eof:
                 side.transport.resume_reading()
 
-    def side_lost(self, side: _Side, exc: Exception | None) -> None:
+    def side_lost(self, side: Side, exc: Exception | None) -> None:
         if exc is not None and self.error is None:
             self.error = exc
         peer = side.peer

@@ -10,7 +10,8 @@ Per connection (consul-spec.md 3.3, 6, and where we differ):
   mismatch closes that connection before one byte of application data is sent.
 
 Rule 1: the local client's bytes are not read until the upstream connection is verified.
-Rule 2: this module takes only `proxy.errors` and `proxy.identity` from `proxy/`.
+Rule 2: this module takes from `proxy/` only level-0 modules (`proxy.addr`, `proxy.errors`,
+`proxy.identity`).
 """
 
 from __future__ import annotations
@@ -18,9 +19,9 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol, cast
+from typing import Protocol
 
-from listeners.pump import Pipe
+from listeners.pump import Pipe, Side
 from listeners.serve import Listener, tune_socket
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
@@ -44,41 +45,24 @@ def _factory(protocol: TLSTransport) -> Callable[[], TLSTransport]:
     return lambda: protocol
 
 
-class _Local(asyncio.Protocol):
-    """The accepted local connection, held paused until the upstream side is ready."""
+class _Local(Side):
+    """The accepted local connection, as side A of its pipe from the first byte.
+
+    Reading is paused at once (the pump's rule: nothing flows before `Pipe.start()`); bytes
+    an event loop delivers anyway, or that a client sends with its connect, wait in the pipe
+    while the upstream connection is dialled.
+    """
 
     def __init__(self, listener: UpstreamListener) -> None:
+        super().__init__()
         self.listener = listener
-        self.transport: asyncio.Transport | None = None
-        self.lost: asyncio.Future[None] = asyncio.get_running_loop().create_future()
-        self.early = bytearray()
-        self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
-        # uvloop's transports do not subclass asyncio.Transport; they provide its methods.
-        self.transport = cast(asyncio.Transport, transport)
-        transport = self.transport
-        transport.pause_reading()
+        super().connection_made(transport)
         tune_socket(transport)
+        listener = self.listener
         peer = transport.get_extra_info("peername")
-        self.listener.spawn(
-            self.listener.handle(self), f"upstream {self.listener.name} {peer}", transport
-        )
-
-    def data_received(self, data: bytes) -> None:
-        # Reading is paused in connection_made, but an event loop may already have data in
-        # flight: keep it for the pipe.
-        self.early += data
-        if self.transport is not None:
-            self.transport.pause_reading()
-
-    def eof_received(self) -> bool:
-        self.early_eof = True
-        return True  # the pipe passes the EOF on once the upstream side exists
-
-    def connection_lost(self, exc: Exception | None) -> None:
-        if not self.lost.done():
-            self.lost.set_result(None)
+        listener.spawn(listener.handle(self.pipe), f"upstream {listener.name} {peer}", transport)
 
 
 class UpstreamListener(Listener):
@@ -112,14 +96,18 @@ class UpstreamListener(Listener):
 
     async def start(self) -> None:
         """Bind now; connections that come before certificates wait for them."""
-        await self.bind(lambda: _Local(self))
+        await self.bind(self._accept)
 
-    async def handle(self, local: _Local) -> None:
+    def _accept(self) -> asyncio.BaseProtocol:
+        return Pipe(_Local(self), close_timeout=self.close_timeout).a
+
+    async def handle(self, pipe: Pipe) -> None:
+        """Dial the upstream for the local connection on side A of `pipe`, then pump."""
         self.connections += 1
-        assert local.transport is not None
+        local = pipe.a.transport
+        assert local is not None
         tls: TLSTransport | None = None
         endpoint = ("", 0)
-        pipe: Pipe | None = None
         try:
             try:
                 async with asyncio.timeout(self.connect_timeout):
@@ -132,17 +120,12 @@ class UpstreamListener(Listener):
                 )
             except ProxyError as exc:
                 log.error("failed to dial upstream=%s error=%s", self.name, exc)
-            if tls is None or local.lost.done():
+            if tls is None or pipe.a.lost:
                 self.failed += tls is None
                 if tls is not None:
                     tls.close()
-                local.transport.close()
+                local.close()
                 return
-            pipe = Pipe(close_timeout=self.close_timeout)
-            local.transport.set_protocol(pipe.a)
-            pipe.a.connection_made(local.transport)
-            pipe.a.early += local.early
-            pipe.a.early_eof = local.early_eof
             tls.attach(pipe.b)
             pipe.start()
             stats = await pipe.done
@@ -150,12 +133,9 @@ class UpstreamListener(Listener):
             self.bytes_in += stats.b_to_a
             self._remember_session(tls, endpoint)
         except asyncio.CancelledError:
-            if pipe is not None:
-                pipe.abort()
-            else:
-                local.transport.abort()
-                if tls is not None:
-                    tls.abort()
+            pipe.abort()
+            if tls is not None and pipe.b.transport is None:
+                tls.abort()  # dialled, not yet the pipe's
             raise
 
     def _remember_session(self, tls: TLSTransport, endpoint: tuple[str, int]) -> None:

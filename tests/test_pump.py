@@ -101,6 +101,27 @@ async def test_bytes_flow_both_ways_and_are_counted() -> None:
             assert e.pipe.stats == PipeStats(a_to_b=7 * round_, b_to_a=7 * round_)
 
 
+async def test_bytes_and_eof_sent_before_start_reach_the_far_end() -> None:
+    # The upstream listener's case: side A is the accepted connection from its first byte,
+    # and side B exists only once the upstream has been dialled.
+    pipe = Pipe()
+    a_reader, a_writer = await _accept_into(lambda: pipe.a)
+    b_writer: asyncio.StreamWriter | None = None
+    try:
+        async with asyncio.timeout(5):
+            a_writer.write(b"sent with the connect")
+            a_writer.write_eof()
+            await a_writer.drain()
+            b_reader, b_writer = await _dial_from(lambda: pipe.b)
+            pipe.start()
+            assert await b_reader.read() == b"sent with the connect"  # then EOF
+            b_writer.write(b"reply")
+            assert await a_reader.readexactly(5) == b"reply"
+            assert pipe.stats == PipeStats(a_to_b=21, b_to_a=5)
+    finally:
+        await _finish(pipe, *([a_writer] if b_writer is None else [a_writer, b_writer]))
+
+
 async def test_large_transfer_arrives_intact() -> None:
     async with asyncio.timeout(5), plain_pipe() as e:
         payload = RESPONSE * 4

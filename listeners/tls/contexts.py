@@ -10,8 +10,9 @@ a context by its type; the plain words for a chain OpenSSL refuses where Go acce
 Rule 1: the private key exists only in memory. The `openssl` engine takes the parsed key
 object itself; `ssl` only reads paths, so on Linux the key goes through an anonymous memory
 file (memfd), elsewhere through a 0600 file in a private directory, unlinked at once.
-Rule 2: no state. Which material is current is `proxy.tlsstore`'s business; this module
-builds and checks what it is given, and raises `TLSMaterialError` when that does not load.
+Rule 2: no state. Which material is current is the caller's business (the proxy's TLS
+store); this module builds and checks what it is given, and raises `TLSMaterialError` when
+that does not load or does not chain.
 """
 
 from __future__ import annotations

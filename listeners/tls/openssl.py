@@ -187,8 +187,8 @@ class OpenSSLEngine:
         try:
             sent = conn.send(data)
             if sent < len(data):
-                # Only with SSL_MODE_ENABLE_PARTIAL_WRITE, which proxy.tlsstore clears so that
-                # one SSL_write encrypts everything into the memory BIO.
+                # Only with SSL_MODE_ENABLE_PARTIAL_WRITE, which listeners.tls.contexts clears so
+                # that one SSL_write encrypts everything into the memory BIO.
                 view = memoryview(data).cast("B")
                 while sent < len(view):
                     sent += conn.send(view[sent:])
@@ -216,7 +216,7 @@ class OpenSSLEngine:
         # pyOpenSSL has no session_reused(). A resumed handshake carries no Certificate
         # message, so no chain is verified: "If the session is resumed peers do not send
         # certificates so a NULL pointer is returned" (OpenSSL, SSL_get0_verified_chain(3)).
-        # Contexts from proxy.tlsstore always verify the peer (VERIFY_PEER, and
+        # Contexts from listeners.tls.contexts always verify the peer (VERIFY_PEER, and
         # FAIL_IF_NO_PEER_CERT on servers), so a full handshake always leaves a verified
         # chain. Public API only; tests/test_engine.py checks it against the stdlib engine's
         # SSL_session_reused() on the other end of the same connections.
