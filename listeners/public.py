@@ -81,7 +81,6 @@ class PublicListener(Listener):
         self.handshake_timeout = handshake_timeout
         self.app_connect_timeout = app_connect_timeout
         self.close_timeout = close_timeout
-        self.accepted = 0  # TCP connections accepted
         self.denied = 0  # refused by authorize
         self.forwarded = 0  # authorized and connected to the app
         self.bytes_in = 0  # client -> app
@@ -98,7 +97,6 @@ class PublicListener(Listener):
         return _InboundTLS(self, context)
 
     async def handle(self, tls: TLSTransport) -> None:
-        self.accepted += 1
         pipe: Pipe | None = None
         try:
             try:

@@ -15,6 +15,7 @@ from collections.abc import Callable, Coroutine
 from typing import Any
 
 from proxy.addr import join_host_port
+from proxy.counter import Counter
 
 KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
 
@@ -56,8 +57,8 @@ class Listener:
         self._server: asyncio.Server | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
-        self.accepted_total = 0
-        self._accepted_event: asyncio.Event | None = None
+        # Connections accepted in all (a test awaits `accepted.reached(n)`).
+        self.accepted = Counter()
 
     @property
     def address(self) -> str:
@@ -112,18 +113,7 @@ class Listener:
                 transport.abort()  # type: ignore[attr-defined]
 
         task.add_done_callback(reap)
-        self.accepted_total += 1
-        if self._accepted_event is not None:
-            self._accepted_event.set()
-
-    async def until_accepted(self, count: int) -> None:
-        """Return once `count` connections have been accepted in all (bound it with a timeout)."""
-        while self.accepted_total < count:
-            self._accepted_event = asyncio.Event()
-            try:
-                await self._accepted_event.wait()
-            finally:
-                self._accepted_event = None
+        self.accepted.add()
 
     async def until_idle(self) -> None:
         """Return once no connection is being handled (bound it with a timeout)."""

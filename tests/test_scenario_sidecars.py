@@ -43,7 +43,7 @@ async def test_web_to_db_through_both_sidecars(agent: DevAgent) -> None:
         payload = b"hello through the mesh\n" * 100
         assert await plain_exchange(local_port(web), payload) == payload
         assert app.connections == 1
-        assert db.public is not None and db.public.accepted == 1
+        assert db.public is not None and db.public.accepted.value == 1
         (listener,) = web.upstreams.values()
         assert listener.bytes_out == len(payload) and listener.bytes_in == len(payload)
 

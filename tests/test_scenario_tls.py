@@ -254,7 +254,7 @@ async def test_upstream_connection_waits_for_certificates(agent: DevAgent, tls_e
             exchange = asyncio.create_task(plain_exchange(listener.port, b"early bird"))
             # The connection is accepted and parked until certificates arrive.
             async with asyncio.timeout(5):
-                await listener.until_accepted(1)
+                await listener.accepted.reached(1)
             assert not exchange.done() and listener.active == 1
             leaf = agent.state.ca.sign_leaf("web", datacenter="dc1")
             tls.set_roots([r.cert_pem for r in agent.state.ca.roots])
