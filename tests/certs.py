@@ -14,6 +14,10 @@ from listeners.tls.contexts import load_cert_chain
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 
+# The cluster ID of the shared `ca` fixture (tests/conftest.py): fixed, so that tests can spell
+# out its trust domain.
+CLUSTER = "11111111-2222-3333-4444-555555555555"
+
 
 def load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
     """Load a certificate chain and key from memory, as the proxy does (never via a file)."""

@@ -1,5 +1,5 @@
-"""Shared fixtures: an in-process dev agent on 127.0.0.1:0, an HTTP client for it, and the
-TLS engine of the proxies and stores a test builds."""
+"""Shared fixtures: an in-process dev agent on 127.0.0.1:0, an HTTP client for it, the
+dev agent's CA on its own, and the TLS engine of the proxies and stores a test builds."""
 
 from __future__ import annotations
 
@@ -14,6 +14,8 @@ import pytest
 import tests.proxyfix
 from proxy.config import TLS_ENGINES, load_tls_engine
 from proxy.devagent import AgentConfig, DevAgent
+from proxy.devagent.ca import CertificateAuthority
+from tests.certs import CLUSTER
 
 
 def pytest_asyncio_loop_factories(
@@ -76,6 +78,16 @@ async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout: f
             if result:
                 return
             await asyncio.sleep(0.01)
+
+
+@pytest.fixture(scope="session")
+def ca() -> CertificateAuthority:
+    """The dev agent's CA without an agent (no event loop needed), cluster ID `CLUSTER`.
+
+    Shared: tests only read it and sign leaves with it; one that rotates or reconfigures a
+    CA makes its own.
+    """
+    return CertificateAuthority(CLUSTER)
 
 
 @pytest.fixture

@@ -13,18 +13,11 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.devagent.ca import CAError, CertificateAuthority, key_id
 from proxy.identity import colon_hex, encode_serial
-from tests.certs import client_context, handshake, server_context
-
-CLUSTER = "11111111-2222-3333-4444-555555555555"
+from tests.certs import CLUSTER, client_context, handshake, server_context
 
 
 def _pem_certs(bundle: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(bundle.encode())
-
-
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority(CLUSTER)
 
 
 def test_root_profile(ca: CertificateAuthority) -> None:

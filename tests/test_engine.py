@@ -33,11 +33,6 @@ ENGINES = ["ssl", "openssl"]
 VERSIONS = [pytest.param("TLSv1.2", id="tls12"), pytest.param("TLSv1.3", id="tls13")]
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    return CertificateAuthority()
-
-
 def _roots(ca: CertificateAuthority) -> list[str]:
     return [r.cert_pem for r in ca.roots]
 

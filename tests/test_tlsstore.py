@@ -406,12 +406,6 @@ def test_key_loader_is_memfd_on_linux(
     assert len(made) == 2
 
 
-@pytest.fixture(scope="module")
-def ca() -> CertificateAuthority:
-    """The dev agent's CA, without an agent: the key-loading tests need no event loop."""
-    return CertificateAuthority()
-
-
 def _ca_leaf(ca: CertificateAuthority) -> tuple[str, str]:
     leaf = ca.sign_leaf("web", datacenter="dc1")
     return leaf.cert_pem, leaf.private_key_pem
