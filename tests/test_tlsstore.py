@@ -539,6 +539,15 @@ def test_explain_without_constrained_roots_says_unknown() -> None:
     assert "permitted DNS names: unknown" in text
 
 
+def test_explain_without_roots_names_the_constraint_only() -> None:
+    # The public listener's case: a client's chain refused during the handshake, where the
+    # roots are the context's own.
+    text = explain_verify_failure(OPENSSL_NC)
+    assert text.startswith(f"{OPENSSL_NC}: a name constraint of the CA rejects the leaf's")
+    assert "permitted DNS names" not in text
+    assert "Consul's Go proxy does not" in text
+
+
 @pytest.mark.parametrize(
     "error",
     [
