@@ -85,8 +85,7 @@ class UpstreamListener(Listener):
         self.resolver = resolver
         self.connect_timeout = connect_timeout
         self.close_timeout = close_timeout
-        self.connections = 0
-        self.failed = 0
+        self.failed = 0  # connections closed for want of a verified upstream
         self.resumed = 0
         # Per server: a session to resume (TLS 1.3 ticket or 1.2 session), tied to the client
         # context that made it. A rotation brings a new context, hence full handshakes again.
@@ -103,7 +102,6 @@ class UpstreamListener(Listener):
 
     async def handle(self, pipe: Pipe) -> None:
         """Dial the upstream for the local connection on side A of `pipe`, then pump."""
-        self.connections += 1
         local = pipe.a.transport
         assert local is not None
         tls: TLSTransport | None = None
