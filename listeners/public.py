@@ -1,6 +1,6 @@
 """The public listener: inbound mTLS -> authorize -> dial the local app -> pump.
 
-Order per connection (consul-spec.md 3.2, 5.3, and where we differ):
+Order per connection (Consul's `connect/proxy/listener.go`, `connect/tls.go`; where we differ):
 1. accept, and start TLS at once with the server context current at accept;
 2. the handshake must finish within the handshake timeout (Go parses
    `handshake_timeout_ms` and ignores it);

@@ -8,7 +8,7 @@ gets a small protocol that writes what it receives into the other side's transpo
   peers do.
 - Half-close: EOF from one side becomes `write_eof()` on the other (TCP FIN, or TLS
   close_notify) and the other direction keeps flowing. Consul's Go proxy closes both sides
-  on the first EOF instead (consul-spec.md 5.4), losing responses still in flight.
+  on the first EOF instead (`connect/proxy/conn.go`), losing responses still in flight.
   Where a transport cannot write EOF, the connection is closed `close_timeout` seconds
   after the EOF unless it finishes first.
 - Counters: bytes copied in each direction.

@@ -1,6 +1,6 @@
 """An upstream listener: local plain TCP -> resolve -> mTLS dial -> verify identity -> pump.
 
-Per connection (consul-spec.md 3.3, 6, and where we differ):
+Per connection (Consul's `connect/service.go` `Dial`, `connect/resolver.go`, and where we differ):
 - a connection that arrives before certificates are ready waits for them, up to the connect
   timeout, instead of failing with `tls: no certificates configured` (Consul issue #12286);
 - instances are resolved, then tried in random order until one completes the TCP dial, the

@@ -1,7 +1,11 @@
-"""The `connect-proxy` command: argv in, exit code out.
+"""The `connect-proxy` command (Consul's `connect proxy`): argv in, exit code out.
 
-Owns argument parsing, logging set-up, the choice of event loop (uvloop when installed),
-signal handling and exit codes. It decides nothing else.
+Owns its flags and environment variables (`ProxyOptions`), which configuration source each
+mode uses, the start-up banner, signal handling (drain on the first signal, exit on the
+second), the `-workers` processes and exit codes. Logging and the event loop are set up
+through `proxy.console`; the proxy itself is `proxy.supervisor.run`.
+
+Rule 1: only this module (and the other commands) turns errors into exit codes.
 """
 
 from __future__ import annotations

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from typing import Any, TypeVar
 
 from listeners.public import PublicListener
+from listeners.tls.contexts import describe_engine
 from listeners.upstream import UpstreamListener
 from proxy.agent import AgentClient
 from proxy.authorize import AgentAuthorizer
@@ -36,7 +37,7 @@ from proxy.config import (
 from proxy.register import RegisterMonitor
 from proxy.resolve import AgentResolver, WatchingResolver
 from proxy.sources import ConfigSource
-from proxy.tlsstore import TLSStore, describe_engine
+from proxy.tlsstore import TLSStore
 from proxy.watch import BACKOFF_BASE, watch
 
 log = logging.getLogger("proxy")

@@ -27,7 +27,6 @@ from cryptography.hazmat.primitives.serialization import Encoding
 from listeners.tls.contexts import build_contexts, check_contexts
 
 # Re-exported for the supervisor's startup log (`X as X`: explicit for mypy --strict).
-from listeners.tls.contexts import describe_engine as describe_engine  # noqa: PLC0414
 from listeners.tls.engine import DEFAULT_TLS_ENGINE, TLS_ENGINES, TLSContext
 from proxy.counter import Counter
 from proxy.errors import TLSMaterialError

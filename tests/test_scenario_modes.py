@@ -10,10 +10,10 @@ from typing import Any
 import httpx
 import pytest
 
+from listeners.tls.contexts import describe_engine
 from proxy.command import ProxyOptions, parse_proxy_args, proxy_main, serve
 from proxy.demo import ReservedPorts
 from proxy.devagent import AgentConfig, DevAgent
-from proxy.tlsstore import describe_engine
 from tests.proxyfix import (
     EchoApp,
     LogWaiter,

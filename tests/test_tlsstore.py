@@ -565,7 +565,7 @@ async def test_store_refusal_under_a_name_constrained_root_explains_itself(
     caplog: pytest.LogCaptureFixture, tls_engine: str
 ) -> None:
     # Consul 1.7-1.10 leaves carried a host-like CN; OpenSSL checks it against DNS name
-    # constraints when there is no DNS SAN, Go does not (consul-spec.md 9).
+    # constraints when there is no DNS SAN, Go's crypto/x509 does not.
     root, root_key = _constrained_root()
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)

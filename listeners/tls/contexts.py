@@ -1,8 +1,8 @@
 """TLS contexts for either engine: Consul's settings, the leaf key loaded from memory, a
 check that a leaf chains to its roots, and the engine that drives a context.
 
-Owns: building a server and a client context from PEM (Consul's TLS settings,
-consul-spec.md 3.1) for an engine named in `TLS_ENGINES`: the two builders sit side by side
+Owns: building a server and a client context from PEM (Consul's TLS settings of
+`connect/tls.go`) for an engine named in `TLS_ENGINES`: the two builders sit side by side
 because they must agree setting by setting; checking a new pair with one in-memory mutual
 handshake through the same engine the listeners drive; `new_engine`, which picks the engine of
 a context by its type; the plain words for a chain OpenSSL refuses where Go accepts it.
@@ -276,7 +276,7 @@ def _self_handshake(server: TLSContext, client: TLSContext) -> None:
 def explain_verify_failure(
     error: str, roots: Sequence[str] | None = None, leaf_cn: str | None = None
 ) -> str:
-    """Plain words for a chain OpenSSL rejects where Go would accept it (consul-spec.md 9).
+    """Plain words for a chain OpenSSL rejects where Go would accept it.
 
     OpenSSL checks a subject common name that looks like a host name against the CA's DNS
     name constraints when the leaf has no DNS SAN; Go never does. Consul 1.7-1.10 leaves

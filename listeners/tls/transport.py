@@ -2,7 +2,7 @@
 
 Why not asyncio's own SSL transport: it cannot `write_eof()`, and it turns a received
 close_notify into a full shutdown, so a client that sends a request and then shuts down its
-write side would lose the response (Consul's Go proxy loses it too, consul-spec.md 5.4).
+write side would lose the response (Consul's Go proxy loses it too, `connect/proxy/conn.go`).
 Here a local EOF sends close_notify while we keep reading, and a received close_notify is
 delivered as `eof_received()` while we keep writing (both allowed by RFC 8446 and OpenSSL).
 
