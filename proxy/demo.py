@@ -22,6 +22,7 @@ import httpx
 
 from proxy import console
 from proxy.agent import AgentClient
+from proxy.devagent import AgentConfig, DevAgent
 from proxy.goflags import FlagError, FlagSet, HelpRequested
 from proxy.httpflags import HTTPOptions
 from proxy.sources import AgentConfigSource
@@ -113,7 +114,6 @@ async def _show_decision(api: httpx.AsyncClient, uri: str) -> None:
 
 
 async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
-    from proxy.devagent import AgentConfig, DevAgent
 
     agent = DevAgent(AgentConfig(node_name="demo", sidecar_check_interval=1.0))
     await agent.start("127.0.0.1", 0)

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from proxy.errors import ConfigError
-from proxy.goflags import FlagSet
+from proxy.goflags import FlagSet, parse_bool
 
 
 def add_http_flags(fs: FlagSet) -> None:
@@ -63,8 +63,6 @@ def _env_bool(env: Mapping[str, str], name: str) -> bool | None:
     raw = env.get(name)
     if raw is None or raw == "":
         return None
-    from proxy.goflags import parse_bool
-
     try:
         return parse_bool(raw)
     except ValueError:

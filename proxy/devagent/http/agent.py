@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
+from proxy.addr import join_host_port
 from proxy.devagent import decode
 from proxy.devagent.http import wire
 from proxy.devagent.state import CRITICAL, PASSING, WARNING, BadRequest
@@ -143,8 +144,8 @@ async def agent_check_update(request: web.Request) -> web.StreamResponse:
 
 
 async def status_leader(request: web.Request) -> web.StreamResponse:
-    return wire.answer(request, f"{wire.state_of(request).node.address}:8300")
+    return wire.answer(request, join_host_port(wire.state_of(request).node.address, 8300))
 
 
 async def status_peers(request: web.Request) -> web.StreamResponse:
-    return wire.answer(request, [f"{wire.state_of(request).node.address}:8300"])
+    return wire.answer(request, [join_host_port(wire.state_of(request).node.address, 8300)])

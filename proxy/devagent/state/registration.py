@@ -138,8 +138,8 @@ def _prepare_proxy(proxy: Mapping[str, Any], svc: Mapping[str, Any]) -> dict[str
                 "Validation failed: upstream local bind port or local socket path must be "
                 "defined and nonzero"
             )
-        addr = up.get("LocalBindSocketPath") or (
-            f"{up.get('LocalBindAddress') or '127.0.0.1'}:{up.get('LocalBindPort')}"
+        addr = up.get("LocalBindSocketPath") or join_host_port(
+            up.get("LocalBindAddress") or "127.0.0.1", up.get("LocalBindPort")
         )
         if addr in seen:
             raise BadRequest(
