@@ -8,7 +8,8 @@ process (plain and mTLS echo/sink servers) and the load generator run on one CPU
 proxy process(es) on the other, started for real with `python -m proxy ...`.
 
 This file is the command: options, the heading, the report on stdout and the JSON. The
-scenarios are in bench_scenarios.py, process control in bench_procs.py, the measurement
+scenarios are in bench_scenarios.py (the peers and Go in bench_references.py, what they
+all stand on in bench_stage.py), process control in bench_procs.py, the measurement
 windows in bench_measure.py (py-spy in bench_profile.py), the report in bench_report.py.
 """
 
