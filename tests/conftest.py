@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from typing import Any
 
 import httpx
@@ -13,6 +13,7 @@ import pytest
 
 import tests.proxyfix
 from proxy.config import TLS_ENGINES, load_tls_engine
+from proxy.demo import ReservedPorts
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.devagent.ca import CertificateAuthority
 from tests.certs import CLUSTER
@@ -118,3 +119,12 @@ async def register(client: httpx.AsyncClient, body: dict[str, Any], token: str =
     headers = {"X-Consul-Token": token} if token else {}
     r = await client.put("/v1/agent/service/register", json=body, headers=headers)
     assert r.status_code == 200, r.text
+
+
+@pytest.fixture
+def ports() -> Iterator[ReservedPorts]:
+    """Ports a test names before anything listens on them (flags, registrations), held
+    (bound, not listening) until the test ends, so no other program takes them meanwhile."""
+    held = ReservedPorts()
+    yield held
+    held.release()

@@ -25,14 +25,6 @@ from tests.proxyfix import (
 )
 
 
-@pytest.fixture
-def ports() -> Iterator[ReservedPorts]:
-    """Ports for registrations and flags, held by this test until it ends (no free-port race)."""
-    held = ReservedPorts()
-    yield held
-    held.release()
-
-
 @contextlib.asynccontextmanager
 async def serving(options: ProxyOptions, **kwargs: Any) -> AsyncIterator[asyncio.Task[int]]:
     """Run `serve()` in a task; on exit, stop it and expect exit code 0."""

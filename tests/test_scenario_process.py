@@ -14,16 +14,11 @@ from pathlib import Path
 
 import pytest
 
+from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
 from tests.proxyfix import client_ctx, echo_app
 
 SECRET = "s3cret-token-3f9a"
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
 
 
 class Proc:
@@ -66,9 +61,11 @@ async def spawn(*args: str) -> AsyncIterator[Proc]:
             await proc.wait()
 
 
-async def test_sigterm_drains_a_transfer_in_flight_then_exits_0(agent: DevAgent) -> None:
+async def test_sigterm_drains_a_transfer_in_flight_then_exits_0(
+    agent: DevAgent, ports: ReservedPorts
+) -> None:
     async with echo_app() as app:
-        port = _free_port()
+        port = ports.take()
         args = [
             "-service",
             "db",
@@ -114,9 +111,9 @@ async def test_sigterm_drains_a_transfer_in_flight_then_exits_0(agent: DevAgent)
         assert SECRET not in out and SECRET not in err
 
 
-async def test_second_signal_exits_at_once(agent: DevAgent) -> None:
+async def test_second_signal_exits_at_once(agent: DevAgent, ports: ReservedPorts) -> None:
     async with echo_app() as app:
-        port = _free_port()
+        port = ports.take()
         args = [
             "-service",
             "db",
@@ -183,10 +180,12 @@ async def test_demo_once_exits_0() -> None:
     assert "Walk-through complete." in out
 
 
-async def test_sigterm_works_after_the_stdout_reader_has_gone(agent: DevAgent) -> None:
+async def test_sigterm_works_after_the_stdout_reader_has_gone(
+    agent: DevAgent, ports: ReservedPorts
+) -> None:
     """`connect-proxy ... | head` must still stop on SIGTERM once head has exited."""
     async with spawn(
-        "-service", "web", "-upstream", f"db:{_free_port()}", "-http-addr", agent.http_addr
+        "-service", "web", "-upstream", f"db:{ports.take()}", "-http-addr", agent.http_addr
     ) as p:
         await p.read_until("Log data will now stream in as it occurs")
         transport = p.proc._transport  # type: ignore[attr-defined]
@@ -197,9 +196,11 @@ async def test_sigterm_works_after_the_stdout_reader_has_gone(agent: DevAgent) -
     assert code == 0
 
 
-async def test_workers_share_the_listener_and_stop_together(agent: DevAgent) -> None:
+async def test_workers_share_the_listener_and_stop_together(
+    agent: DevAgent, ports: ReservedPorts
+) -> None:
     async with echo_app() as app:
-        port = _free_port()
+        port = ports.take()
         args = [
             "-service",
             "db",
