@@ -22,11 +22,12 @@ import asyncio
 import logging
 from typing import Protocol
 
+from listeners.events import INBOUND, Connection, Observer, Refusal, now
 from listeners.pump import Pipe
-from listeners.serve import Listener, is_routine_close, tune_socket
+from listeners.serve import Listener, is_routine_close, peer_address, tune_socket
 from listeners.tls.contexts import explain_verify_failure
 from listeners.tls.engine import TLSContext
-from listeners.tls.transport import TLSTransport
+from listeners.tls.transport import HandshakeTimeout, TLSTransport
 from proxy.addr import join_host_port
 from proxy.identity import Decision
 
@@ -50,8 +51,8 @@ class _InboundTLS(TLSTransport):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         tune_socket(transport)
-        peer = transport.get_extra_info("peername")
-        self.listener.spawn(self.listener.handle(self), f"inbound {peer}", transport)
+        source = peer_address(transport)
+        self.listener.spawn(self.listener.handle(self, source), f"inbound {source}", transport)
 
 
 class PublicListener(Listener):
@@ -71,8 +72,9 @@ class PublicListener(Listener):
         close_timeout: float = 10.0,
         name: str = "public_listener",
         reuse_port: bool = False,
+        observer: Observer | None = None,
     ) -> None:
-        super().__init__(name, bind_host, bind_port, log, reuse_port=reuse_port)
+        super().__init__(name, bind_host, bind_port, log, reuse_port=reuse_port, observer=observer)
         # Go dials ":8080" as the local host; Python needs a name or an address.
         self.app_host = app_host or "127.0.0.1"
         self.app_port = app_port
@@ -80,6 +82,7 @@ class PublicListener(Listener):
         self.authorizer = authorizer
         self.handshake_timeout = handshake_timeout
         self.app_connect_timeout = app_connect_timeout
+        self.app_address = join_host_port(self.app_host, self.app_port)
         self.close_timeout = close_timeout
         self.denied = 0  # refused by authorize
         self.forwarded = 0  # authorized and connected to the app
@@ -96,49 +99,72 @@ class PublicListener(Listener):
         assert context is not None  # bound only once ready
         return _InboundTLS(self, context)
 
-    async def handle(self, tls: TLSTransport) -> None:
+    async def handle(self, tls: TLSTransport, source: str = "") -> None:
+        conn = self.track(Connection(INBOUND, self.name, source))
         pipe: Pipe | None = None
         try:
+            started = now()
             try:
                 await tls.handshake(self.handshake_timeout)
             except OSError as exc:  # HandshakeError, TLSError, resets
-                level = logging.DEBUG if is_routine_close(exc) else logging.INFO
-                text = str(exc) or type(exc).__name__
-                log.log(level, "TLS handshake failed: %s", explain_verify_failure(text))
+                conn.handshake = now() - started
+                if not tls.received_any:
+                    conn.detail = "closed without sending a byte"  # a TCP health check
+                    return
+                text = explain_verify_failure(str(exc) or type(exc).__name__)
+                reason = (
+                    Refusal.HANDSHAKE_TIMEOUT
+                    if isinstance(exc, HandshakeTimeout)
+                    else Refusal.HANDSHAKE_FAILURE
+                )
+                conn.refuse(reason, text)
                 return
+            conn.handshake = now() - started
+            started = now()
             decision = await self.authorizer.authorize(tls.peer_certificate())
+            conn.authorize = now() - started
+            conn.peer_id = decision.peer_uri
             if not decision.allowed:
                 self.denied += 1
-                log.info("authz call denied reason=%r", decision.reason)
+                conn.refuse(Refusal(decision.refusal or Refusal.DENIED), decision.reason)
                 tls.close()
                 return
+            conn.detail = decision.reason
             pipe = Pipe(close_timeout=self.close_timeout)
             loop = asyncio.get_running_loop()
             b = pipe.b
+            conn.destination = self.app_address
+            started = now()
             try:
                 async with asyncio.timeout(self.app_connect_timeout):
                     transport, _ = await loop.create_connection(
                         lambda: b, self.app_host, self.app_port
                     )
             except (OSError, TimeoutError) as exc:
-                log.error(
-                    "failed to dial local app addr=%s error=%s",
-                    join_host_port(self.app_host, self.app_port),
+                conn.dial = now() - started
+                conn.refuse(
+                    Refusal.APP_DIAL_FAILED,
                     str(exc) or f"timed out after {self.app_connect_timeout:g}s",
                 )
                 tls.close()
                 return
+            conn.dial = now() - started
             tune_socket(transport)
             self.forwarded += 1
             tls.attach(pipe.a)
+            conn.forwarded = True
+            conn.stats = pipe.stats
+            self.observer.forwarding(conn)
             pipe.start()
             stats = await pipe.done
             self.bytes_in += stats.a_to_b
             self.bytes_out += stats.b_to_a
             if pipe.error is not None and not is_routine_close(pipe.error):
-                log.info("connection failed: %s", pipe.error)
+                conn.detail = f"connection failed: {pipe.error}"
         except asyncio.CancelledError:
             if pipe is not None:
                 pipe.abort()
             tls.abort()
             raise
+        finally:
+            self.untrack(conn)

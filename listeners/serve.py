@@ -14,6 +14,7 @@ import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
+from listeners.events import Connection, NullObserver, Observer, now
 from proxy.addr import join_host_port
 from proxy.counter import Counter
 
@@ -33,6 +34,14 @@ def tune_socket(transport: asyncio.BaseTransport) -> None:
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_IDLE)
 
 
+def peer_address(transport: asyncio.BaseTransport) -> str:
+    """The `host:port` of a connection's remote end ("" when the socket has none)."""
+    peer = transport.get_extra_info("peername")
+    if isinstance(peer, tuple) and len(peer) >= 2:
+        return join_host_port(str(peer[0]), int(peer[1]))
+    return ""
+
+
 def is_routine_close(exc: BaseException | None) -> bool:
     """Peer resets, broken pipes and EOFs: part of life, logged at debug only."""
     return exc is None or isinstance(
@@ -44,7 +53,14 @@ class Listener:
     """A bound TCP server whose connections are handled by tracked tasks."""
 
     def __init__(
-        self, name: str, host: str, port: int, log: logging.Logger, *, reuse_port: bool = False
+        self,
+        name: str,
+        host: str,
+        port: int,
+        log: logging.Logger,
+        *,
+        reuse_port: bool = False,
+        observer: Observer | None = None,
     ) -> None:
         self.name = name
         # With -workers, several processes bind the same address; the kernel spreads the
@@ -59,6 +75,9 @@ class Listener:
         self._closed = False
         # Connections accepted in all (a test awaits `accepted.reached(n)`).
         self.accepted = Counter()
+        self.observer: Observer = observer or NullObserver()
+        # The records of the connections being handled (the admin endpoint lists them).
+        self.connections: set[Connection] = set()
 
     @property
     def address(self) -> str:
@@ -114,6 +133,19 @@ class Listener:
 
         task.add_done_callback(reap)
         self.accepted.add()
+
+    def track(self, conn: Connection) -> Connection:
+        """Keep `conn` among the open connections until `untrack()`."""
+        self.connections.add(conn)
+        return conn
+
+    def untrack(self, conn: Connection) -> None:
+        """The connection is over: drop its record and tell the observer, once."""
+        if conn.duration is not None:
+            return
+        conn.duration = now() - conn.started
+        self.connections.discard(conn)
+        self.observer.finished(conn)
 
     async def until_idle(self) -> None:
         """Return once no connection is being handled (bound it with a timeout)."""

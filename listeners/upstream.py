@@ -21,8 +21,9 @@ import logging
 from collections.abc import Callable, Sequence
 from typing import Protocol
 
+from listeners.events import UPSTREAM, Connection, Observer, Refusal, now
 from listeners.pump import Pipe, Side
-from listeners.serve import Listener, tune_socket
+from listeners.serve import Listener, peer_address, tune_socket
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
@@ -61,8 +62,10 @@ class _Local(Side):
         super().connection_made(transport)
         tune_socket(transport)
         listener = self.listener
-        peer = transport.get_extra_info("peername")
-        listener.spawn(listener.handle(self.pipe), f"upstream {listener.name} {peer}", transport)
+        source = peer_address(transport)
+        listener.spawn(
+            listener.handle(self.pipe, source), f"upstream {listener.name} {source}", transport
+        )
 
 
 class UpstreamListener(Listener):
@@ -79,8 +82,16 @@ class UpstreamListener(Listener):
         connect_timeout: float = 10.0,
         close_timeout: float = 10.0,
         reuse_port: bool = False,
+        observer: Observer | None = None,
     ) -> None:
-        super().__init__(name, bind_host or "127.0.0.1", bind_port, log, reuse_port=reuse_port)
+        super().__init__(
+            name,
+            bind_host or "127.0.0.1",
+            bind_port,
+            log,
+            reuse_port=reuse_port,
+            observer=observer,
+        )
         self.contexts = contexts
         self.resolver = resolver
         self.connect_timeout = connect_timeout
@@ -100,24 +111,27 @@ class UpstreamListener(Listener):
     def _accept(self) -> asyncio.BaseProtocol:
         return Pipe(_Local(self), close_timeout=self.close_timeout).a
 
-    async def handle(self, pipe: Pipe) -> None:
+    async def handle(self, pipe: Pipe, source: str = "") -> None:
         """Dial the upstream for the local connection on side A of `pipe`, then pump."""
         local = pipe.a.transport
         assert local is not None
+        conn = self.track(Connection(UPSTREAM, self.name, source))
         tls: TLSTransport | None = None
         endpoint = ("", 0)
         try:
+            started = now()
             try:
                 async with asyncio.timeout(self.connect_timeout):
-                    tls, endpoint = await self._dial()
+                    tls, endpoint = await self._dial(conn)
             except TimeoutError:
-                log.error(
-                    "failed to dial upstream=%s error=timed out after %gs",
-                    self.name,
-                    self.connect_timeout,
+                conn.refuse(
+                    Refusal.UPSTREAM_DIAL_FAILED, f"timed out after {self.connect_timeout:g}s"
                 )
-            except ProxyError as exc:
-                log.error("failed to dial upstream=%s error=%s", self.name, exc)
+            except _DialFailed as exc:
+                conn.refuse(exc.reason, str(exc))
+            except ProxyError as exc:  # the resolver's: the agent cannot say
+                conn.refuse(Refusal.NO_HEALTHY_INSTANCE, str(exc))
+            conn.dial = now() - started
             if tls is None or pipe.a.lost:
                 self.failed += tls is None
                 if tls is not None:
@@ -125,6 +139,9 @@ class UpstreamListener(Listener):
                 local.close()
                 return
             tls.attach(pipe.b)
+            conn.forwarded = True
+            conn.stats = pipe.stats
+            self.observer.forwarding(conn)
             pipe.start()
             stats = await pipe.done
             self.bytes_out += stats.a_to_b
@@ -135,6 +152,8 @@ class UpstreamListener(Listener):
             if tls is not None and pipe.b.transport is None:
                 tls.abort()  # dialled, not yet the pipe's
             raise
+        finally:
+            self.untrack(conn)
 
     def _remember_session(self, tls: TLSTransport, endpoint: tuple[str, int]) -> None:
         context = self.contexts.client_context()
@@ -152,16 +171,17 @@ class UpstreamListener(Listener):
         if session is not None:
             self._sessions[endpoint] = (context, session)
 
-    async def _dial(self) -> tuple[TLSTransport, tuple[str, int]]:
+    async def _dial(self, conn: Connection) -> tuple[TLSTransport, tuple[str, int]]:
         """Resolve and connect to the first instance that passes every check.
 
         Raises:
-            ProxyError: no instance could be reached and verified (the last reason).
+            _DialFailed: no instance could be reached and verified (the last reason).
+            ProxyError: the resolver could not say which instances there are.
         """
         await self.contexts.wait_ready()
         endpoints = await self.resolver.resolve()
         if not endpoints:
-            raise ProxyError("no healthy instances found")
+            raise _DialFailed(Refusal.NO_HEALTHY_INSTANCE, "no healthy instances found")
         loop = asyncio.get_running_loop()
         last: Exception | None = None
         for host, port, expected in endpoints:
@@ -171,11 +191,15 @@ class UpstreamListener(Listener):
             session = known[1] if known is not None and known[0] is context else None
             tls = TLSTransport(context, server_side=False, session=session)
             addr = join_host_port(host, port)
+            conn.destination = addr
             try:
                 raw, _ = await loop.create_connection(_factory(tls), host, port)
                 tune_socket(raw)
+                started = now()
                 await tls.handshake(self.connect_timeout)
+                conn.handshake = now() - started
                 peer = peer_identity(tls.peer_certificate() or b"")
+                conn.peer_id = peer.uri or ""
                 if peer.uri is None or not matches_expected(peer.uri, expected):
                     raise IdentityError(
                         f"peer certificate mismatch got {peer.uri}, want {expected.uri()}"
@@ -184,7 +208,7 @@ class UpstreamListener(Listener):
                 tls.abort()
                 self._sessions.pop((host, port), None)
                 last = exc
-                log.warning(
+                log.debug(
                     "failed to connect to instance addr=%s upstream=%s error=%s",
                     addr,
                     self.name,
@@ -198,5 +222,20 @@ class UpstreamListener(Listener):
                 tls.session_reused,
             )
             self.resumed += tls.session_reused
+            conn.resumed = tls.session_reused
             return tls, (host, port)
-        raise ProxyError(str(last) if last else "no healthy instances found")
+        reason = (
+            Refusal.WRONG_SERVER_IDENTITY
+            if isinstance(last, IdentityError)
+            else Refusal.UPSTREAM_DIAL_FAILED
+        )
+        tried = f" ({len(endpoints)} instances tried)" if len(endpoints) > 1 else ""
+        raise _DialFailed(reason, f"{last}{tried}")
+
+
+class _DialFailed(ProxyError):
+    """No instance of the upstream could be connected to and verified."""
+
+    def __init__(self, reason: Refusal, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason

@@ -12,6 +12,7 @@ Rule 2: the decision is a value (`Decision`); logging it is the listener's job.
 
 from __future__ import annotations
 
+from listeners.events import Refusal
 from proxy.agent import AgentClient
 from proxy.errors import AgentError, IdentityError
 from proxy.identity import Decision, SpiffeIDService, encode_serial, parse_spiffe_id, peer_identity
@@ -30,26 +31,29 @@ class AgentAuthorizer:
 
     async def authorize(self, peer_der: bytes | None) -> Decision:
         if not peer_der:
-            return Decision(False, "connect: no client certificate")
+            return Decision(False, "connect: no client certificate", Refusal.NO_CLIENT_CERTIFICATE)
         try:
             peer = peer_identity(peer_der)
         except IdentityError as exc:
-            return Decision(False, f"connect: invalid leaf certificate: {exc}")
-        if peer.uri is None:
-            return Decision(False, "connect: invalid leaf certificate")
+            return Decision(False, f"connect: invalid leaf certificate: {exc}", Refusal.NOT_SPIFFE)
+        uri = peer.uri or ""
+        if not uri:
+            return Decision(False, "connect: invalid leaf certificate", Refusal.NOT_SPIFFE)
         try:
-            ident = parse_spiffe_id(peer.uri)
+            ident = parse_spiffe_id(uri)
         except IdentityError:
-            return Decision(False, "connect: invalid leaf certificate URI")
+            ident = None
         if not isinstance(ident, SpiffeIDService):
-            return Decision(False, "connect: invalid leaf certificate URI")
+            return Decision(False, "connect: invalid leaf certificate URI", Refusal.NOT_SPIFFE, uri)
         try:
             result = await self.agent.authorize(
                 self.target, ident.uri(), encode_serial(peer.serial)
             )
         except AgentError as exc:
             # An answer without a boolean `Authorized` reads "unexpected answer from the agent".
-            return Decision(False, f"connect: authz call failed: {exc}")
+            return Decision(
+                False, f"connect: authz call failed: {exc}", Refusal.AUTHORIZE_FAILED, uri
+            )
         if not result.allowed:
-            return Decision(False, f"connect: authz denied: {result.reason}")
-        return Decision(True, result.reason)
+            return Decision(False, f"connect: authz denied: {result.reason}", Refusal.DENIED, uri)
+        return Decision(True, result.reason, "", uri)

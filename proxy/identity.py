@@ -161,6 +161,10 @@ class Decision:
 
     allowed: bool
     reason: str
+    # Why it was refused, as a metric label (`listeners.events.Refusal` values): empty when
+    # allowed.
+    refusal: str = ""
+    peer_uri: str = ""  # the client's URI SAN, when it had one
 
 
 @dataclass(frozen=True, slots=True)

@@ -14,6 +14,7 @@ import pytest
 from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 
+from listeners.events import Refusal
 from proxy.authorize import AgentAuthorizer
 from proxy.devagent import DevAgent
 from proxy.identity import Decision
@@ -77,7 +78,7 @@ async def test_authorize_posts_target_uri_and_colon_hex_serial(
 
     decision = await authorizer.authorize(_der(cert_pem))
 
-    assert decision == Decision(True, "Matched L4 intention: default/web => default/db")
+    assert decision == Decision(True, "Matched L4 intention: default/web => default/db", "", uri)
     (request,) = recorder.requests
     assert request.method == "POST"
     assert request.path == "/v1/agent/connect/authorize"
@@ -155,7 +156,9 @@ async def test_authorize_answer_becomes_a_decision(
 ) -> None:
     cert_pem, _ = custom_leaf(agent, serial=7, uri=_web_uri(agent))
     authorizer = AgentAuthorizer(await make_client(respond), "db")
-    assert await authorizer.authorize(_der(cert_pem)) == decision
+    got = await authorizer.authorize(_der(cert_pem))
+    assert (got.allowed, got.reason, got.peer_uri) == (decision.allowed, decision.reason, _web_uri(agent))
+    assert got.refusal == ("" if decision.allowed else Refusal.DENIED)
 
 
 @pytest.mark.parametrize(
@@ -192,6 +195,7 @@ async def test_authorize_fails_closed_when_the_call_fails(
 
     assert decision.allowed is False
     assert decision.reason.startswith("connect: authz call failed")
+    assert decision.refusal == Refusal.AUTHORIZE_FAILED
     assert detail in decision.reason
     assert TOKEN not in decision.reason
 
@@ -233,7 +237,9 @@ async def test_peer_without_a_service_identity_is_denied_without_asking_the_agen
     cert_pem, _ = custom_leaf(agent, serial=11, uri=uri, cn=cn)
     recorder = Recorder(_allow)
     authorizer = AgentAuthorizer(await make_client(recorder), "db")
-    assert await authorizer.authorize(_der(cert_pem)) == Decision(False, reason)
+    got = await authorizer.authorize(_der(cert_pem))
+    assert (got.allowed, got.reason, got.refusal) == (False, reason, Refusal.NOT_SPIFFE)
+    assert got.peer_uri == (uri or "")
     assert recorder.requests == []
 
 
@@ -243,6 +249,7 @@ async def test_no_peer_certificate_is_denied(make_client: MakeClient, peer: byte
     decision = await AgentAuthorizer(await make_client(recorder), "db").authorize(peer)
     assert decision.allowed is False
     assert decision.reason == "connect: no client certificate"
+    assert decision.refusal == Refusal.NO_CLIENT_CERTIFICATE
     assert recorder.requests == []
 
 
@@ -253,4 +260,5 @@ async def test_bytes_that_are_not_a_certificate_are_denied(
     decision = await AgentAuthorizer(await make_client(recorder), "db").authorize(b"\x30\x03junk")
     assert decision.allowed is False
     assert decision.reason.startswith("connect: invalid leaf certificate")
+    assert decision.refusal == Refusal.NOT_SPIFFE
     assert recorder.requests == []

@@ -34,6 +34,10 @@ class HandshakeError(ConnectionError):
     """The TLS handshake timed out, or the peer went away during it."""
 
 
+class HandshakeTimeout(HandshakeError):
+    """The TLS handshake did not finish in time."""
+
+
 class TLSTransport(asyncio.Protocol):
     """The protocol of a raw TCP transport, and the transport of an app protocol above it.
 
@@ -61,6 +65,9 @@ class TLSTransport(asyncio.Protocol):
         self._eof_received = False
         self._closed = False
         self._lost = False
+        # Whether the peer sent anything at all: a TCP health check connects and closes
+        # without a byte, which is no TLS failure.
+        self.received_any = False
 
     # -- raw side (asyncio.Protocol) -----------------------------------------------------
 
@@ -73,6 +80,7 @@ class TLSTransport(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         self._engine.feed(data)
         if not self._handshake.done():
+            self.received_any = True
             self._step_handshake()
         elif self._app is not None and not self._reading_paused:
             self._read_records()
@@ -144,7 +152,7 @@ class TLSTransport(asyncio.Protocol):
                 await asyncio.shield(self._handshake)
         except TimeoutError:
             self.abort()
-            raise HandshakeError(f"TLS handshake timed out after {timeout:g}s") from None
+            raise HandshakeTimeout(f"TLS handshake timed out after {timeout:g}s") from None
 
     # -- app side (transport-like) -------------------------------------------------------
 
