@@ -157,7 +157,11 @@ async def test_authorize_answer_becomes_a_decision(
     cert_pem, _ = custom_leaf(agent, serial=7, uri=_web_uri(agent))
     authorizer = AgentAuthorizer(await make_client(respond), "db")
     got = await authorizer.authorize(_der(cert_pem))
-    assert (got.allowed, got.reason, got.peer_uri) == (decision.allowed, decision.reason, _web_uri(agent))
+    assert (got.allowed, got.reason, got.peer_uri) == (
+        decision.allowed,
+        decision.reason,
+        _web_uri(agent),
+    )
     assert got.refusal == ("" if decision.allowed else Refusal.DENIED)
 
 
