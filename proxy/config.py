@@ -92,6 +92,9 @@ class ProxyConfig:
     service: str  # the proxied (destination) service name: the identity of the leaf
     public_listener: PublicListenerConfig | None = None
     upstreams: tuple[UpstreamConfig, ...] = ()
+    # `Proxy.Config.telemetry` as given (read by `proxy.telemetry`). As in Consul, only the
+    # first config's telemetry is used: a change needs a restart.
+    telemetry: Mapping[str, Any] = field(default_factory=dict, compare=False, hash=False)
 
 
 def load_upstream(raw: Mapping[str, Any], where: str = "upstream") -> UpstreamConfig:
@@ -150,6 +153,8 @@ def load_agent_service(service: Mapping[str, Any]) -> ProxyConfig:
     if not name:
         raise ConfigError("Proxy.DestinationServiceName must be set")
     config = proxy.get("Config") or {}
+    if not isinstance(config, Mapping):
+        raise ConfigError(f"Proxy.Config must be an object, got {config!r}")
     public: PublicListenerConfig | None = None
     port = service.get("Port") or 0
     if port:
@@ -168,7 +173,26 @@ def load_agent_service(service: Mapping[str, Any]) -> ProxyConfig:
             ),
         )
     upstreams = tuple(load_upstream(u) for u in proxy.get("Upstreams") or [])
-    return ProxyConfig(service=name, public_listener=public, upstreams=upstreams)
+    return ProxyConfig(
+        service=name,
+        public_listener=public,
+        upstreams=upstreams,
+        telemetry=_telemetry(config),
+    )
+
+
+def _telemetry(config: Mapping[str, Any]) -> Mapping[str, Any]:
+    """The `telemetry` map of a proxy's `Config` (empty when absent).
+
+    Raises:
+        ConfigError: it is there but not an object.
+    """
+    raw = config.get("telemetry")
+    if raw is None:
+        return {}
+    if not isinstance(raw, Mapping):
+        raise ConfigError(f"Config.telemetry must be an object, got {raw!r}")
+    return dict(raw)
 
 
 def upstream_key(upstream: UpstreamConfig) -> tuple[str, int]:
@@ -315,7 +339,12 @@ def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
             if isinstance(u, Mapping)
         ]
     upstreams = tuple(load_upstream(u) for u in raw_upstreams or [])
-    return ProxyConfig(service=name, public_listener=public, upstreams=upstreams)
+    return ProxyConfig(
+        service=name,
+        public_listener=public,
+        upstreams=upstreams,
+        telemetry=_telemetry(config),
+    )
 
 
 # Names one of TLS_ENGINES: ssl, CPython's ssl module on the OpenSSL the interpreter links

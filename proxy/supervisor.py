@@ -22,6 +22,7 @@ from collections.abc import Awaitable, Callable, Coroutine
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
+from listeners.events import INBOUND, UPSTREAM
 from listeners.public import PublicListener
 from listeners.tls.contexts import describe_engine
 from listeners.upstream import UpstreamListener
@@ -34,6 +35,7 @@ from proxy.config import (
     plan_upstreams,
     upstream_key,
 )
+from proxy.observe import ListenerObserver, ProxyMetrics
 from proxy.register import RegisterMonitor
 from proxy.resolve import AgentResolver, WatchingResolver
 from proxy.sources import ConfigSource
@@ -76,12 +78,18 @@ class Proxy:
     """
 
     def __init__(
-        self, agent: AgentClient, config: ProxyConfig, settings: ProxySettings | None = None
+        self,
+        agent: AgentClient,
+        config: ProxyConfig,
+        settings: ProxySettings | None = None,
+        metrics: ProxyMetrics | None = None,
     ) -> None:
         self.agent = agent
         self.config = config
         self.settings = settings or ProxySettings()
+        self.metrics = metrics or ProxyMetrics(access_log=False)
         self.tls = TLSStore(self.settings.tls_engine)
+        self.metrics.follow_leaf(self._leaf_not_after)
         self.public: PublicListener | None = None
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
         self._tasks = asyncio.TaskGroup()
@@ -123,6 +131,22 @@ class Proxy:
         """The running upstream listeners, by (bind address, port)."""
         return {key: u.listener for key, u in self._upstreams.items()}
 
+    def upstream_records(self) -> list[tuple[UpstreamConfig, UpstreamListener, Any]]:
+        """(config, listener, resolver) of each running upstream, for the admin endpoint."""
+        return [(u.config, u.listener, u.resolver) for u in self._upstreams.values()]
+
+    def unbound(self) -> list[str]:
+        """The listeners of the current config that are not bound (empty when all are)."""
+        missing = [u.label for u in self.config.upstreams if upstream_key(u) not in self._upstreams]
+        public = self.config.public_listener
+        if public is not None and (self.public is None or not self.public.ready.is_set()):
+            missing.append(f"public listener {public.bind_address}:{public.bind_port}")
+        return missing
+
+    def _leaf_not_after(self) -> float | None:
+        material = self.tls.material
+        return material.not_after if material is not None else None
+
     def spawn(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         """Run `coro` in the proxy's TaskGroup until it ends or the proxy closes."""
         task = self._tasks.create_task(_logged(coro, name), name=name)
@@ -142,6 +166,10 @@ class Proxy:
         await asyncio.gather(*closers, *self._draining)
         for upstream in self._upstreams.values():
             await upstream.close_resolver()
+        listeners = [u.listener for u in self._upstreams.values()]
+        for listener in [*listeners, *([self.public] if self.public is not None else [])]:
+            if isinstance(listener.observer, ListenerObserver):
+                self.metrics.forget(listener.observer)
         for task in (*self._watches, *self._background):
             task.cancel()
         await self._tasks.__aexit__(None, None, None)
@@ -207,11 +235,23 @@ class Proxy:
             # connections drain in the background (awaited by close()).
             upstream.listener.stop_accepting()
             await upstream.close_resolver()
+            self._forget_when_closed(upstream.listener)
             self._drain(upstream.listener.close(self.settings.drain_timeout), "drain upstream")
         for upstream_config in start:
             await self._start_upstream(upstream_config, strict=strict)
         if force or config.public_listener != old.public_listener:
             await self._restart_public(strict=strict)
+
+    def _forget_when_closed(self, listener: PublicListener | UpstreamListener) -> None:
+        observer = listener.observer
+        if isinstance(observer, ListenerObserver):
+            self._drain(self._forget(listener, observer), f"forget {listener.name}")
+
+    async def _forget(
+        self, listener: PublicListener | UpstreamListener, observer: ListenerObserver
+    ) -> None:
+        await listener.until_idle()
+        self.metrics.forget(observer)
 
     def _drain(self, coro: Coroutine[Any, Any, None], name: str) -> None:
         task = self._tasks.create_task(_logged(coro, name), name=name)
@@ -244,11 +284,19 @@ class Proxy:
             resolver=resolver,
             connect_timeout=config.connect_timeout,
             reuse_port=self.settings.reuse_port,
+            observer=self.metrics.observer(
+                UPSTREAM,
+                config.destination_name,
+                service=self.config.service,
+                destination_type=config.destination_type,
+            ),
         )
         try:
             await listener.start()
         except OSError as exc:
             log.error("failed to start upstream listener %s: %s", config.label, exc)
+            if isinstance(listener.observer, ListenerObserver):
+                self.metrics.forget(listener.observer)
             if strict:
                 raise
             return
@@ -268,6 +316,7 @@ class Proxy:
             old_public, self.public = self.public, None
             old_public.stop_accepting()
             self._drain(old_public.close(self.settings.drain_timeout), "drain public listener")
+            self._forget_when_closed(old_public)
         cfg = self.config.public_listener
         if cfg is None:
             return
@@ -281,6 +330,7 @@ class Proxy:
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,
             reuse_port=self.settings.reuse_port,
+            observer=self.metrics.observer(INBOUND, "public_listener", service=self.config.service),
         )
         self._public_task = self._tasks.create_task(
             self._bind_public(self.public, report=not strict), name="public listener"
@@ -331,6 +381,24 @@ async def _unless_stopped(awaitable: Awaitable[T], stop: asyncio.Event) -> T:
     raise _Stopped
 
 
+@dataclass(slots=True)
+class RunState:
+    """Where `run()` is, for the admin endpoint: its phase and the proxy serving now."""
+
+    phase: str = "starting"  # starting, ready, draining, stopped
+    proxy: Proxy | None = None
+
+    def not_ready(self) -> str:
+        """Why the proxy is not ready to serve ("" when it is)."""
+        if self.phase != "ready":
+            return self.phase
+        proxy = self.proxy
+        if proxy is None or not proxy.tls.ready.is_set():
+            return "no certificates yet"
+        unbound = proxy.unbound()
+        return "not bound: " + ", ".join(unbound) if unbound else ""
+
+
 async def run(
     agent: AgentClient,
     source: ConfigSource,
@@ -339,6 +407,8 @@ async def run(
     *,
     on_ready: Callable[[Proxy], Awaitable[None] | None] | None = None,
     register: Callable[[int], RegisterMonitor] | None = None,
+    metrics: ProxyMetrics | None = None,
+    state: RunState | None = None,
 ) -> None:
     """Serve configs from `source` until `stop` is set, then drain and close.
 
@@ -348,21 +418,30 @@ async def run(
     Args:
         register: with `-register`, makes the monitor for the bound public port; it runs
             while the proxy serves, and deregisters at the end.
+        metrics: where connections are counted and logged (kept across proxied-service
+            changes); a quiet one of its own when not given.
+        state: kept current for readers (the admin endpoint).
 
     Raises:
         ConfigError: the first config is unusable.
         OSError: a listener of the first config cannot be bound.
     """
     settings = settings or ProxySettings()
+    metrics = metrics or ProxyMetrics(access_log=False)
+    state = state or RunState()
     log.info("TLS engine: %s", describe_engine(settings.tls_engine))
     configs = source.configs()
     proxy: Proxy | None = None
     monitor: RegisterMonitor | None = None
+    flusher = asyncio.get_running_loop().create_task(metrics.run(), name="metrics flush")
     try:
-        proxy = Proxy(agent, await _unless_stopped(anext(configs), stop), settings)
+        proxy = Proxy(agent, await _unless_stopped(anext(configs), stop), settings, metrics)
+        state.proxy = proxy
         await proxy.start(strict=True)
         await _unless_stopped(proxy.wait_ready(), stop)
         log.info("Proxy loaded config and ready to serve")
+        state.phase = "ready"
+        metrics.ready.set(1)
         if register is not None and proxy.public is not None:
             monitor = register(proxy.public.port)
             proxy.spawn(monitor.run(), "register")
@@ -380,15 +459,26 @@ async def run(
                 proxy.config.service,
                 config.service,
             )
+            state.phase = "starting"
+            metrics.ready.set(0)
             await proxy.close()
-            proxy = Proxy(agent, config, settings)
+            proxy = Proxy(agent, config, settings, metrics)
+            state.proxy = proxy
             await proxy.start()
+            state.phase = "ready"
+            metrics.ready.set(1)
     except _Stopped:
         return
     finally:
+        state.phase = "draining"
+        metrics.ready.set(0)
         with contextlib.suppress(Exception):
             await configs.aclose()  # type: ignore[attr-defined]
         if proxy is not None:
             await proxy.close(settings.drain_timeout)
         if monitor is not None:
             await monitor.deregister()
+        flusher.cancel()
+        await asyncio.gather(flusher, return_exceptions=True)
+        metrics.flush()
+        state.phase = "stopped"

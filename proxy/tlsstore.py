@@ -22,6 +22,7 @@ from dataclasses import dataclass, field
 from typing import Literal
 
 from cryptography import x509
+from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives.serialization import Encoding
 
 from listeners.tls.contexts import build_contexts, check_contexts
@@ -30,7 +31,7 @@ from listeners.tls.contexts import build_contexts, check_contexts
 from listeners.tls.engine import DEFAULT_TLS_ENGINE, TLS_ENGINES, TLSContext
 from proxy.counter import Counter
 from proxy.errors import TLSMaterialError
-from proxy.identity import PeerIdentity, peer_identity
+from proxy.identity import PeerIdentity, colon_hex, peer_identity
 
 log = logging.getLogger("proxy.tls")
 
@@ -48,14 +49,29 @@ class TLSMaterial:
     server: TLSContext
     client: TLSContext
     leaf: PeerIdentity
+    not_before: float = 0.0  # the leaf's validity, POSIX seconds
+    not_after: float = 0.0
+    root_ids: tuple[str, ...] = ()  # Consul's root IDs: colon-hex SHA-1 of each root
 
 
-def _leaf_identity(cert_pem: str) -> PeerIdentity:
+def _leaf(cert_pem: str) -> x509.Certificate:
     try:
-        leaf = x509.load_pem_x509_certificates(cert_pem.encode())[0]
+        return x509.load_pem_x509_certificates(cert_pem.encode())[0]
     except (ValueError, IndexError) as exc:
         raise TLSMaterialError(f"the leaf certificate does not parse: {exc}") from exc
-    return peer_identity(leaf.public_bytes(Encoding.DER))
+
+
+def root_ids(roots: Roots) -> tuple[str, ...]:
+    """Each root's ID as the agent gives it (colon-hex SHA-1 of the DER); "" if unreadable."""
+    ids = []
+    for pem in roots:
+        try:
+            cert = x509.load_pem_x509_certificate(pem.encode())
+        except ValueError:
+            ids.append("")
+            continue
+        ids.append(colon_hex(cert.fingerprint(hashes.SHA1())))
+    return tuple(ids)
 
 
 def _build(roots: Roots, leaf: Leaf, engine: str) -> TLSMaterial:
@@ -65,10 +81,21 @@ def _build(roots: Roots, leaf: Leaf, engine: str) -> TLSMaterial:
         TLSMaterialError: the pair does not load, or the leaf does not chain to the roots.
     """
     cert_pem, key_pem = leaf
-    identity = _leaf_identity(cert_pem)
+    cert = _leaf(cert_pem)
+    identity = peer_identity(cert.public_bytes(Encoding.DER))
     server, client = build_contexts(roots, cert_pem, key_pem, engine)
     check_contexts(server, client, roots, identity.subject_cn)
-    return TLSMaterial(roots, cert_pem, key_pem, server, client, identity)
+    return TLSMaterial(
+        roots,
+        cert_pem,
+        key_pem,
+        server,
+        client,
+        identity,
+        not_before=cert.not_valid_before_utc.timestamp(),
+        not_after=cert.not_valid_after_utc.timestamp(),
+        root_ids=root_ids(roots),
+    )
 
 
 class TLSStore:
