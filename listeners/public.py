@@ -34,6 +34,15 @@ from proxy.identity import Decision
 log = logging.getLogger("proxy.inbound")
 
 
+def _handshake_refusal(exc: OSError, text: str) -> Refusal:
+    if isinstance(exc, HandshakeTimeout):
+        return Refusal.HANDSHAKE_TIMEOUT
+    # OpenSSL's reason when a client sends no certificate (both engines report it so).
+    if "did not return a certificate" in text:
+        return Refusal.NO_CLIENT_CERTIFICATE
+    return Refusal.HANDSHAKE_FAILURE
+
+
 class ServerContexts(Protocol):
     def server_context(self) -> TLSContext | None: ...
     async def wait_ready(self) -> None: ...
@@ -112,12 +121,7 @@ class PublicListener(Listener):
                     conn.detail = "closed without sending a byte"  # a TCP health check
                     return
                 text = explain_verify_failure(str(exc) or type(exc).__name__)
-                reason = (
-                    Refusal.HANDSHAKE_TIMEOUT
-                    if isinstance(exc, HandshakeTimeout)
-                    else Refusal.HANDSHAKE_FAILURE
-                )
-                conn.refuse(reason, text)
+                conn.refuse(_handshake_refusal(exc, text), text)
                 return
             conn.handshake = now() - started
             started = now()

@@ -33,6 +33,7 @@ from proxy.config import (
 from proxy.errors import ConfigError, ProxyError
 from proxy.goflags import FlagError, FlagSet, HelpRequested, parse_duration
 from proxy.httpflags import HTTPOptions, add_http_flags, load_http_options
+from proxy.observe import ProxyMetrics
 from proxy.register import RegisterMonitor
 from proxy.sources import (
     AgentConfigSource,
@@ -40,8 +41,11 @@ from proxy.sources import (
     StaticConfigSource,
     lookup_proxy_id_for_sidecar,
 )
-from proxy.supervisor import ProxySettings, run
+from proxy.supervisor import ProxySettings, RunState, run
 from proxy.watch import BACKOFF_BASE
+
+ADMIN_BIND_VAR = "CONNECT_PROXY_ADMIN_BIND"
+METRICS_VAR = "CONNECT_PROXY_METRICS"
 
 PROXY_HELP = """\
 Usage: connect-proxy [options]
@@ -98,6 +102,40 @@ class ProxyOptions:
     workers: int = 1
     worker_child: bool = False  # one of the -workers processes started by the first
     tls_engine: str = DEFAULT_TLS_ENGINE  # CONNECT_PROXY_TLS_ENGINE (not in Consul)
+    admin_bind: str = ""  # -admin-bind / CONNECT_PROXY_ADMIN_BIND (not in Consul)
+    access_log: bool = True  # -access-log (not in Consul)
+    metrics: bool = True  # CONNECT_PROXY_METRICS=off: no metrics, no access log (bench baseline)
+
+    def settings(self) -> dict[str, object]:
+        """What the admin endpoint's /config shows of the command line (no secret)."""
+        http = self.http
+        return {
+            "mode": self.mode,
+            "proxy_id": self.proxy_id,
+            "sidecar_for": self.sidecar_for,
+            "legacy_managed_proxy": self.legacy,
+            "http_addr": http.display_address,
+            "token": "<redacted>" if http.token else "",
+            "ca_file": http.ca_file,
+            "ca_path": http.ca_path,
+            "client_cert": http.client_cert,
+            "tls_server_name": http.tls_server_name,
+            "tls_skip_verify": http.tls_skip_verify,
+            "datacenter": http.datacenter,
+            "stale": http.stale,
+            "register": self.register,
+            "register_id": self.register_id,
+            "listen": self.listen,
+            "service_addr": self.service_addr,
+            "log_level": self.log_level,
+            "log_json": self.log_json,
+            "drain_timeout_s": self.drain_timeout,
+            "workers": self.workers,
+            "tls_engine": self.tls_engine,
+            "admin_bind": self.admin_bind,
+            "access_log": self.access_log and self.metrics,
+            "metrics": self.metrics,
+        }
 
 
 def _flag_set(
@@ -154,6 +192,13 @@ def _flag_set(
         "How long active connections may finish after SIGINT/SIGTERM (not in Consul).",
     )
     fs.string("workers", "1", "Processes sharing each listener with SO_REUSEPORT (not in Consul).")
+    fs.string(
+        "admin-bind",
+        "",
+        "host:port of the admin endpoint: /ready, /certs, /config, /connections, /metrics and "
+        "a status page (not in Consul; off when empty; env CONNECT_PROXY_ADMIN_BIND).",
+    )
+    fs.boolean("access-log", True, "Log one line per connection at info level (not in Consul).")
     add_http_flags(fs)
     return fs
 
@@ -198,6 +243,10 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         raise ConfigError(f"-workers must be a whole number, got {text('workers')!r}") from None
     if not 1 <= workers <= 64:
         raise ConfigError(f"-workers must be between 1 and 64, got {workers}")
+    admin_bind = text("admin-bind") or env.get(ADMIN_BIND_VAR, "")
+    if admin_bind:
+        split_host_port(admin_bind, "-admin-bind")
+    metrics = env.get(METRICS_VAR, "").lower() not in ("off", "0", "false")
     static = None
     if proxy_id:
         mode = "agent"
@@ -230,6 +279,9 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         workers=workers,
         worker_child=env.get("CONNECT_PROXY_WORKER") == "1",
         tls_engine=load_tls_engine(env),
+        admin_bind=admin_bind,
+        access_log=values.get("access-log") is not False,
+        metrics=metrics,
     )
 
 
@@ -288,9 +340,12 @@ async def serve(
     *,
     watch_backoff: float | None = None,
     register_periods: tuple[float, float] | None = None,
+    metrics: ProxyMetrics | None = None,
 ) -> int:
     """Run the proxy described by `options` until `stop` is set. Returns the exit code."""
     backoff_base = BACKOFF_BASE if watch_backoff is None else watch_backoff
+    if metrics is None:
+        metrics = ProxyMetrics(access_log=options.access_log)
     try:
         agent = AgentClient(options.http)
     except ConfigError as exc:
@@ -321,6 +376,7 @@ async def serve(
             watch_backoff=backoff_base,
             reuse_port=options.workers > 1 or options.worker_child,
             tls_engine=options.tls_engine,
+            observe=options.metrics,
         )
         try:
             await run(
@@ -329,6 +385,8 @@ async def serve(
                 stop,
                 settings,
                 register=_register(options, agent, register_periods),
+                metrics=metrics,
+                state=RunState(),
             )
         except (ProxyError, OSError) as exc:
             console.error(f"Failed running proxy: {exc}")
@@ -373,6 +431,8 @@ def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
     console.setup_logging(options.log_level, options.log_json)
     workers = _start_workers(options, args)
 
+    metrics = ProxyMetrics(access_log=options.access_log)
+
     async def main_async() -> int:
         stop = asyncio.Event()
         loop = asyncio.get_running_loop()
@@ -393,9 +453,14 @@ def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
                 console.output("Caught second signal, exiting now")
                 os._exit(1)
 
+        def on_usr1() -> None:
+            # As Consul's proxy (go-metrics' DefaultInmemSignal): the metrics to stderr.
+            console.dump(metrics.dump())
+
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
-        code = await serve(options, stop)
+        loop.add_signal_handler(signal.SIGUSR1, on_usr1)
+        code = await serve(options, stop, metrics=metrics)
         if signals["count"] == 0:
             # This process stopped on its own (it could not serve): stop the others too. After
             # a signal they already have theirs; a second one would cut their drain short.

@@ -5,7 +5,9 @@ hclog's shape (`<time> [INFO]  proxy: ...`, or JSON with `-log-json`); scripts t
 them must read ours the same way. uvloop is installed here, and only here, by the commands.
 
 Rule 1: output never stops a command: a stream whose reader is gone (`| head`) is ignored.
-Rule 2: library code logs through `logging`; only commands call these functions.
+Rule 2: library code logs through `logging`; only commands call these functions. Structured
+fields ride on a record as `extra={"fields": {...}}`: key=value pairs in human lines, keys of
+the object in JSON lines.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import sys
+from collections.abc import Mapping
 
 _LOG_LEVELS = {
     "TRACE": logging.DEBUG,
@@ -50,16 +53,34 @@ class _HCLogFormatter(logging.Formatter):
         message = record.getMessage()
         if record.exc_info:
             message += "\n" + self.formatException(record.exc_info)
+        fields = getattr(record, "fields", None)
         if self.json_lines:
-            return json.dumps(
-                {
-                    "@level": level.lower(),
-                    "@message": message,
-                    "@module": record.name,
-                    "@timestamp": stamp,
-                }
-            )
+            line = {
+                "@level": level.lower(),
+                "@message": message,
+                "@module": record.name,
+                "@timestamp": stamp,
+            }
+            if fields:
+                line.update({k: v for k, v in fields.items() if not k.startswith("@")})
+            return json.dumps(line)
+        if fields:
+            message += ": " + _pairs(fields)
         return f"{stamp} [{level}] {' ' * (5 - len(level))}{record.name}: {message}"
+
+
+def _pairs(fields: Mapping[str, object]) -> str:
+    """`key=value` pairs as hclog writes them (quoted when a value has spaces or quotes);
+    empty and absent values are left out."""
+    parts = []
+    for key, value in fields.items():
+        if value is None or value == "":
+            continue
+        text = str(value)
+        if any(c in text for c in ' "=\t\n') or not text:
+            text = json.dumps(text)
+        parts.append(f"{key}={text}")
+    return " ".join(parts)
 
 
 class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
@@ -109,3 +130,8 @@ def output(line: str) -> None:
 
 def error(line: str) -> None:
     _print(f"==> {line}", sys.stderr)
+
+
+def dump(text: str) -> None:
+    """A block of text to stderr as it is (the metrics on SIGUSR1)."""
+    _print(text.rstrip("\n"), sys.stderr)

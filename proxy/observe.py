@@ -54,6 +54,7 @@ class Telemetry(Protocol):
         self, key: Sequence[str], value: float, labels: Sequence[tuple[str, str]] = ()
     ) -> None: ...
     def collector(self) -> Collector: ...
+    def dump(self) -> str: ...
 
 
 def _ms(seconds: float | None) -> float | None:
@@ -208,6 +209,13 @@ class ProxyMetrics:
         while True:
             await asyncio.sleep(interval)
             self.flush()
+
+    def dump(self) -> str:
+        """The metrics as Consul's proxy prints them on SIGUSR1 (its in-memory sink), then
+        ours in the Prometheus text format."""
+        self.flush()
+        consul = self.telemetry.dump() if self.telemetry is not None else ""
+        return consul + generate_latest(self.registry).decode()
 
     def exposition(self) -> bytes:
         """The Prometheus text exposition, counts of open connections included."""

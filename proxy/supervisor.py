@@ -55,6 +55,7 @@ class ProxySettings:
     watch_backoff: float = BACKOFF_BASE  # base of the blocking watches' retry backoff
     reuse_port: bool = False  # -workers: several processes bind each listener
     tls_engine: str = DEFAULT_TLS_ENGINE
+    observe: bool = True  # count and log connections (off: the bench's baseline)
 
 
 @dataclass(slots=True)
@@ -289,7 +290,9 @@ class Proxy:
                 config.destination_name,
                 service=self.config.service,
                 destination_type=config.destination_type,
-            ),
+            )
+            if self.settings.observe
+            else None,
         )
         try:
             await listener.start()

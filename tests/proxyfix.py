@@ -21,6 +21,7 @@ from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
 from proxy.devagent import DevAgent
 from proxy.devagent.ca import key_id
 from proxy.httpflags import HTTPOptions
+from proxy.observe import ProxyMetrics
 from proxy.supervisor import Proxy, ProxySettings
 from tests.certs import load_chain
 
@@ -102,12 +103,12 @@ TLS_ENGINE: str | None = None
 
 @contextlib.asynccontextmanager
 async def running_proxy(
-    agent: DevAgent, config: ProxyConfig, **kwargs: object
+    agent: DevAgent, config: ProxyConfig, metrics: ProxyMetrics | None = None, **kwargs: object
 ) -> AsyncIterator[Proxy]:
     if TLS_ENGINE is not None:
         kwargs.setdefault("tls_engine", TLS_ENGINE)
     settings = ProxySettings(watch_backoff=0.05, **kwargs)  # type: ignore[arg-type]
-    proxy = Proxy(agent_client(agent), config, settings)
+    proxy = Proxy(agent_client(agent), config, settings, metrics)
     await proxy.start()
     try:
         async with asyncio.timeout(5):
@@ -119,7 +120,9 @@ async def running_proxy(
 
 
 @contextlib.asynccontextmanager
-async def db_sidecar(agent: DevAgent, app: EchoApp, **public: object) -> AsyncIterator[Proxy]:
+async def db_sidecar(
+    agent: DevAgent, app: EchoApp, metrics: ProxyMetrics | None = None, **public: object
+) -> AsyncIterator[Proxy]:
     """The `db` proxy: public listener on 127.0.0.1:0 in front of `app`, registered."""
     cfg = ProxyConfig(
         service="db",
@@ -131,7 +134,7 @@ async def db_sidecar(agent: DevAgent, app: EchoApp, **public: object) -> AsyncIt
             **public,  # type: ignore[arg-type]
         ),
     )
-    async with running_proxy(agent, ProxyConfig(service="db")) as proxy:
+    async with running_proxy(agent, ProxyConfig(service="db"), metrics) as proxy:
         await proxy.apply(cfg, force=True)
         async with asyncio.timeout(5):
             await proxy.wait_ready()
