@@ -316,7 +316,7 @@ def describe(
         dogstatsd=(".".join(dog_parts).translate(_SANITIZE) + ":", dog_suffix),
         prom_id=(kind, prom_name + "".join(f";{n}={v}" for n, v in labels)),
         prom_name=prom_name,
-        prom_labels=dict(labels),
+        prom_labels=dict(sorted(dict(labels).items())),  # client_golang sorts label pairs
     )
 
 
