@@ -29,6 +29,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from prometheus_client.metrics_core import Metric
+from prometheus_client.registry import Collector
 
 from proxy.addr import split_host_port
 from proxy.errors import ConfigError
@@ -435,7 +436,7 @@ class Telemetry:
         with self._lock:
             return self._inmem.dump(self._clock())
 
-    def collector(self) -> _Collector:
+    def collector(self) -> Collector:
         """The Consul-named series for a prometheus_client `CollectorRegistry`.
 
         Empty unless `prometheus_retention` > 0; a series not updated for longer than the
