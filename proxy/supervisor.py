@@ -18,7 +18,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
-from collections.abc import Awaitable, Callable, Coroutine
+from collections.abc import Awaitable, Callable, Coroutine, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
@@ -35,10 +35,12 @@ from proxy.config import (
     plan_upstreams,
     upstream_key,
 )
+from proxy.errors import ConfigError
 from proxy.observe import ListenerObserver, ProxyMetrics
 from proxy.register import RegisterMonitor
 from proxy.resolve import AgentResolver, WatchingResolver
 from proxy.sources import ConfigSource
+from proxy.telemetry import Telemetry, TelemetryConfig, load_telemetry, unknown_keys
 from proxy.tlsstore import TLSStore
 from proxy.watch import BACKOFF_BASE, watch
 
@@ -437,8 +439,14 @@ async def run(
     proxy: Proxy | None = None
     monitor: RegisterMonitor | None = None
     flusher = asyncio.get_running_loop().create_task(metrics.run(), name="metrics flush")
+    telemetry: Telemetry | None = None
     try:
-        proxy = Proxy(agent, await _unless_stopped(anext(configs), stop), settings, metrics)
+        first = await _unless_stopped(anext(configs), stop)
+        if metrics.telemetry is None:
+            # As Consul: telemetry comes from the first config, and stays for the process.
+            telemetry = await start_telemetry(first.telemetry)
+            metrics.use_telemetry(telemetry)
+        proxy = Proxy(agent, first, settings, metrics)
         state.proxy = proxy
         await proxy.start(strict=True)
         await _unless_stopped(proxy.wait_ready(), stop)
@@ -484,4 +492,25 @@ async def run(
         flusher.cancel()
         await asyncio.gather(flusher, return_exceptions=True)
         metrics.flush()
+        if telemetry is not None:
+            await telemetry.aclose()
         state.phase = "stopped"
+
+
+async def start_telemetry(raw: Mapping[str, Any]) -> Telemetry:
+    """Consul's telemetry of a `telemetry` map; a map that cannot be used is logged (as
+    Consul's `proxy telemetry config error`) and the in-memory sink alone runs."""
+    for key in unknown_keys(raw):
+        log.warning("telemetry: %s is not supported by this proxy and is ignored", key)
+    try:
+        config = load_telemetry(raw)
+        telemetry = Telemetry(config)
+        await telemetry.start()
+    except ConfigError as exc:
+        log.error("proxy telemetry config error: %s", exc)
+        telemetry = Telemetry(TelemetryConfig())
+        await telemetry.start()
+        return telemetry
+    if telemetry.sinks:
+        log.info("telemetry sinks: %s", ", ".join(telemetry.sinks))
+    return telemetry
