@@ -469,7 +469,7 @@ def _listener_rows(proxy: Proxy) -> tuple[ListenerRow, ...]:
                 ),
                 bound=up is not None and up.ready.is_set(),
                 open_connections=len(up.connections) if up is not None else 0,
-                target=cfg.label,
+                target=cfg.label.partition("->")[2],  # type:partition/namespace/name
             )
         )
     return tuple(rows)

@@ -6,8 +6,9 @@ one view into a small self-contained page: inline CSS, no script, no external re
 Rule 1: pure: no I/O, no clock reads (the view carries the time it was taken), no imports
 from the project.
 Rule 2: every value from outside (service names, SPIFFE IDs, addresses, reasons, error
-texts) passes through `html.escape` exactly once, in `_cell`; nothing else writes text into
-the page. A hostile SPIFFE ID or refusal reason shows as text, never as markup.
+texts) passes through `html.escape` exactly once, where it is written into the page (`_cell`
+for most); markup is only ever literal text of this module. A hostile SPIFFE ID or refusal
+reason shows as text, never as markup.
 """
 
 from __future__ import annotations
@@ -116,6 +117,7 @@ h1{font-size:1.4em;margin:0 0 .3em}h2{font-size:1.1em;margin:1.4em 0 .4em}
 table{border-collapse:collapse;width:100%}th,td{text-align:left;padding:.25em .6em;
 border-bottom:1px solid #ddd;font-size:.92em}th{background:#f4f4f4}
 td.mono,span.mono{font-family:ui-monospace,monospace;word-break:break-all}
+td.time,td.source,td.address{white-space:nowrap;word-break:normal}
 .ok{color:#18753c;font-weight:600}.warn{color:#9a6700;font-weight:600}
 .bad{color:#b42318;font-weight:600}.empty{color:#666}
 dl{display:grid;grid-template-columns:max-content 1fr;gap:.2em 1em;margin:0}dt{color:#555}
