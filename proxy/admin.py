@@ -14,9 +14,10 @@ process. Routes (GET, and HEAD with the same headers and no body):
 Rule 1: read only. Nothing here changes the proxy, its listeners or its certificates.
 Rule 2: never a secret: no private key is ever read, and any mapping key containing
 "token" with a non-empty string value shows "<redacted>", at any depth.
-Rule 3: a client cannot hold the server: requests are bounded in size (431/413), each read
-waits at most `read_timeout`, and bytes that are not HTTP get a 400 and a close. A failing
-handler answers 500 and the server keeps serving.
+Rule 3: a client cannot hold the server: requests are bounded in size (431/413) and in time
+(each must arrive whole within `read_timeout`, and its response be taken as fast), at most
+`MAX_CONNECTIONS` are open at once, and bytes that are not HTTP get a 400 and a close. A
+failing handler answers 500 and the server keeps serving.
 """
 
 from __future__ import annotations
@@ -54,7 +55,8 @@ log = logging.getLogger("proxy.admin")
 
 MAX_REQUEST_HEAD = 16 * 1024  # bytes of request line and headers
 MAX_REQUEST_BODY = 16 * 1024  # no route takes a body; a small one is read and ignored
-READ_TIMEOUT = 10.0  # seconds any one read may wait (an idle keep-alive connection too)
+READ_TIMEOUT = 10.0  # seconds a request may take to arrive (an idle keep-alive one too)
+MAX_CONNECTIONS = 64  # open at once; more are closed at accept
 AGENT_TIMEOUT = 2.0  # seconds the status page waits for the agent's health answers
 REDACTED = "<redacted>"
 
@@ -189,7 +191,7 @@ class AdminServer:
     def _accept(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         # A plain callback that starts a task of our own: asyncio's task for a coroutine
         # callback would log an error if aclose() cancelled it (Python 3.11).
-        if self._closed:
+        if self._closed or len(self._tasks) >= MAX_CONNECTIONS:
             writer.transport.abort()
             return
         task = asyncio.get_running_loop().create_task(
@@ -210,10 +212,9 @@ class AdminServer:
                 writer.close()  # after what was written is flushed
 
     async def _next_event(self, conn: h11.Connection, reader: asyncio.StreamReader) -> h11.Event:
-        """The next event, reading (bounded in time) as h11 needs more bytes.
+        """The next event, reading as h11 needs more bytes.
 
         Raises:
-            TimeoutError: no byte came for `read_timeout` seconds.
             h11.RemoteProtocolError: the bytes are not HTTP/1.1, or too many of them.
         """
         while True:
@@ -222,48 +223,66 @@ class AdminServer:
                 return event
             if event is h11.PAUSED:  # only after a request we have not answered: never here
                 raise h11.RemoteProtocolError("unexpected pipelined data", 400)
-            async with asyncio.timeout(self.read_timeout):
-                data = await reader.read(65536)
-            conn.receive_data(data)
+            conn.receive_data(await reader.read(65536))
+
+    async def _read_request(
+        self, conn: h11.Connection, reader: asyncio.StreamReader
+    ) -> h11.Request | None:
+        """One whole request (its body read and dropped), or None when the client closed.
+
+        Raises:
+            h11.RemoteProtocolError: not HTTP/1.1, or past a size bound (431, 413).
+        """
+        event = await self._next_event(conn, reader)
+        if isinstance(event, h11.ConnectionClosed):
+            return None
+        if not isinstance(event, h11.Request):
+            raise h11.RemoteProtocolError("expected a request", 400)
+        request = event
+        # h11 bounds a head that arrives in pieces; one that came whole in a single read is
+        # measured here, so the bound holds either way.
+        size = len(request.target) + sum(len(k) + len(v) for k, v in request.headers)
+        if size > MAX_REQUEST_HEAD:
+            raise h11.RemoteProtocolError("request head too large", 431)
+        body = 0
+        while not isinstance(event := await self._next_event(conn, reader), h11.EndOfMessage):
+            if isinstance(event, h11.Data):
+                body += len(event.data)
+                if body > MAX_REQUEST_BODY:
+                    raise h11.RemoteProtocolError("request body too large", 413)
+            elif isinstance(event, h11.ConnectionClosed):
+                return None
+        return request
 
     async def _conversation(
         self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter
     ) -> None:
+        """Requests and responses on one connection until either side closes.
+
+        Raises:
+            TimeoutError: a request took longer than `read_timeout` to arrive (an idle
+                keep-alive connection included), or a response as long to be taken.
+        """
         conn = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_REQUEST_HEAD)
         while True:
             try:
-                event = await self._next_event(conn, reader)
-                if isinstance(event, h11.ConnectionClosed):
-                    return
-                if not isinstance(event, h11.Request):
-                    raise h11.RemoteProtocolError("expected a request", 400)
-                request = event
-                # h11 bounds a head that arrives in pieces; one that came whole in a single
-                # read is measured here, so the bound holds either way.
-                size = len(request.target) + sum(len(k) + len(v) for k, v in request.headers)
-                if size > MAX_REQUEST_HEAD:
-                    raise h11.RemoteProtocolError("request head too large", 431)
-                body = 0
-                while not isinstance(
-                    event := await self._next_event(conn, reader), h11.EndOfMessage
-                ):
-                    if isinstance(event, h11.Data):
-                        body += len(event.data)
-                        if body > MAX_REQUEST_BODY:
-                            await self._send(
-                                conn, writer, _text(413, "request body too large"), close=True
-                            )
-                            return
-                    elif isinstance(event, h11.ConnectionClosed):
-                        return
+                # One deadline per request, not per read: a client sending a byte now and
+                # then cannot hold the connection (test_a_trickling_client_is_dropped...).
+                async with asyncio.timeout(self.read_timeout):
+                    request = await self._read_request(conn, reader)
             except h11.RemoteProtocolError as exc:
                 if conn.our_state in (h11.IDLE, h11.SEND_RESPONSE):
                     status = exc.error_status_hint
-                    await self._send(conn, writer, _text(status, f"bad request: {exc}"), close=True)
+                    async with asyncio.timeout(self.read_timeout):
+                        await self._send(
+                            conn, writer, _text(status, f"bad request: {exc}"), close=True
+                        )
+                return
+            if request is None:
                 return
             response = await self._respond(request)
-            head = request.method == b"HEAD"
-            await self._send(conn, writer, response, head=head)
+            async with asyncio.timeout(self.read_timeout):
+                await self._send(conn, writer, response, head=request.method == b"HEAD")
             if conn.our_state is h11.MUST_CLOSE or conn.their_state is h11.MUST_CLOSE:
                 return
             conn.start_next_cycle()

@@ -16,6 +16,7 @@ import pytest
 from cryptography import x509
 from prometheus_client.parser import text_string_to_metric_families
 
+import proxy.admin
 from proxy.admin import REDACTED, AdminServer, redact
 from proxy.admin_page import RefusalRow, StatusView, render_status
 from proxy.agent import AgentClient
@@ -496,3 +497,50 @@ async def test_aclose_is_idempotent_and_closes_open_connections() -> None:
         async with asyncio.timeout(5):
             assert await reader.read(-1) == b""
         writer.close()
+
+
+async def test_a_trickling_client_is_dropped_after_the_request_deadline() -> None:
+    """One byte every 50 ms keeps every single read short; the request's deadline still
+    ends it (per request, not per read)."""
+    async with bare_admin(read_timeout=0.3) as admin:
+        reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+        try:
+            closed = asyncio.ensure_future(reader.read(-1))
+            async with asyncio.timeout(5):
+                for byte in b"GET /ready HTTP/1.1\r\nX-Slow: " + b"a" * 1000:
+                    if closed.done():
+                        break
+                    writer.write(bytes([byte]))
+                    await asyncio.wait({closed}, timeout=0.05)
+                assert await closed == b""
+        finally:
+            writer.close()
+
+
+async def test_status_page_renders_before_any_config() -> None:
+    async with bare_admin() as admin, httpx.AsyncClient(base_url=f"http://{admin.address}") as c:
+        page = await c.get("/")
+    assert page.status_code == 200
+    assert '<dd class="ready bad">not ready: starting</dd>' in page.text
+    assert '<p class="listeners empty">no listeners</p>' in page.text
+
+
+async def test_connections_past_the_cap_are_closed_at_once(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(proxy.admin, "MAX_CONNECTIONS", 3)
+    async with bare_admin() as admin:
+        held = [await asyncio.open_connection("127.0.0.1", admin.port) for _ in range(3)]
+        try:
+            await wait_until(lambda: len(admin._tasks) == 3)
+            reader, writer = await asyncio.open_connection("127.0.0.1", admin.port)
+            async with asyncio.timeout(5):
+                with contextlib.suppress(ConnectionResetError):
+                    assert await reader.read(-1) == b""
+            writer.close()
+            # The held ones are still served.
+            first_reader, first_writer = held[0]
+            first_writer.write(b"GET /ready HTTP/1.1\r\nHost: x\r\n\r\n")
+            async with asyncio.timeout(5):
+                assert (await first_reader.readuntil(b"\r\n")).startswith(b"HTTP/1.1 503")
+        finally:
+            for _, w in held:
+                w.close()
