@@ -28,7 +28,7 @@ import json
 import logging
 import time
 from collections.abc import Awaitable, Callable, Mapping
-from dataclasses import asdict
+from dataclasses import asdict, dataclass
 from typing import Any
 
 import h11
@@ -92,20 +92,12 @@ def _json(value: Any) -> bytes:
     return (json.dumps(value, indent=2, sort_keys=False, default=str) + "\n").encode()
 
 
+@dataclass(frozen=True, slots=True)
 class _Response:
-    __slots__ = ("body", "content_type", "headers", "status")
-
-    def __init__(
-        self,
-        status: int,
-        body: bytes,
-        content_type: str = _TEXT,
-        headers: tuple[tuple[str, str], ...] = (),
-    ) -> None:
-        self.status = status
-        self.body = body
-        self.content_type = content_type
-        self.headers = headers
+    status: int
+    body: bytes
+    content_type: str = _TEXT
+    headers: tuple[tuple[str, str], ...] = ()
 
 
 def _text(status: int, text: str) -> _Response:
