@@ -30,6 +30,7 @@ from proxy.answers import (
     Answer,
     AuthorizeResult,
     Endpoints,
+    Instances,
     Leaf,
     Roots,
     XDSPorts,
@@ -38,6 +39,7 @@ from proxy.answers import (
     catalog_entries_from,
     decode,
     health_endpoints,
+    health_instances,
     leaf_from,
     query_endpoints,
     roots_from,
@@ -284,6 +286,19 @@ class AgentClient:
         params["passing"] = "1"
         answer = await self._request("GET", path, params=params, timeout=timeout)
         return health_endpoints(path, answer)
+
+    async def health_instances(
+        self, service: str, *, datacenter: str = "", timeout: float | None = None
+    ) -> Instances:
+        """`GET /v1/health/connect/:service?stale`: every instance, with its health.
+
+        For people (the admin status page), not for routing: without `passing`, so unhealthy
+        instances are listed too. `timeout`: seconds for this call (default: the client's).
+        """
+        path = f"/v1/health/connect/{service}"
+        params = self._discovery_params(datacenter)
+        answer = await self._request("GET", path, params=params, timeout=timeout)
+        return health_instances(path, answer)
 
     async def query_execute(self, query: str, *, datacenter: str = "") -> list[Endpoint]:
         """`GET /v1/query/:name/execute?connect=true&stale`, over the keep-alive pool."""

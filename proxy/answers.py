@@ -3,7 +3,8 @@
 Owns how one response of the local agent becomes a value: a non-200 status becomes Consul's
 Go-client error text (`Unexpected response code: <code> (<body>)`), a body that is not JSON
 or not of the expected shape becomes an `AgentResponseError`, and a well-formed body becomes
-a small frozen result (`Roots`, `Leaf`, `AuthorizeResult`, `Endpoints`, `AgentService`).
+a small frozen result (`Roots`, `Leaf`, `AuthorizeResult`, `Endpoints`, `Instances`,
+`AgentService`).
 Fields are read as Go's `json.Unmarshal` reads them into Consul's api structs: a missing or
 null field is its zero value, a field of another type is an error.
 
@@ -19,6 +20,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
 
+from proxy.addr import join_host_port
 from proxy.errors import AgentResponseError
 from proxy.identity import Endpoint, SpiffeIDService
 
@@ -262,6 +264,94 @@ def health_endpoints(path: str, answer: Answer) -> Endpoints:
     """
     entries = _list(path, answer.body, "the body")
     return Endpoints(tuple(endpoints_from_entries(entries)), answer.index)
+
+
+# Consul's check IDs of maintenance mode (node-wide, and per service with a suffix).
+_NODE_MAINTENANCE = "_node_maintenance"
+_SERVICE_MAINTENANCE = "_service_maintenance:"
+
+
+@dataclass(frozen=True, slots=True)
+class Instance:
+    """One instance of a Connect service, healthy or not, for people to read (status page).
+
+    `status` aggregates the entry's checks as Consul's `HealthChecks.AggregatedStatus` does:
+    maintenance, else critical, else warning, else passing (no checks: passing); a check with
+    a status Consul does not know makes it "" (unknown).
+    """
+
+    node: str
+    service_id: str
+    address: str  # host:port the instance serves on
+    status: str
+
+
+@dataclass(frozen=True, slots=True)
+class Instances:
+    """`/v1/health/connect/:service` without `passing`: every instance and its health."""
+
+    instances: tuple[Instance, ...]
+    index: int
+
+
+def aggregated_status(checks: Iterable[Any]) -> str:
+    """The one health word of a list of check objects (entries that are not objects, or
+    whose fields are not strings, are skipped)."""
+    seen: set[str] = set()
+    for check in checks:
+        if not isinstance(check, Mapping):
+            continue
+        fields = _text_fields(check, "CheckID", "Status")
+        if fields is None:
+            continue
+        check_id, status = fields
+        if check_id == _NODE_MAINTENANCE or check_id.startswith(_SERVICE_MAINTENANCE):
+            seen.add("maintenance")
+        elif status in ("passing", "warning", "critical"):
+            seen.add(status)
+        else:
+            return ""
+    for word in ("maintenance", "critical", "warning"):
+        if word in seen:
+            return word
+    return "passing"
+
+
+def health_instances(path: str, answer: Answer) -> Instances:
+    """A `/v1/health/connect/:service` list of ServiceEntries as Instances, whatever their
+    health. Entries without a usable address and port are skipped, as for endpoints.
+
+    Raises:
+        AgentResponseError: a body that is not a list.
+    """
+    out: list[Instance] = []
+    for entry in _list(path, answer.body, "the body"):
+        if not isinstance(entry, Mapping):
+            continue
+        svc = _mapping(entry.get("Service"))
+        node = _mapping(entry.get("Node"))
+        checks = entry.get("Checks")
+        if svc is None or node is None or not isinstance(checks, list | None):
+            continue
+        texts = _text_fields(svc, "ID", "Address")
+        node_texts = _text_fields(node, "Node", "Address")
+        port = svc.get("Port")
+        if texts is None or node_texts is None or type(port) is not int or port <= 0:
+            continue
+        service_id, address = texts
+        node_name, node_address = node_texts
+        host = address or node_address
+        if not host:
+            continue
+        out.append(
+            Instance(
+                node=node_name,
+                service_id=service_id,
+                address=join_host_port(host, port),
+                status=aggregated_status(checks or ()),
+            )
+        )
+    return Instances(tuple(out), answer.index)
 
 
 def query_endpoints(path: str, answer: Answer) -> list[Endpoint]:
