@@ -21,6 +21,7 @@ from dataclasses import dataclass, field
 
 from proxy import console
 from proxy.addr import split_host_port
+from proxy.admin import AdminServer
 from proxy.agent import AgentClient
 from proxy.config import (
     DEFAULT_TLS_ENGINE,
@@ -351,8 +352,28 @@ async def serve(
     except ConfigError as exc:
         console.error(f"Error connecting to Consul agent: {exc}")
         return 1
+    state = RunState()
+    admin: AdminServer | None = None
+    announced = False
     try:
+        if options.admin_bind and not options.worker_child:
+            # Before the banner: a taken port is a start-up error, like a bad flag.
+            host, port = split_host_port(options.admin_bind, "-admin-bind")
+            admin = AdminServer(
+                host or "0.0.0.0",
+                port,
+                state=state,
+                metrics=metrics,
+                settings=options.settings(),
+                agent=agent,
+            )
+            try:
+                await admin.start()
+            except OSError as exc:
+                console.error(f"Failed to start admin endpoint on {options.admin_bind}: {exc}")
+                return 1
         console.output("Consul Connect proxy starting...")
+        announced = True
         source: ConfigSource
         if options.static is None:
             proxy_id = options.proxy_id
@@ -369,6 +390,8 @@ async def serve(
         else:
             _flags_banner(options, options.static)
             source = StaticConfigSource(options.static)
+        if admin is not None:
+            console.info(f"    Admin endpoint: http://{admin.address}/")
         console.info("")
         console.output("Log data will now stream in as it occurs:\n")
         settings = ProxySettings(
@@ -386,15 +409,18 @@ async def serve(
                 settings,
                 register=_register(options, agent, register_periods),
                 metrics=metrics,
-                state=RunState(),
+                state=state,
             )
         except (ProxyError, OSError) as exc:
             console.error(f"Failed running proxy: {exc}")
             return 1
         return 0
     finally:
+        if admin is not None:
+            await admin.aclose()
         await agent.aclose()
-        console.output("Consul Connect proxy shutdown")
+        if announced:
+            console.output("Consul Connect proxy shutdown")
 
 
 def proxy_main(args: Sequence[str], env: Mapping[str, str]) -> int:

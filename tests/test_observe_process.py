@@ -6,10 +6,12 @@ import asyncio
 import json
 import signal
 
+import httpx
+
 from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
 from tests.proxyfix import EchoApp, client_ctx, echo_app
-from tests.test_scenario_process import Proc, spawn
+from tests.test_scenario_process import SECRET, Proc, spawn
 
 
 def inbound_args(agent: DevAgent, port: int, app: EchoApp, *extra: str) -> list[str]:
@@ -103,3 +105,45 @@ async def test_access_log_off_keeps_the_metrics(agent: DevAgent, ports: Reserved
             code, stdout, _ = await p.finish()
             assert code == 0
             assert "connection forwarded" not in stdout
+
+
+async def test_admin_port_taken_is_a_clear_start_up_error(
+    agent: DevAgent, ports: ReservedPorts
+) -> None:
+    taken = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    try:
+        admin = f"127.0.0.1:{taken.sockets[0].getsockname()[1]}"
+        async with echo_app() as app:
+            args = inbound_args(agent, ports.take(), app, "-admin-bind", admin)
+            async with spawn(*args) as p:
+                code, stdout, stderr = await p.finish()
+        assert code == 1
+        assert f"==> Failed to start admin endpoint on {admin}: " in stderr
+        assert "starting" not in stdout
+    finally:
+        taken.close()
+        await taken.wait_closed()
+
+
+async def test_admin_endpoint_of_a_real_process(agent: DevAgent, ports: ReservedPorts) -> None:
+    """-admin-bind from the environment; /ready, /config without the token, the banner."""
+    admin = f"127.0.0.1:{ports.take()}"
+    async with echo_app() as app:
+        args = inbound_args(agent, ports.take(), app, "-token", SECRET)
+        async with spawn(*args, env={"CONNECT_PROXY_ADMIN_BIND": admin}) as p:
+            await p.read_until("Proxy loaded config and ready to serve")
+            ports.release()
+            async with httpx.AsyncClient(base_url=f"http://{admin}") as c:
+                ready = await c.get("/ready")
+                config = await c.get("/config")
+                metrics = await c.get("/metrics")
+            assert (ready.status_code, ready.text) == (200, "ready\n")
+            assert config.json()["settings"]["token"] == "<redacted>"
+            assert config.json()["settings"]["admin_bind"] == admin
+            assert SECRET not in config.text
+            assert "connect_proxy_ready 1.0" in metrics.text
+            p.proc.send_signal(signal.SIGTERM)
+            code, stdout, stderr = await p.finish()
+    assert code == 0
+    assert f"    Admin endpoint: http://{admin}/" in stdout
+    assert SECRET not in stdout + stderr

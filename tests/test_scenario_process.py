@@ -43,7 +43,8 @@ class Proc:
 
 
 @contextlib.asynccontextmanager
-async def spawn(*args: str) -> AsyncIterator[Proc]:
+async def spawn(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Proc]:
+    """`python -m proxy <args>`, with `env` added to the environment."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
         "-m",
@@ -51,7 +52,7 @@ async def spawn(*args: str) -> AsyncIterator[Proc]:
         *args,
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
-        env={**os.environ, "PYTHONUNBUFFERED": "1"},
+        env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
     )
     try:
         yield Proc(proc)
