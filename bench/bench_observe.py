@@ -268,5 +268,16 @@ class Observe:
             figures = res["variants"][r.variant.label]
             lines = sum(p.counted_lines for p in r.procs)
             conns = (figures["connections"] + figures["warmup_connections"]) * len(r.procs)
+            per_conn = lines / conns if conns else None
             figures["access_log_lines"] = lines
-            figures["access_log_lines_per_conn"] = lines / conns if conns else None
+            figures["access_log_lines_per_conn"] = per_conn
+            if per_conn is None:
+                continue
+            # A switch that did not take effect would make the comparison meaningless.
+            logs = r.variant is ON
+            if (per_conn < 0.95) if logs else lines > 0:
+                res.setdefault("switch_problems", []).append(
+                    f"{r.variant.label}: {lines} access-log lines for {conns} connections "
+                    f"({per_conn:.2f} per connection and process; expected "
+                    f"{'1' if logs else 'none'})"
+                )

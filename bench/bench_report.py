@@ -226,6 +226,12 @@ def _observe(v: View) -> list[str]:
     for n, r in found:
         lines.append(f"  {n}:")
         lines += [_comparison(c) for c in r.get("comparisons", [])]
+    for n, r in found:
+        lines += [
+            f"  WARNING: {n}, {p}: the variant did not run as intended, its figures are "
+            "not the cost asked for"
+            for p in r.get("switch_problems", [])
+        ]
     noisy = [
         n
         for n, r in found
