@@ -168,7 +168,7 @@ def _observe_rows(n: str, r: dict[str, Any], load_cpu: int | None) -> list[Row]:
 
 def _observe_columns(lc: int | None) -> list[Column]:
     return [
-        SCENARIO,
+        text("scenario", f"<{NW + 4}", "name"),  # room for `outbound-bare/openssl`
         text("variant", "<8", "variant"),
         num("conn/s64", 9, "cps"),
         num("proxy", 7, "proxy", 2),
