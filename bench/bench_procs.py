@@ -31,6 +31,8 @@ from bench_util import TLSMaterial, log
 HERE = Path(__file__).resolve().parent
 READY_LINE = "Proxy loaded config and ready to serve"
 ENGINE_VAR = "CONNECT_PROXY_TLS_ENGINE"  # our proxy's TLS engine (`ssl`, `openssl`)
+# Our proxy's access log: one line per connection (`proxy.inbound: connection forwarded: ...`).
+ACCESS_LINE = re.compile(r"\bproxy\.(inbound|upstream): connection \w+")
 
 
 def pin(pid: int, cpu: int | set[int] | None) -> None:
@@ -77,6 +79,7 @@ class Proc:
         problem_filter: Callable[[str], bool] | None = None,
         env: dict[str, str] | None = None,
         stdin_data: str | None = None,
+        counted: re.Pattern[str] | None = None,
     ) -> None:
         self.name = name
         self.argv = list(argv)
@@ -107,6 +110,9 @@ class Proc:
         self.problems: list[str] = []
         self.problem_count = 0
         self.problem_filter = problem_filter
+        self.counted = counted
+        self.lines = 0  # every line drained
+        self.counted_lines = 0  # lines matching `counted`
         self.eof = False
         self._cond = threading.Condition()
         self._thread = threading.Thread(target=self._drain, name=f"drain-{name}", daemon=True)
@@ -121,6 +127,9 @@ class Proc:
         for raw in self.popen.stdout:
             line = raw.rstrip("\n")
             with self._cond:
+                self.lines += 1
+                if self.counted is not None and self.counted.search(line):
+                    self.counted_lines += 1
                 if len(self.head) < 2000:
                     self.head.append(line)
                 self.tail.append(line)
@@ -273,6 +282,7 @@ class Processes:
         proc.stop()
         self.logs[proc.name] = {
             "exit_code": proc.popen.returncode,
+            "lines": proc.lines,
             "problem_lines": proc.problem_count,
             "problems": proc.problems,
         }
@@ -338,14 +348,22 @@ class Processes:
         *,
         cpus: set[int] | None = None,
         ready: int = 1,
+        env: dict[str, str] | None = None,
     ) -> Proc:
         """Start `python -m proxy <args>` on the proxy CPU (or on `cpus`) with the TLS engine
-        `engine` (CONNECT_PROXY_TLS_ENGINE; unset for None) and wait for `ready` ready lines
-        (one per -workers process)."""
+        `engine` (CONNECT_PROXY_TLS_ENGINE; unset for None) and `env` added to ours, and wait
+        for `ready` ready lines (one per -workers process). Its access-log lines are counted
+        (`Proc.counted_lines`)."""
         argv = [sys.executable, "-m", "proxy", *args, "-http-addr", agent_addr]
         argv += ["-drain-timeout", "1s"]
-        env = None if engine is None else {**os.environ, ENGINE_VAR: engine}
-        proc = self.start(name, argv, self.proxy_cpu if cpus is None else None, env=env)
+        extra = {**(env or {}), **({} if engine is None else {ENGINE_VAR: engine})}
+        proc = self.start(
+            name,
+            argv,
+            self.proxy_cpu if cpus is None else None,
+            env={**os.environ, **extra} if extra else None,
+            counted=ACCESS_LINE,
+        )
         scene.proxies.append(proc)
         proc.wait_count(re.escape(READY_LINE), ready, 60)
         pin(proc.pid, self.proxy_cpu if cpus is None else cpus)  # threads started since

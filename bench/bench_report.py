@@ -142,6 +142,110 @@ def _workers(v: View) -> list[str]:
     return lines
 
 
+# -- the cost of metrics and the access log ------------------------------------------------
+
+
+def _observe_rows(n: str, r: dict[str, Any], load_cpu: int | None) -> list[Row]:
+    """One row per variant of an observe scenario (`on`, `nolog`, `bare`)."""
+    return [
+        {
+            "name": n if i == 0 else "",
+            "variant": label,
+            "cps": x.get("conn_per_s"),
+            "proxy": x.get("proxy_cpu_frac"),
+            "us": x.get("proxy_cpu_us_per_conn"),
+            "lg": x.get("loadgen_cpu_frac"),
+            "harness": x.get("harness_cpu_frac"),
+            "load_busy": get(x, "cpu_busy", str(load_cpu)),
+            "other": x.get("foreign_cpu_frac_max"),
+            "log": x.get("access_log_lines_per_conn"),
+            "windows": x.get("windows"),
+            "errors": x.get("errors", 0),
+        }
+        for i, (label, x) in enumerate(r["variants"].items())
+    ]
+
+
+def _observe_columns(lc: int | None) -> list[Column]:
+    return [
+        text("scenario", f"<{NW + 4}", "name"),  # room for `outbound-bare/openssl`
+        text("variant", "<8", "variant"),
+        num("conn/s64", 9, "cps"),
+        num("proxy", 7, "proxy", 2),
+        num("µs/conn", 9, "us"),
+        num("loadgen", 8, "lg", 2),
+        num("harness", 8, "harness", 2),
+        Column(f"cpu{lc}", ">6", lambda r: fmt(r["load_busy"], 2)),
+        num("other", 6, "other", 2),
+        num("log/conn", 9, "log", 2),
+        text("windows", ">8", "windows"),
+        text("errors", ">7", "errors"),
+    ]
+
+
+def _x(v: float | None) -> str:
+    return "-" if v is None else f"{v:.2f}x"
+
+
+def _comparison(c: dict[str, Any]) -> str:
+    """One ratio line: conn/s, its spread over the rounds, CPU per connection, and the goal
+    (for on / bare only) with whether it was met."""
+    line = f"    {c['compared']:<13} conn/s {_x(c['conn_per_s'])}"
+    if spread := c.get("rounds"):
+        line += f" (rounds {_x(spread[0])}..{_x(spread[1])})"
+    line += f", µs/conn {_x(c['us_per_conn'])}, capacity {_x(c['capacity'])}"
+    if c.get("goal") is None:
+        return line
+    line += f"; goal ≥{c['goal']:.2f}x in both: {'yes' if c.get('met') else 'no'}"
+    proxy = c.get("proxy_cpu_frac")
+    if proxy is not None and proxy < 0.9:
+        line += (
+            f" (the proxy used only {proxy:.2f} of its core, so its conn/s was held by the "
+            "load side: capacity is the better estimate)"
+        )
+    return line
+
+
+def _observe(v: View) -> list[str]:
+    """Issue 11: on / off per layout, from alternating windows of the same scenario."""
+    found = [(n, r) for n, r in v.h.results.items() if kind_of(r) == "observe" and "error" not in r]
+    if not found:
+        return []
+    lc = v.h.load_cpu
+    lines = [
+        "",
+        "Cost of metrics and access log (issue 11: on / bare at least 0.95x in conn/s): conn/s "
+        "at 64, windows alternating",
+        "between the variants of each scenario, medians (on: as shipped; nolog: "
+        "-access-log=false; bare: CONNECT_PROXY_METRICS=off):",
+        *table(_observe_columns(lc), [x for n, r in found for x in _observe_rows(n, r, lc)]),
+        "  ratios (conn/s: num / den of the medians, rounds: the same per round; µs/conn: num "
+        "/ den; capacity: den / num",
+        "  of µs/conn, the conn/s a proxy bound by its own CPU keeps):",
+    ]
+    for n, r in found:
+        lines.append(f"  {n}:")
+        lines += [_comparison(c) for c in r.get("comparisons", [])]
+    for n, r in found:
+        lines += [
+            f"  WARNING: {n}, {p}: the variant did not run as intended, its figures are "
+            "not the cost asked for"
+            for p in r.get("switch_problems", [])
+        ]
+    noisy = [
+        n
+        for n, r in found
+        if any((x.get("foreign_cpu_frac_max") or 0) > 0.1 for x in r["variants"].values())
+    ]
+    if noisy:
+        lines.append(
+            "  WARNING: more than 0.1 core of other load during "
+            + ", ".join(noisy)
+            + ": run again on a quiet machine"
+        )
+    return lines
+
+
 # -- who was busy ---------------------------------------------------------------------------
 
 
@@ -287,6 +391,7 @@ SECTIONS: tuple[Callable[[View], list[str]], ...] = (
     vs_baselines,
     vs_references,
     targets,
+    _observe,
     _workers,
     _blank_without_rows,
     _busy64,
@@ -306,7 +411,7 @@ def render(h: Outcome) -> str:
     shown = [
         (n, metrics(r))
         for n, r in h.results.items()
-        if "error" not in r and kind_of(r) != "workers"
+        if "error" not in r and kind_of(r) not in ("workers", "observe")
     ]
     v = View(h, shown, dict(shown))
     return "\n".join(line for section in SECTIONS for line in section(v))

@@ -17,6 +17,7 @@ import time
 from collections.abc import Sequence
 
 from bench_load import Target, latency, tls_info
+from bench_observe import Observe
 from bench_procs import Pid, Proc, Scene, children, pin, reap
 from bench_references import GoReference, Peers
 from bench_stage import Stage
@@ -36,6 +37,7 @@ class Harness(Stage):
         super().__init__(args)
         self.peers = Peers(self)
         self.go = GoReference(self)
+        self.observe = Observe(self)
 
     def run(self) -> None:
         t0 = time.monotonic()
@@ -45,14 +47,17 @@ class Harness(Stage):
             self.direct()
             for engine in self.engines:
                 self.inbound(engine)
+                self.observe.run("inbound", engine)
             self.peers.run()
             self.go.run("inbound", resume=False)
             for engine in self.engines:
                 self.outbound(engine)
+                self.observe.run("outbound", engine)
             for resume in self.go.resume:
                 self.go.run("outbound", resume=resume)
             for engine in self.engines:
                 self.chain(engine)
+                self.observe.run("chain", engine)
             for resume in self.go.resume:
                 self.go.run("chain", resume=resume)
             for engine in self.engines:
@@ -75,12 +80,6 @@ class Harness(Stage):
                 self.results[name]["tls"] = tls_info(target)
 
     # ours
-
-    def inbound_args(self, listen: int) -> list[str]:
-        return [
-            *("-service", "db", "-listen", f"127.0.0.1:{listen}"),
-            *("-service-addr", f"127.0.0.1:{self.plain_port}"),
-        ]
 
     def proxy(self, scene: Scene, name: str, args: Sequence[str], engine: str | None) -> Proc:
         """`python -m proxy <args>` against our agent, pinned to the proxy CPU."""

@@ -146,6 +146,13 @@ class Stage:
         if target.tls is not None:
             self.results[name]["tls"] = tls_info(target)
 
+    def inbound_args(self, listen: int) -> list[str]:
+        """Our proxy's flags for the inbound layout: db's public listener on `listen`."""
+        return [
+            *("-service", "db", "-listen", f"127.0.0.1:{listen}"),
+            *("-service-addr", f"127.0.0.1:{self.plain_port}"),
+        ]
+
     # registrations
 
     def deregister(self, service_id: str) -> None:
@@ -166,28 +173,28 @@ class Stage:
         scene.after.append(functools.partial(self.deregister, "db-native"))
         self.api.wait_connect_instance("db", self.tls_port)
 
-    def register_chain(self, scene: Scene) -> tuple[int, int]:
-        """db and web with sidecar registrations; returns (db sidecar port, web's upstream
-        port for db)."""
+    def register_chain(self, scene: Scene, db: str = "db", web: str = "web") -> tuple[int, int]:
+        """`db` and `web` (service names, also their IDs) with sidecar registrations, web's
+        upstream being `db`; returns (db sidecar port, web's upstream port for db)."""
         db_side, web_side, web_app, up = free_port(), free_port(), free_port(), free_port()
         for service in (
             {
-                "Name": "db",
-                "ID": "db",
+                "Name": db,
+                "ID": db,
                 "Address": "127.0.0.1",
                 "Port": self.plain_port,
                 "Connect": {"SidecarService": {"Port": db_side, "Address": "127.0.0.1"}},
             },
             {
-                "Name": "web",
-                "ID": "web",
+                "Name": web,
+                "ID": web,
                 "Address": "127.0.0.1",
                 "Port": web_app,
                 "Connect": {
                     "SidecarService": {
                         "Port": web_side,
                         "Address": "127.0.0.1",
-                        "Proxy": {"Upstreams": [{"DestinationName": "db", "LocalBindPort": up}]},
+                        "Proxy": {"Upstreams": [{"DestinationName": db, "LocalBindPort": up}]},
                     }
                 },
             },
@@ -195,3 +202,16 @@ class Stage:
             self.api.put("/v1/agent/service/register", service)
             scene.after.append(functools.partial(self.deregister, str(service["ID"])))
         return db_side, up
+
+    def allow(self, scene: Scene, source: str, destination: str) -> None:
+        """An intention `source` -> `destination` allow, deleted at the end of the scene."""
+        self.api.put(
+            "/v1/config",
+            {
+                "Kind": "service-intentions",
+                "Name": destination,
+                "Sources": [{"Name": source, "Action": "allow"}],
+            },
+        )
+        path = f"/v1/config/service-intentions/{destination}"
+        scene.after.append(functools.partial(self.api.delete, path))

@@ -102,6 +102,9 @@ class AgentHTTP:
     def put(self, path: str, body: Any) -> Any:
         return self.call("PUT", path, body)[0]
 
+    def delete(self, path: str) -> None:
+        self.call("DELETE", path)
+
     def material(self, service: str) -> TLSMaterial:
         leaf, _ = self.get(f"/v1/agent/connect/ca/leaf/{service}")
         roots, _ = self.get("/v1/agent/connect/ca/roots")

@@ -107,8 +107,9 @@ def parser() -> argparse.ArgumentParser:
         type=lambda v: [x.strip() for x in v.split(",") if x.strip()],
         default=None,
         metavar="LIST",
-        help="run only these scenarios: names (inbound, chain-go, inbound-w2, ...), layouts "
-        "(inbound, outbound, chain) or kinds (direct, ours, peers, go, workers)",
+        help="run only these scenarios: names (inbound, chain-go, inbound-w2, inbound-bare, "
+        "...), layouts (inbound, outbound, chain) or kinds (direct, ours, peers, go, workers, "
+        "observe)",
     )
     parser.add_argument(
         "--go-maxprocs",

@@ -335,7 +335,9 @@ class Proxy:
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,
             reuse_port=self.settings.reuse_port,
-            observer=self.metrics.observer(INBOUND, "public_listener", service=self.config.service),
+            observer=self.metrics.observer(INBOUND, "public_listener", service=self.config.service)
+            if self.settings.observe
+            else None,
         )
         self._public_task = self._tasks.create_task(
             self._bind_public(self.public, report=not strict), name="public listener"
