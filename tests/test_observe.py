@@ -11,8 +11,8 @@ import httpx
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
-from listeners.events import Refusal
-from proxy.config import ProxyConfig
+from listeners.events import NullObserver, Refusal
+from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.devagent import DevAgent
 from proxy.observe import ProxyMetrics
 from proxy.supervisor import Proxy
@@ -24,6 +24,8 @@ from tests.proxyfix import (
     db_sidecar,
     echo_app,
     local_port,
+    plain_exchange,
+    register_proxy,
     running_proxy,
     tls_exchange,
     upstream,
@@ -277,3 +279,31 @@ def test_throttle_counts_per_kind_and_forgets_quiet_ones() -> None:
     assert throttle.admit("b") is True
     assert throttle.admit("c") is True  # over max_keys: the oldest kind (a) is dropped
     assert throttle.admit("a") is True
+
+
+async def test_metrics_off_leaves_every_listener_without_an_observer(
+    agent: DevAgent, caplog: pytest.LogCaptureFixture
+) -> None:
+    """CONNECT_PROXY_METRICS=off (the bench's baseline): nothing counted, nothing logged."""
+    metrics = ProxyMetrics()
+    caplog.set_level(logging.DEBUG)
+    async with echo_app() as app:
+        public = PublicListenerConfig(
+            bind_address="127.0.0.1", bind_port=0, local_service_port=app.port
+        )
+        db_config = ProxyConfig(service="db", public_listener=public)
+        web_config = ProxyConfig(service="web", upstreams=(upstream("db"),))
+        async with (
+            running_proxy(agent, db_config, metrics, observe=False) as db,
+            running_proxy(agent, web_config, metrics, observe=False) as web,
+        ):
+            assert db.public is not None
+            await register_proxy(agent, "db-sidecar-proxy", db.public.port, "db", app.port)
+            listeners = [db.public, *web.upstreams.values()]
+            assert all(isinstance(lst.observer, NullObserver) for lst in listeners)
+            assert await plain_exchange(local_port(web), b"hello world") == b"hello world"
+            await _idle(web)
+            await _idle(db)
+    assert access(caplog.records, "proxy.inbound") == []
+    assert access(caplog.records, "proxy.upstream") == []
+    assert "connect_proxy_connections_total{" not in metrics.exposition().decode()
