@@ -229,7 +229,7 @@ class Observe:
             warm = bench.conn_rate(r.target, r.procs, 64, duration=WARMUP_S)
             uncounted[r.variant.label] = 1 + warm["connections"]
         by = {r.variant.label: r for r in running}
-        rounds = 2 * self.s.params.repeats
+        rounds = getattr(self.s.args, "observe_rounds", None) or 2 * self.s.params.repeats
         order = schedule(list(by), rounds)
         windows: dict[str, list[dict[str, Any]]] = {label: [] for label in by}
         for i, (rnd, label) in enumerate(order, 1):

@@ -112,6 +112,14 @@ def parser() -> argparse.ArgumentParser:
         "observe)",
     )
     parser.add_argument(
+        "--observe-rounds",
+        type=int,
+        default=None,
+        metavar="N",
+        help="rounds of the on/bare comparison (kind observe): each variant gets N conn/s "
+        "windows in alternating order (default: 2 x the repetitions, 6; 2 with --quick)",
+    )
+    parser.add_argument(
         "--go-maxprocs",
         type=int,
         default=1,

@@ -17,6 +17,7 @@ import contextlib
 import datetime as dt
 import json
 import logging
+import re
 import sys
 from collections.abc import Mapping
 
@@ -45,10 +46,20 @@ class _HCLogFormatter(logging.Formatter):
     def __init__(self, json_lines: bool) -> None:
         super().__init__()
         self.json_lines = json_lines
+        self._second = -1
+        self._second_text = ""
+
+    def _stamp(self, created: float) -> str:
+        # The access log writes a line per connection: the date part is formatted once per
+        # second, not per line (strftime is a third of a line's cost).
+        second = int(created)
+        if second != self._second:
+            when = dt.datetime.fromtimestamp(second, dt.UTC)
+            self._second, self._second_text = second, when.strftime("%Y-%m-%dT%H:%M:%S.")
+        return f"{self._second_text}{int((created - second) * 1000):03d}Z"
 
     def format(self, record: logging.LogRecord) -> str:
-        when = dt.datetime.fromtimestamp(record.created, dt.UTC)
-        stamp = when.strftime("%Y-%m-%dT%H:%M:%S.") + f"{when.microsecond // 1000:03d}Z"
+        stamp = self._stamp(record.created)
         level = _HCLOG_LEVELS.get(record.levelname, record.levelname)
         message = record.getMessage()
         if record.exc_info:
@@ -69,6 +80,9 @@ class _HCLogFormatter(logging.Formatter):
         return f"{stamp} [{level}] {' ' * (5 - len(level))}{record.name}: {message}"
 
 
+_NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+
+
 def _pairs(fields: Mapping[str, object]) -> str:
     """`key=value` pairs as hclog writes them (quoted when a value has spaces or quotes);
     empty and absent values are left out."""
@@ -76,9 +90,10 @@ def _pairs(fields: Mapping[str, object]) -> str:
     for key, value in fields.items():
         if value is None or value == "":
             continue
-        text = str(value)
-        if any(c in text for c in ' "=\t\n') or not text:
-            text = json.dumps(text)
+        if type(value) is str:
+            text = json.dumps(value) if _NEEDS_QUOTES.search(value) else value
+        else:
+            text = str(value)
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
@@ -96,6 +111,12 @@ class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
 def setup_logging(level: str, json_format: bool = False, stream: object = None) -> None:
     handler = _QuietStreamHandler(stream or sys.stdout)
     handler.setFormatter(_HCLogFormatter(json_format))
+    # Records need neither the caller's frame (a stack walk per line) nor thread and process
+    # names: the logging HOWTO's "Optimization" settings, for a log line per connection.
+    logging._srcfile = None
+    logging.logThreads = False
+    logging.logProcesses = False
+    logging.logMultiprocessing = False
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(_LOG_LEVELS.get(level.upper(), logging.INFO))

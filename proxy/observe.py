@@ -22,16 +22,20 @@ window says how many were not logged (the metrics count every one).
 from __future__ import annotations
 
 import asyncio
+import bisect
 import collections
 import logging
+import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from typing import Any, Protocol
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+from prometheus_client import CollectorRegistry, Gauge, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from listeners.events import INBOUND, Connection, Outcome, Refusal
+from listeners.events import INBOUND, UPSTREAM, Connection, Outcome, Refusal
 from proxy.throttle import Throttle
 
 FLUSH_INTERVAL = 5.0  # seconds between byte-count reports of open connections, as Consul
@@ -61,8 +65,53 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000, 3)
 
 
+class _Histogram:
+    """Bucket counts of one series, kept as plain numbers (read at scrape time).
+
+    prometheus_client's own metrics take a lock per update; on the hot path plain list
+    increments on the event loop's thread are a fraction of that.
+    """
+
+    __slots__ = ("buckets", "counts", "sum")
+
+    def __init__(self, buckets: tuple[float, ...]) -> None:
+        self.buckets = buckets
+        self.counts = [0] * (len(buckets) + 1)  # the last one: above every bucket (+Inf)
+        self.sum = 0.0
+
+    def observe(self, value: float) -> None:
+        self.counts[bisect.bisect_left(self.buckets, value)] += 1
+        self.sum += value
+
+    def cumulative(self) -> list[tuple[str, float]]:
+        """Prometheus buckets: (le, observations <= le), the last one `+Inf`."""
+        out, total = [], 0
+        for bound, count in zip((*self.buckets, math.inf), self.counts, strict=True):
+            total += count
+            out.append(("+Inf" if math.isinf(bound) else repr(float(bound)), float(total)))
+        return out
+
+
+class _Totals:
+    """Everything counted for one (direction, listener), across the listeners' lives."""
+
+    __slots__ = ("active", "bytes", "dial", "duration", "outcomes", "refusals")
+
+    def __init__(self) -> None:
+        self.outcomes = dict.fromkeys(Outcome, 0)
+        self.refusals: dict[str, int] = {}
+        self.active = 0
+        self.bytes = [0, 0]  # toward the destination, toward the source
+        self.dial = _Histogram(_STEP_BUCKETS)
+        self.duration = _Histogram(_DURATION_BUCKETS)
+
+
 class ProxyMetrics:
     """The proxy's metrics and access log, for the life of the process.
+
+    Counts live in plain numbers per (direction, listener), updated by the listeners'
+    observers on the event loop, and are read into the registry's text exposition by a
+    collector at scrape time.
 
     Args:
         access_log: write one log line per connection (info; refusals at warning).
@@ -78,66 +127,15 @@ class ProxyMetrics:
             maxlen=RECENT_REFUSALS
         )
         self.observers: list[ListenerObserver] = []
+        self.totals: dict[tuple[str, str], _Totals] = {}
+        self.handshake = {direction: _Histogram(_STEP_BUCKETS) for direction in (INBOUND, UPSTREAM)}
+        self.authorize = _Histogram(_STEP_BUCKETS)
         self._leaf_not_after: Callable[[], float | None] = lambda: None
-        self._instances: dict[str, Callable[[], int | None]] = {}
         r = self.registry
-        self.connections = Counter(
-            "connect_proxy_connections",
-            "Connections handled, by how they ended (forwarded, refused, closed by the client "
-            "before a decision).",
-            ["direction", "listener", "outcome"],
-            registry=r,
-        )
-        self.refused = Counter(
-            "connect_proxy_refused_connections",
-            "Connections closed without being forwarded, by reason.",
-            ["direction", "listener", "reason"],
-            registry=r,
-        )
-        self.active = Gauge(
-            "connect_proxy_active_connections",
-            "Connections forwarding right now.",
-            ["direction", "listener"],
-            registry=r,
-        )
-        self.bytes = Counter(
-            "connect_proxy_bytes",
-            "Bytes forwarded, toward the destination (the app or the upstream instance) or "
-            "back toward the source.",
-            ["direction", "listener", "toward"],
-            registry=r,
-        )
-        self.handshake = Histogram(
-            "connect_proxy_tls_handshake_seconds",
-            "TLS handshakes: inbound as server, upstream as client.",
-            ["direction"],
-            buckets=_STEP_BUCKETS,
-            registry=r,
-        )
-        self.authorize = Histogram(
-            "connect_proxy_authorize_seconds",
-            "Authorize calls to the agent for inbound connections.",
-            buckets=_STEP_BUCKETS,
-            registry=r,
-        )
-        self.dial = Histogram(
-            "connect_proxy_dial_seconds",
-            "Dials of the destination: the local app (inbound), or resolve, connect, TLS and "
-            "identity check of an upstream instance (upstream).",
-            ["direction", "listener"],
-            buckets=_STEP_BUCKETS,
-            registry=r,
-        )
-        self.duration = Histogram(
-            "connect_proxy_connection_duration_seconds",
-            "Lifetimes of forwarded connections.",
-            ["direction", "listener"],
-            buckets=_DURATION_BUCKETS,
-            registry=r,
-        )
+        r.register(_Collector(self))
         leaf = Gauge(
             "connect_proxy_leaf_expiry_seconds",
-            "Seconds until the leaf certificate in use expires (absent before one is loaded).",
+            "Seconds until the leaf certificate in use expires (NaN before one is loaded).",
             registry=r,
         )
         leaf.set_function(self._leaf_expiry)
@@ -173,12 +171,13 @@ class ProxyMetrics:
             labels: Labels = (("dst", service),)
         else:
             labels = (("src", service), ("dst_type", destination_type), ("dst", listener))
-        observer = ListenerObserver(self, direction, listener, labels)
+        totals = self.totals.setdefault((direction, listener), _Totals())
+        observer = ListenerObserver(self, direction, listener, labels, totals)
         self.observers.append(observer)
         return observer
 
     def forget(self, observer: ListenerObserver) -> None:
-        """A listener is gone for good (its connections have finished)."""
+        """A listener is gone for good (its connections have finished; its counts stay)."""
         if observer in self.observers:
             self.observers.remove(observer)
 
@@ -223,36 +222,100 @@ class ProxyMetrics:
         return generate_latest(self.registry)
 
 
+class _Collector:
+    """Our series, read from the totals at each scrape."""
+
+    def __init__(self, metrics: ProxyMetrics) -> None:
+        self.metrics = metrics
+
+    def collect(self) -> Iterable[Metric]:
+        m = self.metrics
+        pair = ["direction", "listener"]
+        connections = CounterMetricFamily(
+            "connect_proxy_connections",
+            "Connections handled, by how they ended (forwarded, refused, closed by the client "
+            "before a decision).",
+            labels=[*pair, "outcome"],
+        )
+        refused = CounterMetricFamily(
+            "connect_proxy_refused_connections",
+            "Connections closed without being forwarded, by reason.",
+            labels=[*pair, "reason"],
+        )
+        active = GaugeMetricFamily(
+            "connect_proxy_active_connections", "Connections forwarding right now.", labels=pair
+        )
+        forwarded = CounterMetricFamily(
+            "connect_proxy_bytes",
+            "Bytes forwarded, toward the destination (the app or the upstream instance) or "
+            "back toward the source.",
+            labels=[*pair, "toward"],
+        )
+        dial = HistogramMetricFamily(
+            "connect_proxy_dial_seconds",
+            "Dials of the destination: the local app (inbound), or resolve, connect, TLS and "
+            "identity check of an upstream instance (upstream).",
+            labels=pair,
+        )
+        duration = HistogramMetricFamily(
+            "connect_proxy_connection_duration_seconds",
+            "Lifetimes of forwarded connections.",
+            labels=pair,
+        )
+        for (direction, listener), t in sorted(m.totals.items()):
+            for outcome, count in t.outcomes.items():
+                connections.add_metric([direction, listener, outcome.value], count)
+            for reason, count in sorted(t.refusals.items()):
+                refused.add_metric([direction, listener, reason], count)
+            active.add_metric([direction, listener], t.active)
+            forwarded.add_metric([direction, listener, "destination"], t.bytes[0])
+            forwarded.add_metric([direction, listener, "source"], t.bytes[1])
+            dial.add_metric([direction, listener], t.dial.cumulative(), t.dial.sum)
+            duration.add_metric([direction, listener], t.duration.cumulative(), t.duration.sum)
+        handshake = HistogramMetricFamily(
+            "connect_proxy_tls_handshake_seconds",
+            "TLS handshakes: inbound as server, upstream as client.",
+            labels=["direction"],
+        )
+        for direction, h in m.handshake.items():
+            handshake.add_metric([direction], h.cumulative(), h.sum)
+        authorize = HistogramMetricFamily(
+            "connect_proxy_authorize_seconds",
+            "Authorize calls to the agent for inbound connections.",
+        )
+        authorize.add_metric([], m.authorize.cumulative(), m.authorize.sum)
+        return [connections, refused, active, forwarded, handshake, authorize, dial, duration]
+
+
 class ListenerObserver:
     """Counts one listener's connections in our series and Consul's, and logs them."""
 
     def __init__(
-        self, metrics: ProxyMetrics, direction: str, listener: str, labels: Labels
+        self,
+        metrics: ProxyMetrics,
+        direction: str,
+        listener: str,
+        labels: Labels,
+        totals: _Totals,
     ) -> None:
         self.metrics = metrics
         self.direction = direction
         self.listener = listener
         self.log = logging.getLogger(f"proxy.{direction}")
         self.consul_labels = labels
-        # The series' children, looked up once (a labels() call costs a dict walk and a lock).
-        self._active = metrics.active.labels(direction, listener)
-        self._to_destination = metrics.bytes.labels(direction, listener, "destination")
-        self._to_source = metrics.bytes.labels(direction, listener, "source")
-        self._outcomes = {
-            outcome: metrics.connections.labels(direction, listener, outcome.value)
-            for outcome in Outcome
-        }
-        self._handshake = metrics.handshake.labels(direction)
-        self._dial = metrics.dial.labels(direction, listener)
-        self._duration = metrics.duration.labels(direction, listener)
+        self.totals = totals
+        self._handshake = metrics.handshake[direction]
+        self._conns_key = (direction, "conns")
+        self._tx_key = (direction, "tx_bytes")
+        self._rx_key = (direction, "rx_bytes")
         # Open forwarding connections -> bytes (to destination, to source) already reported.
         self.live: dict[Connection, list[int]] = {}
 
     def forwarding(self, conn: Connection) -> None:
         self.live[conn] = [0, 0]
-        self._active.inc()
+        self.totals.active += 1
         if (telemetry := self.metrics.telemetry) is not None:
-            telemetry.set_gauge((self.direction, "conns"), len(self.live), self.consul_labels)
+            telemetry.set_gauge(self._conns_key, len(self.live), self.consul_labels)
 
     def finished(self, conn: Connection) -> None:
         try:
@@ -262,24 +325,26 @@ class ListenerObserver:
 
     def _finished(self, conn: Connection) -> None:
         metrics = self.metrics
+        totals = self.totals
         outcome = conn.outcome
-        self._outcomes[outcome].inc()
+        totals.outcomes[outcome] += 1
         if conn.handshake is not None:
             self._handshake.observe(conn.handshake)
         if conn.authorize is not None:
             metrics.authorize.observe(conn.authorize)
         if conn.dial is not None:
-            self._dial.observe(conn.dial)
+            totals.dial.observe(conn.dial)
         if conn in self.live:
             self._report(conn)
             del self.live[conn]
-            self._active.dec()
+            totals.active -= 1
             if conn.duration is not None:
-                self._duration.observe(conn.duration)
+                totals.duration.observe(conn.duration)
             if (telemetry := metrics.telemetry) is not None:
-                telemetry.set_gauge((self.direction, "conns"), len(self.live), self.consul_labels)
+                telemetry.set_gauge(self._conns_key, len(self.live), self.consul_labels)
         if conn.refusal is not None:
-            metrics.refused.labels(self.direction, self.listener, conn.refusal.value).inc()
+            reason = conn.refusal.value
+            totals.refusals[reason] = totals.refusals.get(reason, 0) + 1
             metrics.recent_refusals.append(conn)
         if metrics.access_log:
             self._log(conn, outcome)
@@ -296,15 +361,16 @@ class ListenerObserver:
         if d_dst <= 0 and d_src <= 0:
             return
         reported[0], reported[1] = to_dst, to_src
+        counted = self.totals.bytes
         telemetry = self.metrics.telemetry
         if d_dst > 0:
-            self._to_destination.inc(d_dst)
+            counted[0] += d_dst
             if telemetry is not None:
-                telemetry.incr_counter((self.direction, "rx_bytes"), d_dst, self.consul_labels)
+                telemetry.incr_counter(self._rx_key, d_dst, self.consul_labels)
         if d_src > 0:
-            self._to_source.inc(d_src)
+            counted[1] += d_src
             if telemetry is not None:
-                telemetry.incr_counter((self.direction, "tx_bytes"), d_src, self.consul_labels)
+                telemetry.incr_counter(self._tx_key, d_src, self.consul_labels)
 
     # -- access log ----------------------------------------------------------------------
 
