@@ -12,15 +12,18 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 
 from listeners.events import NullObserver, Refusal
-from proxy.config import ProxyConfig, PublicListenerConfig
+from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
+from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
 from proxy.observe import ProxyMetrics
 from proxy.supervisor import Proxy
 from proxy.throttle import Throttle
+from tests.certs import load_chain
 from tests.conftest import wait_until
 from tests.proxyfix import (
     EchoApp,
     client_ctx,
+    custom_leaf,
     db_sidecar,
     echo_app,
     local_port,
@@ -307,3 +310,90 @@ async def test_metrics_off_leaves_every_listener_without_an_observer(
     assert access(caplog.records, "proxy.inbound") == []
     assert access(caplog.records, "proxy.upstream") == []
     assert "connect_proxy_connections_total{" not in metrics.exposition().decode()
+
+
+# -- every refusal reason, each from a real connection -------------------------------------
+
+
+def refused_count(metrics: ProxyMetrics, direction: str, listener: str, reason: str) -> float:
+    labels = {"direction": direction, "listener": listener, "reason": reason}
+    return sample(metrics, "connect_proxy_refused_connections_total", **labels) or 0.0
+
+
+INBOUND_LABELS = ("inbound", "public_listener")
+
+
+async def test_inbound_refusal_reasons(agent: DevAgent) -> None:
+    """handshake_timeout, handshake_failure (a foreign CA), not_spiffe (no URI SAN),
+    app_dial_failed (nothing listens at the app's port)."""
+    metrics = ProxyMetrics()
+    async with echo_app() as app, db_sidecar(agent, app, metrics, handshake_timeout=0.2) as db:
+        assert db.public is not None
+        port = db.public.port
+        # A client that starts a handshake and stops: one byte of a ClientHello.
+        reader, writer = await asyncio.open_connection("127.0.0.1", port)
+        writer.write(b"\x16")
+        assert await reader.read() == b""  # closed by the proxy after 0.2 s
+        writer.close()
+        foreign = client_ctx(agent, None)
+        other = DevAgent().state.ca.sign_leaf("web", datacenter="dc1")
+        load_chain(foreign, other.cert_pem, other.private_key_pem)
+        assert await tls_exchange(port, foreign, b"x") == b""
+        no_uri = client_ctx(agent, None)
+        load_chain(no_uri, *custom_leaf(agent, serial=77, uri=None, cn="web"))
+        assert await tls_exchange(port, no_uri, b"x") == b""
+        await _idle(db)
+        assert app.connections == 0
+    expected = {
+        Refusal.HANDSHAKE_TIMEOUT: 1,
+        Refusal.HANDSHAKE_FAILURE: 1,
+        Refusal.NOT_SPIFFE: 1,
+    }
+    for reason, count in expected.items():
+        assert refused_count(metrics, *INBOUND_LABELS, reason) == count, reason
+    closed_app = ProxyMetrics()
+    async with echo_app() as gone:
+        pass  # its port is closed now
+    async with db_sidecar(agent, gone, closed_app) as db:
+        assert db.public is not None
+        assert await tls_exchange(db.public.port, client_ctx(agent, "web"), b"x") == b""
+        await _idle(db)
+    assert refused_count(closed_app, *INBOUND_LABELS, Refusal.APP_DIAL_FAILED) == 1
+
+
+async def test_authorize_failed_when_the_agent_is_gone(agent: DevAgent) -> None:
+    metrics = ProxyMetrics()
+    async with echo_app() as app, db_sidecar(agent, app, metrics) as db:
+        assert db.public is not None
+        await agent.close()  # certificates are loaded; the authorize call has nowhere to go
+        assert await tls_exchange(db.public.port, client_ctx(agent, "web"), b"x") == b""
+        await _idle(db)
+        assert app.connections == 0
+    assert refused_count(metrics, *INBOUND_LABELS, Refusal.AUTHORIZE_FAILED) == 1
+
+
+async def test_upstream_refusal_reasons(agent: DevAgent, ports: ReservedPorts) -> None:
+    """wrong_server_identity (an `api` certificate behind a `db` registration), and
+    upstream_dial_failed (a `cache` instance whose port nothing listens on)."""
+    metrics = ProxyMetrics()
+    api_public = PublicListenerConfig(bind_address="127.0.0.1", local_service_port=1)
+    async with running_proxy(agent, ProxyConfig(service="api", public_listener=api_public)) as api:
+        assert api.public is not None
+        await register_proxy(agent, "db-impostor", api.public.port, "db", 1)
+        async with echo_app() as gone:
+            pass
+        await register_proxy(agent, "cache-sidecar-proxy", gone.port, "cache", 1)
+        config = ProxyConfig(
+            service="web",
+            upstreams=(
+                UpstreamConfig(destination_name="db", local_bind_port=ports.take()),
+                UpstreamConfig(destination_name="cache", local_bind_port=ports.take()),
+            ),
+        )
+        async with running_proxy(agent, config, metrics) as web:
+            bound = {lst.name: lst.port for lst in web.upstreams.values()}
+            assert await plain_exchange(bound["db"], b"secret") == b""
+            assert await plain_exchange(bound["cache"], b"x") == b""
+            await _idle(web)
+    assert refused_count(metrics, "upstream", "db", Refusal.WRONG_SERVER_IDENTITY) == 1
+    assert refused_count(metrics, "upstream", "cache", Refusal.UPSTREAM_DIAL_FAILED) == 1
