@@ -1,0 +1,166 @@
+"""What metrics and the access log cost per connection, in instructions (valgrind callgrind).
+
+The conn/s windows of `run.py --only observe` vary by ±20 % from one to the next on a small
+shared machine, which hides a cost of a few per cent. Instruction counts do not vary with
+the machine's load: this script runs one process per (variant, connection count) under
+callgrind, each holding the dev agent, a `db` sidecar (public listener, authorize),
+a `web` proxy (upstream to db), an echo app and a client, all in-process, and sends N
+connections (11 bytes each way) through web -> db -> app. The cost of one connection is the
+slope between two counts (the start-up cancels out):
+
+    (Ir(on, large) - Ir(on, small)) / (large - small)   against the same for bare
+
+`on` is the proxy as shipped (metrics, access log at info to /dev/null); `bare` is
+CONNECT_PROXY_METRICS=off (no observer on any listener). Both proxies of the path are
+observed, so the difference is two observed connections; the ratio is over everything in
+the process (client, app, agent, both proxies), so the proxies' own share of it is larger.
+
+    python bench/observe_cost.py              # about 5 minutes on 2 cores
+    python bench/observe_cost.py --small 50 --large 250
+
+Rule 1: nothing here is collected by pytest; valgrind must be on PATH (else a clear error).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tempfile
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+
+from proxy import console  # noqa: E402
+from proxy.agent import AgentClient  # noqa: E402
+from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig  # noqa: E402
+from proxy.devagent import DevAgent  # noqa: E402
+from proxy.httpflags import HTTPOptions  # noqa: E402
+from proxy.observe import ProxyMetrics  # noqa: E402
+from proxy.supervisor import Proxy, ProxySettings  # noqa: E402
+
+CONCURRENCY = 8
+WARMUP = 20
+_DEVNULL = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
+
+
+async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()
+
+
+async def _connections(port: int, n: int) -> None:
+    gate = asyncio.Semaphore(CONCURRENCY)
+
+    async def one() -> None:
+        async with gate:
+            reader, writer = await asyncio.open_connection("127.0.0.1", port)
+            writer.write(b"hello world")
+            await reader.readexactly(11)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def _proxy(agent: DevAgent, config: ProxyConfig, observe: bool) -> Proxy:
+    client = AgentClient(HTTPOptions(address=agent.http_addr))
+    proxy = Proxy(client, config, ProxySettings(observe=observe), ProxyMetrics())
+    await proxy.start()
+    async with asyncio.timeout(30):
+        await proxy.wait_ready()
+    return proxy
+
+
+async def child(observe: bool, n: int) -> None:
+    """The measured process: the path web -> db -> app, then n connections through it."""
+    # The access log goes where a sidecar's stdout would, minus the reader.
+    console.setup_logging("INFO", False, _DEVNULL)
+    agent = DevAgent()
+    await agent.start("127.0.0.1", 0)
+    app = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    app_port = app.sockets[0].getsockname()[1]
+    public = PublicListenerConfig(bind_address="127.0.0.1", local_service_port=app_port)
+    db = await _proxy(agent, ProxyConfig(service="db", public_listener=public), observe)
+    assert db.public is not None
+    registration = {
+        "Kind": "connect-proxy",
+        "Name": "db-sidecar-proxy",
+        "Port": db.public.port,
+        "Address": "127.0.0.1",
+        "Proxy": {"DestinationServiceName": "db", "LocalServicePort": app_port},
+    }
+    await db.agent.register(registration)
+    upstream = UpstreamConfig(destination_name="db", local_bind_port=0)
+    web = await _proxy(agent, ProxyConfig(service="web", upstreams=(upstream,)), observe)
+    (listener,) = web.upstreams.values()
+    await _connections(listener.port, WARMUP)
+    await _connections(listener.port, n)
+    for proxy in (web, db):
+        await proxy.close(drain_timeout=1.0)
+        await proxy.agent.aclose()
+    app.close()
+    await agent.close()
+
+
+def _instructions(variant: str, n: int, out: Path) -> int:
+    """Run one child under callgrind; its total instruction count (Ir)."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+    argv += [sys.executable, __file__, "--child", variant, str(n)]
+    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
+    match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"{variant} {n}: callgrind failed:\n{done.stderr[-2000:]}")
+    return int(match.group(1).replace(",", ""))
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--small", type=int, default=50, help="connections, first count")
+    parser.add_argument("--large", type=int, default=250, help="connections, second count")
+    parser.add_argument("--child", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.child:
+        asyncio.run(child(args.child[0] == "on", int(args.child[1])))
+        return 0
+    if shutil.which("valgrind") is None:
+        print("valgrind is not on PATH (Debian: apt-get install valgrind)", file=sys.stderr)
+        return 2
+    if not 0 < args.small < args.large:
+        print("need 0 < --small < --large", file=sys.stderr)
+        return 2
+    runs = [(v, n) for v in ("on", "bare") for n in (args.small, args.large)]
+    with (
+        tempfile.TemporaryDirectory(prefix="observe-cost-") as tmp,
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+    ):
+        futures = {
+            run: pool.submit(_instructions, run[0], run[1], Path(tmp) / f"cg.{run[0]}.{run[1]}")
+            for run in runs
+        }
+        ir = {run: f.result() for run, f in futures.items()}
+    span = args.large - args.small
+    per = {v: (ir[(v, args.large)] - ir[(v, args.small)]) / span for v in ("on", "bare")}
+    print(f"instructions per connection ({args.small} -> {args.large} connections, whole process):")
+    for variant in ("on", "bare"):
+        print(f"  {variant:5s} {per[variant]:>14,.0f}")
+    extra = per["on"] - per["bare"]
+    print(f"  on - bare: {extra:,.0f} per connection ({extra / 2:,.0f} per observing proxy)")
+    print(f"  on / bare: {per['on'] / per['bare']:.3f}x (issue 11's goal: at most 5 % more)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
