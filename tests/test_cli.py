@@ -888,3 +888,27 @@ def test_managed_proxy_body_that_cannot_be_used_is_a_config_error(
 ) -> None:
     with pytest.raises(ConfigError, match=fragment):
         load_managed_proxy(body)
+
+
+@pytest.mark.parametrize("value", ["nonsense", "127.0.0.1:port", "127.0.0.1:70000", "a:b:1"])
+def test_admin_bind_must_be_host_port(value: str) -> None:
+    with pytest.raises(ConfigError, match="-admin-bind"):
+        parse_proxy_args(["-service", "web", "-admin-bind", value], {})
+    with pytest.raises(ConfigError, match="-admin-bind"):
+        parse_proxy_args(["-service", "web"], {"CONNECT_PROXY_ADMIN_BIND": value})
+
+
+def test_admin_bind_flag_wins_over_the_environment_and_is_off_by_default() -> None:
+    env = {"CONNECT_PROXY_ADMIN_BIND": "127.0.0.1:19001"}
+    assert parse_proxy_args(["-service", "web"], {}).admin_bind == ""
+    assert parse_proxy_args(["-service", "web"], env).admin_bind == "127.0.0.1:19001"
+    flagged = parse_proxy_args(["-service", "web", "-admin-bind", ":19002"], env)
+    assert flagged.admin_bind == ":19002"
+
+
+def test_metrics_switches() -> None:
+    options = parse_proxy_args(["-service", "web", "-access-log=false"], {})
+    assert (options.access_log, options.metrics) == (False, True)
+    options = parse_proxy_args(["-service", "web"], {"CONNECT_PROXY_METRICS": "off"})
+    assert (options.access_log, options.metrics) == (True, False)
+    assert options.settings()["access_log"] is False
