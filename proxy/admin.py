@@ -1,7 +1,7 @@
 """The admin endpoint: readiness, certificates, config, open connections, metrics, status page.
 
 Owns `AdminServer`, a small HTTP/1.1 server (h11 over asyncio streams) that reads what
-`proxy.supervisor.run` keeps current in its `RunState` and the `ProxyMetrics` of the
+`proxy.runner.run` keeps current in its `RunState` and the `ProxyMetrics` of the
 process. Routes (GET, and HEAD with the same headers and no body):
 
     /             the status page for people (`proxy.admin_page`)
@@ -49,7 +49,8 @@ from proxy.admin_page import (
 from proxy.agent import AgentClient
 from proxy.identity import encode_serial
 from proxy.observe import ProxyMetrics, access_fields
-from proxy.supervisor import Proxy, RunState
+from proxy.runner import RunState
+from proxy.supervisor import Proxy
 
 log = logging.getLogger("proxy.admin")
 

@@ -3,7 +3,7 @@
 Owns its flags and environment variables (`ProxyOptions`), which configuration source each
 mode uses, the start-up banner, signal handling (drain on the first signal, exit on the
 second), the `-workers` processes and exit codes. Logging and the event loop are set up
-through `proxy.console`; the proxy itself is `proxy.supervisor.run`.
+through `proxy.console`; the proxy itself is `proxy.runner.run`.
 
 Rule 1: only this module (and the other commands) turns errors into exit codes.
 """
@@ -17,7 +17,7 @@ import signal
 import subprocess
 import sys
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 
 from proxy import console
 from proxy.addr import split_host_port
@@ -36,13 +36,14 @@ from proxy.goflags import FlagError, FlagSet, HelpRequested, parse_duration
 from proxy.httpflags import HTTPOptions, add_http_flags, load_http_options
 from proxy.observe import ProxyMetrics
 from proxy.register import RegisterMonitor
+from proxy.runner import RunState, run
 from proxy.sources import (
     AgentConfigSource,
     ConfigSource,
     StaticConfigSource,
     lookup_proxy_id_for_sidecar,
 )
-from proxy.supervisor import ProxySettings, RunState, run
+from proxy.supervisor import ProxySettings
 from proxy.watch import BACKOFF_BASE
 
 ADMIN_BIND_VAR = "CONNECT_PROXY_ADMIN_BIND"
@@ -108,35 +109,17 @@ class ProxyOptions:
     metrics: bool = True  # CONNECT_PROXY_METRICS=off: no metrics, no access log (bench baseline)
 
     def settings(self) -> dict[str, object]:
-        """What the admin endpoint's /config shows of the command line (no secret)."""
-        http = self.http
-        return {
-            "mode": self.mode,
-            "proxy_id": self.proxy_id,
-            "sidecar_for": self.sidecar_for,
-            "legacy_managed_proxy": self.legacy,
-            "http_addr": http.display_address,
-            "token": "<redacted>" if http.token else "",
-            "ca_file": http.ca_file,
-            "ca_path": http.ca_path,
-            "client_cert": http.client_cert,
-            "tls_server_name": http.tls_server_name,
-            "tls_skip_verify": http.tls_skip_verify,
-            "datacenter": http.datacenter,
-            "stale": http.stale,
-            "register": self.register,
-            "register_id": self.register_id,
-            "listen": self.listen,
-            "service_addr": self.service_addr,
-            "log_level": self.log_level,
-            "log_json": self.log_json,
-            "drain_timeout_s": self.drain_timeout,
-            "workers": self.workers,
-            "tls_engine": self.tls_engine,
-            "admin_bind": self.admin_bind,
-            "access_log": self.access_log and self.metrics,
-            "metrics": self.metrics,
-        }
+        """What the admin endpoint's /config shows of the command line: no secret."""
+        shown = {f.name: getattr(self, f.name) for f in fields(self) if f.name not in _UNSHOWN}
+        http = {f.name: getattr(self.http, f.name) for f in fields(self.http)}
+        http["token"] = "<redacted>" if self.http.token else ""
+        http["basic_auth"] = "<redacted>" if self.http.basic_auth else ""
+        return {**shown, "http": http, "access_log": self.access_log and self.metrics}
+
+
+# The options /config leaves out: the agent's options are shown on their own (secrets
+# redacted), and the flags-mode config is shown as the proxy's current config.
+_UNSHOWN = frozenset({"http", "static", "upstream_hosts"})
 
 
 def _flag_set(

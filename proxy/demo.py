@@ -25,8 +25,9 @@ from proxy.agent import AgentClient
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.goflags import FlagError, FlagSet, HelpRequested
 from proxy.httpflags import HTTPOptions
+from proxy.runner import run
 from proxy.sources import AgentConfigSource
-from proxy.supervisor import Proxy, run
+from proxy.supervisor import Proxy
 
 DEMO_HELP = """\
 Usage: connect-proxy demo [-once]

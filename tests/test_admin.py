@@ -26,7 +26,8 @@ from proxy.devagent import DevAgent
 from proxy.httpflags import HTTPOptions
 from proxy.identity import encode_serial
 from proxy.observe import ProxyMetrics
-from proxy.supervisor import ProxySettings, RunState, run
+from proxy.runner import RunState, run
+from proxy.supervisor import ProxySettings
 from tests.conftest import wait_until
 from tests.proxyfix import EchoApp, agent_client, client_ctx, echo_app
 

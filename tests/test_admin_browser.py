@@ -24,7 +24,8 @@ from proxy.admin import AdminServer
 from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.devagent import DevAgent
 from proxy.observe import ProxyMetrics
-from proxy.supervisor import ProxySettings, RunState, run
+from proxy.runner import RunState, run
+from proxy.supervisor import ProxySettings
 from tests.conftest import wait_until
 from tests.proxyfix import (
     EchoApp,

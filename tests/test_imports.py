@@ -148,7 +148,7 @@ def test_nothing_imports_the_entry_point() -> None:
 
 def test_the_checker_sees_local_and_relative_imports(tmp_path: Path) -> None:
     """The walk must not miss an import hidden in a function (the way cycles used to hide)."""
-    source = "def f():\n    from proxy.supervisor import run\n    return run\n"
+    source = "def f():\n    from proxy.supervisor import Proxy\n    return Proxy\n"
     path = tmp_path / "x.py"
     path.write_text(source)
     modules = {"proxy.supervisor": ROOT / "proxy" / "supervisor.py", "proxy.x": path}

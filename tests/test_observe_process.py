@@ -138,7 +138,7 @@ async def test_admin_endpoint_of_a_real_process(agent: DevAgent, ports: Reserved
                 config = await c.get("/config")
                 metrics = await c.get("/metrics")
             assert (ready.status_code, ready.text) == (200, "ready\n")
-            assert config.json()["settings"]["token"] == "<redacted>"
+            assert config.json()["settings"]["http"]["token"] == "<redacted>"
             assert config.json()["settings"]["admin_bind"] == admin
             assert SECRET not in config.text
             assert "connect_proxy_ready 1.0" in metrics.text

@@ -18,8 +18,9 @@ import httpx
 from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
 from proxy.observe import ProxyMetrics
+from proxy.runner import run
 from proxy.sources import AgentConfigSource
-from proxy.supervisor import Proxy, ProxySettings, run
+from proxy.supervisor import Proxy, ProxySettings
 from tests.proxyfix import agent_client, echo_app
 
 
