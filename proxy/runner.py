@@ -21,6 +21,7 @@ from typing import Any, TypeVar
 from listeners.tls.contexts import describe_engine
 from proxy.agent import AgentClient
 from proxy.errors import ConfigError
+from proxy.memtrim import MemoryTrimmer
 from proxy.observe import ProxyMetrics
 from proxy.register import RegisterMonitor
 from proxy.sources import ConfigSource
@@ -108,7 +109,9 @@ async def run(
     configs = source.configs()
     proxy: Proxy | None = None
     monitor: RegisterMonitor | None = None
-    flusher = asyncio.get_running_loop().create_task(metrics.run(), name="metrics flush")
+    loop = asyncio.get_running_loop()
+    flusher = loop.create_task(metrics.run(), name="metrics flush")
+    keeper = loop.create_task(keep_memory(state, MemoryTrimmer()), name="memory trim")
     telemetry: Telemetry | None = None
     try:
         first = await _unless_stopped(anext(configs), stop)
@@ -160,11 +163,27 @@ async def run(
         if monitor is not None:
             await monitor.deregister()
         flusher.cancel()
-        await asyncio.gather(flusher, return_exceptions=True)
+        keeper.cancel()
+        await asyncio.gather(flusher, keeper, return_exceptions=True)
         metrics.flush()
         if telemetry is not None:
             await telemetry.aclose()
         state.phase = "stopped"
+
+
+def open_connections(proxy: Proxy) -> int:
+    """Connections being handled by every listener of `proxy` now."""
+    listeners = [*proxy.upstreams.values(), *([proxy.public] if proxy.public else [])]
+    return sum(len(listener.connections) for listener in listeners)
+
+
+async def keep_memory(state: RunState, trimmer: MemoryTrimmer, interval: float = 5.0) -> None:
+    """Every `interval` seconds, let `trimmer` see how many connections are open (it gives
+    memory back after a spike has passed)."""
+    while True:
+        await asyncio.sleep(interval)
+        if state.proxy is not None:
+            trimmer.sample(open_connections(state.proxy))
 
 
 async def start_telemetry(raw: Mapping[str, Any]) -> Telemetry:
