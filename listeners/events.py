@@ -37,6 +37,9 @@ class Refusal(enum.StrEnum):
     NO_HEALTHY_INSTANCE = "no_healthy_instance"
     WRONG_SERVER_IDENTITY = "wrong_server_identity"
     UPSTREAM_DIAL_FAILED = "upstream_dial_failed"
+    # Closed at accept, before any byte was read (`listeners/serve.py`).
+    OVER_CONNECTION_LIMIT = "over_connection_limit"
+    OVER_HANDSHAKE_LIMIT = "over_handshake_limit"
 
 
 class Outcome(enum.StrEnum):

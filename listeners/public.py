@@ -24,7 +24,14 @@ from typing import Protocol
 
 from listeners.events import INBOUND, Connection, Observer, Refusal, now
 from listeners.pump import Pipe
-from listeners.serve import Listener, is_routine_close, peer_address, tune_socket
+from listeners.serve import (
+    Listener,
+    Slot,
+    default_handshake_limit,
+    is_routine_close,
+    peer_address,
+    tune_socket,
+)
 from listeners.tls.contexts import explain_verify_failure
 from listeners.tls.engine import TLSContext
 from listeners.tls.transport import HandshakeTimeout, TLSTransport
@@ -53,15 +60,18 @@ class InboundAuthorizer(Protocol):
 
 
 class _InboundTLS(TLSTransport):
-    def __init__(self, listener: PublicListener, context: TLSContext) -> None:
+    def __init__(self, listener: PublicListener, context: TLSContext, slot: Slot) -> None:
         super().__init__(context, server_side=True)
         self.listener = listener
+        self.slot = slot
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         tune_socket(transport)
         source = peer_address(transport)
-        self.listener.spawn(self.listener.handle(self, source), f"inbound {source}", transport)
+        self.listener.spawn(
+            self.listener.handle(self, source, self.slot), f"inbound {source}", transport, self.slot
+        )
 
 
 class PublicListener(Listener):
@@ -82,8 +92,25 @@ class PublicListener(Listener):
         name: str = "public_listener",
         reuse_port: bool = False,
         observer: Observer | None = None,
+        max_connections: int | None = None,
+        handshake_limit: int | None = None,
     ) -> None:
-        super().__init__(name, bind_host, bind_port, log, reuse_port=reuse_port, observer=observer)
+        """Budgets (`listeners.serve.Listener`): `max_connections` None takes the default
+        derived from the descriptor limit, `handshake_limit` None a quarter of it."""
+        super().__init__(
+            name,
+            bind_host,
+            bind_port,
+            log,
+            reuse_port=reuse_port,
+            observer=observer,
+            max_connections=max_connections,
+        )
+        if handshake_limit is None:
+            handshake_limit = default_handshake_limit(self.max_connections)
+        if handshake_limit < 1:
+            raise ValueError(f"handshake_limit must be at least 1, got {handshake_limit}")
+        self.handshake_limit = handshake_limit
         # Go dials ":8080" as the local host; Python needs a name or an address.
         self.app_host = app_host or "127.0.0.1"
         self.app_port = app_port
@@ -103,12 +130,12 @@ class PublicListener(Listener):
         await self.contexts.wait_ready()
         await self.bind(self._accept)
 
-    def _accept(self) -> asyncio.BaseProtocol:
+    def _accept(self, slot: Slot) -> asyncio.BaseProtocol:
         context = self.contexts.server_context()
         assert context is not None  # bound only once ready
-        return _InboundTLS(self, context)
+        return _InboundTLS(self, context, slot)
 
-    async def handle(self, tls: TLSTransport, source: str = "") -> None:
+    async def handle(self, tls: TLSTransport, source: str = "", slot: Slot | None = None) -> None:
         conn = self.track(Connection(INBOUND, self.name, source))
         pipe: Pipe | None = None
         try:
@@ -124,6 +151,10 @@ class PublicListener(Listener):
                 conn.refuse(_handshake_refusal(exc, text), text)
                 return
             conn.handshake = now() - started
+            if slot is not None:
+                # Through the handshake: this connection no longer counts against the
+                # handshake budget (test_budget's slowloris test fails if it does).
+                slot.handshake_over()
             started = now()
             decision = await self.authorizer.authorize(tls.peer_certificate())
             conn.authorize = now() - started

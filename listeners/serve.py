@@ -1,24 +1,103 @@
-"""What every listener shares: bind, readiness, per-connection tasks, drain-then-cancel close.
+"""What every listener shares: bind, our own accept loop with its budgets, readiness,
+per-connection tasks, drain-then-cancel close.
 
-Rule 1: every connection task has an owner (the listener's task set); none is fire-and-forget.
+The accept loop is ours, not the event loop's (`create_server`), for two reasons:
+- budgets: beyond `max_connections` open connections, or `handshake_limit` connections not
+  yet through their TLS handshake, a new connection is closed at once, before any TLS, and
+  reported to the observer as refused (`over_connection_limit`, `over_handshake_limit`);
+- descriptor exhaustion: on EMFILE/ENFILE (and ENOBUFS/ENOMEM) accepting pauses with a
+  backoff (`ACCEPT_BACKOFF_FIRST` doubling to `ACCEPT_BACKOFF_MAX`), logs one warning per
+  outage and one line when it accepts again, and resumes. The connections that wait meanwhile
+  stay in the kernel's backlog. (CPython's own loop logs a traceback at error level every
+  second and retries after a fixed 1 s; uvloop leaves it to libuv, which accepts and closes
+  the waiting connections itself. Go's listener returns the error and the proxy stops
+  accepting for good.)
+
+Rule 1: every connection task has an owner (the listener's task sets); none is
+fire-and-forget.
 Rule 2: `close()` stops accepting first, lets connections finish up to a deadline, then
 cancels the rest; it is idempotent.
+Rule 3: a connection's share of the budgets (its `Slot`) is given back exactly once, whatever
+happens to it; a connection already past its handshake is never closed for a budget.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import logging
+import resource
 import socket
 from collections.abc import Callable, Coroutine
 from typing import Any
 
-from listeners.events import Connection, NullObserver, Observer, now
+from listeners.events import INBOUND, Connection, NullObserver, Observer, Refusal, now
 from proxy.addr import join_host_port
 from proxy.counter import Counter
 
 KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
+BACKLOG = 1024
+ACCEPT_BATCH = 64  # connections accepted per readiness callback (others wait their turn)
+ACCEPT_BACKOFF_FIRST = 0.05  # seconds of the first pause on descriptor exhaustion
+ACCEPT_BACKOFF_MAX = 1.0
+RESERVED_DESCRIPTORS = 64  # left for the agent's connections, logs, upstream dials
+_OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
+_UNLIMITED = 1 << 20  # what RLIM_INFINITY counts as
+
+
+def descriptor_limit() -> int:
+    """The soft RLIMIT_NOFILE of this process (RLIM_INFINITY counts as 2**20)."""
+    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
+    return _UNLIMITED if soft == resource.RLIM_INFINITY or soft > _UNLIMITED else int(soft)
+
+
+def default_max_connections(limit: int | None = None) -> int:
+    """The connection cap of a listener when none is configured.
+
+    A forwarded connection holds two descriptors (the accepted one and the one dialled);
+    a listener may use half of what is left after `RESERVED_DESCRIPTORS`, so the public
+    listener and the upstreams together stay under the limit. At least 16.
+
+    Args:
+        limit: the descriptor limit (default: this process's, `descriptor_limit()`).
+    """
+    if limit is None:
+        limit = descriptor_limit()
+    return max(16, (limit - RESERVED_DESCRIPTORS) // 4)
+
+
+def default_handshake_limit(max_connections: int) -> int:
+    """The budget of connections still in their TLS handshake: a quarter of the cap,
+    at most 1,024 (a handshake costs CPU; more at once only queue), at least 1."""
+    return max(1, min(max_connections // 4, 1024))
+
+
+class Slot:
+    """One accepted connection's share of its listener's budgets, given back exactly once."""
+
+    __slots__ = ("_handshaking", "_listener", "_open")
+
+    def __init__(self, listener: Listener, *, handshaking: bool) -> None:
+        self._listener = listener
+        self._open = True
+        self._handshaking = handshaking
+        listener.open += 1
+        if handshaking:
+            listener.handshaking += 1
+
+    def handshake_over(self) -> None:
+        """The handshake ended (either way): the connection leaves the handshake budget."""
+        if self._handshaking:
+            self._handshaking = False
+            self._listener.handshaking -= 1
+
+    def release(self) -> None:
+        """The connection is over: it leaves both budgets."""
+        self.handshake_over()
+        if self._open:
+            self._open = False
+            self._listener.open -= 1
 
 
 def tune_socket(transport: asyncio.BaseTransport) -> None:
@@ -49,8 +128,17 @@ def is_routine_close(exc: BaseException | None) -> bool:
     )
 
 
+ProtocolFactory = Callable[[Slot], asyncio.BaseProtocol]
+
+
 class Listener:
-    """A bound TCP server whose connections are handled by tracked tasks."""
+    """A bound TCP server whose connections are handled by tracked tasks.
+
+    Subclasses pass `bind()` a factory that makes the protocol of one accepted connection
+    from its `Slot`; the protocol's `connection_made` calls `spawn()` with that slot.
+    """
+
+    direction = INBOUND  # for the refusals reported at accept
 
     def __init__(
         self,
@@ -61,7 +149,23 @@ class Listener:
         *,
         reuse_port: bool = False,
         observer: Observer | None = None,
+        max_connections: int | None = None,
+        handshake_limit: int = 0,
     ) -> None:
+        """Args:
+        max_connections: connections open at once (None: `default_max_connections()`).
+        handshake_limit: connections at once still in their TLS handshake (0: no such
+            budget, for listeners whose connections make no handshake).
+
+        Raises:
+            ValueError: a budget below 1 (or below 0 for `handshake_limit`).
+        """
+        if max_connections is None:
+            max_connections = default_max_connections()
+        if max_connections < 1:
+            raise ValueError(f"max_connections must be at least 1, got {max_connections}")
+        if handshake_limit < 0:
+            raise ValueError(f"handshake_limit must not be negative, got {handshake_limit}")
         self.name = name
         # With -workers, several processes bind the same address; the kernel spreads the
         # connections over them (SO_REUSEPORT).
@@ -70,7 +174,18 @@ class Listener:
         self.port = port
         self.log = log
         self.ready = asyncio.Event()
-        self._server: asyncio.Server | None = None
+        self.max_connections = max_connections
+        self.handshake_limit = handshake_limit
+        self.open = 0  # connections holding a slot (accepted, not yet over)
+        self.handshaking = 0  # of those, the ones not yet through their handshake
+        self.over_connection_limit = 0  # closed at accept: `max_connections` reached
+        self.over_handshake_limit = 0  # closed at accept: `handshake_limit` reached
+        self.accept_pauses = 0  # accepting paused for want of descriptors
+        self._sockets: list[socket.socket] = []
+        self._factory: ProtocolFactory | None = None
+        self._backoff = 0.0  # the current pause (0: accepting normally)
+        self._resume: asyncio.TimerHandle | None = None
+        self._attaching: set[asyncio.Task[None]] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         # Connections accepted in all (a test awaits `accepted.reached(n)`).
@@ -88,43 +203,183 @@ class Listener:
         """Connections being handled right now."""
         return len(self._tasks)
 
-    async def bind(self, factory: Callable[[], asyncio.BaseProtocol]) -> None:
+    async def bind(self, factory: ProtocolFactory) -> None:
         """Listen; `port` becomes the bound port (useful with port 0).
+
+        Every address the host resolves to is bound, as `create_server` does.
 
         Raises:
             OSError: the address cannot be bound.
         """
         loop = asyncio.get_running_loop()
-        self._server = await loop.create_server(
-            factory,
-            self.host,
+        infos = await loop.getaddrinfo(
+            self.host or None,
             self.port,
-            reuse_address=True,
-            reuse_port=self.reuse_port or None,
-            backlog=1024,
+            type=socket.SOCK_STREAM,
+            flags=socket.AI_PASSIVE,
         )
-        self.port = self._server.sockets[0].getsockname()[1]
+        sockets: list[socket.socket] = []
+        try:
+            for family, kind, proto, _, address in dict.fromkeys(infos):
+                sock = socket.socket(family, kind, proto)
+                sockets.append(sock)
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                if self.reuse_port:
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+                if family == socket.AF_INET6:
+                    sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                try:
+                    sock.bind(address)
+                except OSError as exc:
+                    raise OSError(
+                        exc.errno,
+                        f"error while attempting to bind on address {address!r}: {exc.strerror}",
+                    ) from None
+                sock.listen(BACKLOG)
+                sock.setblocking(False)
+        except BaseException:
+            for sock in sockets:
+                sock.close()
+            raise
+        self._sockets = sockets
+        self._factory = factory
+        self.port = sockets[0].getsockname()[1]
+        self._watch(loop)
         self.log.info("Starting listener listener=%s bind_addr=%s", self.name, self.address)
         self.ready.set()
 
+    def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sock in self._sockets:
+            loop.add_reader(sock.fileno(), self._accept_ready, sock)
+
+    def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
+        for sock in self._sockets:
+            loop.remove_reader(sock.fileno())
+
+    def _accept_ready(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        for _ in range(ACCEPT_BATCH):
+            try:
+                conn, address = sock.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except ConnectionAbortedError:
+                continue  # the client gave up while waiting in the backlog
+            except OSError as exc:
+                if exc.errno in _OUT_OF_RESOURCES:
+                    self._pause(loop, exc)
+                    return
+                raise
+            if self._backoff:
+                self.log.info(
+                    "listener accepting again listener=%s pauses=%d", self.name, self.accept_pauses
+                )
+                self._backoff = 0.0
+            self._admit(loop, conn, address)
+
+    def _pause(self, loop: asyncio.AbstractEventLoop, exc: OSError) -> None:
+        """Out of descriptors: stop watching the sockets, watch again after a backoff."""
+        self.accept_pauses += 1
+        if not self._backoff:
+            self.log.warning(
+                "listener paused accepting: %s listener=%s open_connections=%d "
+                "(retrying with backoff up to %gs)",
+                exc.strerror or exc,
+                self.name,
+                self.open,
+                ACCEPT_BACKOFF_MAX,
+            )
+            self._backoff = ACCEPT_BACKOFF_FIRST
+        else:
+            self._backoff = min(self._backoff * 2, ACCEPT_BACKOFF_MAX)
+        self._unwatch(loop)
+        self._resume = loop.call_later(self._backoff, self._resume_accepting, loop)
+
+    def _resume_accepting(self, loop: asyncio.AbstractEventLoop) -> None:
+        self._resume = None
+        if not self._closed and self._sockets:
+            self._watch(loop)
+
+    def _admit(self, loop: asyncio.AbstractEventLoop, conn: socket.socket, address: Any) -> None:
+        """Within budget: hand `conn` to a protocol. Beyond: close it now and report it."""
+        if self._closed:
+            conn.close()
+            return
+        if self.open >= self.max_connections:
+            self.over_connection_limit += 1
+            self._refuse(
+                conn,
+                address,
+                Refusal.OVER_CONNECTION_LIMIT,
+                f"{self.max_connections} connections already open",
+            )
+            return
+        if self.handshake_limit and self.handshaking >= self.handshake_limit:
+            self.over_handshake_limit += 1
+            self._refuse(
+                conn,
+                address,
+                Refusal.OVER_HANDSHAKE_LIMIT,
+                f"{self.handshake_limit} connections already in their handshake",
+            )
+            return
+        slot = Slot(self, handshaking=self.handshake_limit > 0)
+        task = loop.create_task(self._attach(conn, slot), name=f"attach {self.name}")
+        self._attaching.add(task)
+        task.add_done_callback(self._attaching.discard)
+
+    def _refuse(self, conn: socket.socket, address: Any, reason: Refusal, detail: str) -> None:
+        conn.close()
+        source = ""
+        if isinstance(address, tuple) and len(address) >= 2:
+            source = join_host_port(str(address[0]), int(address[1]))
+        record = Connection(self.direction, self.name, source)
+        record.refuse(reason, detail)
+        record.duration = 0.0
+        self.observer.finished(record)
+
+    async def _attach(self, conn: socket.socket, slot: Slot) -> None:
+        """Make the transport and protocol of an accepted socket (the protocol spawns)."""
+        factory = self._factory
+        assert factory is not None
+        try:
+            await asyncio.get_running_loop().connect_accepted_socket(lambda: factory(slot), conn)
+        except asyncio.CancelledError:
+            slot.release()
+            conn.close()
+            raise
+        except OSError as exc:  # the client reset it already
+            slot.release()
+            conn.close()
+            self.log.debug("accepted connection lost before use: %s", exc)
+
     def spawn(
-        self, coro: Coroutine[Any, Any, None], name: str, transport: asyncio.BaseTransport
+        self,
+        coro: Coroutine[Any, Any, None],
+        name: str,
+        transport: asyncio.BaseTransport,
+        slot: Slot | None = None,
     ) -> None:
         """Handle the connection on `transport` in a tracked task.
 
         The transport is aborted if the listener is already closing, and if the task ends
         cancelled (a task cancelled before it first runs never reaches its own cleanup) or
-        with an unexpected exception (which is logged).
+        with an unexpected exception (which is logged). The slot is released when the task
+        ends.
         """
         if self._closed:
             coro.close()
             transport.abort()  # type: ignore[attr-defined]
+            if slot is not None:
+                slot.release()
             return
         task = asyncio.get_running_loop().create_task(coro, name=name)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
         def reap(t: asyncio.Task[None]) -> None:
+            if slot is not None:
+                slot.release()
             if t.cancelled():
                 transport.abort()  # type: ignore[attr-defined]
             elif (exc := t.exception()) is not None:
@@ -149,23 +404,30 @@ class Listener:
 
     async def until_idle(self) -> None:
         """Return once no connection is being handled (bound it with a timeout)."""
-        while self._tasks:
-            await asyncio.wait(set(self._tasks))
+        while self._tasks or self._attaching:
+            await asyncio.wait(self._tasks | self._attaching)
 
     def stop_accepting(self) -> None:
-        """Close the listening socket now (the address can be bound again at once).
+        """Close the listening sockets now (the address can be bound again at once).
 
-        A connection the kernel handed to asyncio in the same loop step as this close is
-        dropped by CPython's accept path (Server._attach asserts; the socket is left to the
-        garbage collector). The client sees it closed; nothing here can intercept it.
+        Connections still in the kernel's backlog are reset by the close.
         """
-        if self._server is not None and self._server.is_serving():
-            self._server.close()
-            self.log.info(
-                "listener stopped accepting listener=%s active_connections=%d",
-                self.name,
-                self.active,
-            )
+        if not self._sockets:
+            return
+        loop = asyncio.get_running_loop()
+        if self._resume is not None:
+            self._resume.cancel()
+            self._resume = None
+        else:
+            self._unwatch(loop)
+        for sock in self._sockets:
+            sock.close()
+        self._sockets = []
+        self.log.info(
+            "listener stopped accepting listener=%s active_connections=%d",
+            self.name,
+            self.active,
+        )
 
     async def close(self, drain_timeout: float = 0.0) -> None:
         """Stop accepting, wait up to `drain_timeout` for connections, cancel the rest."""
@@ -173,12 +435,12 @@ class Listener:
             return
         self._closed = True
         self.stop_accepting()
+        if self._attaching:
+            await asyncio.wait(set(self._attaching))
         if self._tasks and drain_timeout > 0:
             await asyncio.wait(set(self._tasks), timeout=drain_timeout)
         for task in list(self._tasks):
             task.cancel()
         if self._tasks:
             await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._server is not None:
-            await self._server.wait_closed()
         self.log.info("listener stopped listener=%s", self.name)

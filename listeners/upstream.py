@@ -23,7 +23,7 @@ from typing import Protocol
 
 from listeners.events import UPSTREAM, Connection, Observer, Refusal, now
 from listeners.pump import Pipe, Side
-from listeners.serve import Listener, peer_address, tune_socket
+from listeners.serve import Listener, Slot, peer_address, tune_socket
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
@@ -54,9 +54,10 @@ class _Local(Side):
     while the upstream connection is dialled.
     """
 
-    def __init__(self, listener: UpstreamListener) -> None:
+    def __init__(self, listener: UpstreamListener, slot: Slot) -> None:
         super().__init__()
         self.listener = listener
+        self.slot = slot
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
@@ -64,12 +65,21 @@ class _Local(Side):
         listener = self.listener
         source = peer_address(transport)
         listener.spawn(
-            listener.handle(self.pipe, source), f"upstream {listener.name} {source}", transport
+            listener.handle(self.pipe, source),
+            f"upstream {listener.name} {source}",
+            transport,
+            self.slot,
         )
 
 
 class UpstreamListener(Listener):
-    """Listens on `LocalBindAddress:LocalBindPort` and forwards to one upstream service."""
+    """Listens on `LocalBindAddress:LocalBindPort` and forwards to one upstream service.
+
+    Its clients are local and make no handshake with it, so it has a connection cap
+    (`max_connections`, default derived from the descriptor limit) but no handshake budget.
+    """
+
+    direction = UPSTREAM
 
     def __init__(
         self,
@@ -83,6 +93,7 @@ class UpstreamListener(Listener):
         close_timeout: float = 10.0,
         reuse_port: bool = False,
         observer: Observer | None = None,
+        max_connections: int | None = None,
     ) -> None:
         super().__init__(
             name,
@@ -91,6 +102,7 @@ class UpstreamListener(Listener):
             log,
             reuse_port=reuse_port,
             observer=observer,
+            max_connections=max_connections,
         )
         self.contexts = contexts
         self.resolver = resolver
@@ -108,8 +120,8 @@ class UpstreamListener(Listener):
         """Bind now; connections that come before certificates wait for them."""
         await self.bind(self._accept)
 
-    def _accept(self) -> asyncio.BaseProtocol:
-        return Pipe(_Local(self), close_timeout=self.close_timeout).a
+    def _accept(self, slot: Slot) -> asyncio.BaseProtocol:
+        return Pipe(_Local(self, slot), close_timeout=self.close_timeout).a
 
     async def handle(self, pipe: Pipe, source: str = "") -> None:
         """Dial the upstream for the local connection on side A of `pipe`, then pump."""

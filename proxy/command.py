@@ -102,6 +102,7 @@ class ProxyOptions:
     drain_timeout: float
     upstream_hosts: Mapping[str, str] = field(default_factory=dict)
     workers: int = 1
+    max_inbound_connections: int | None = None  # -max-inbound-connections (not in Consul)
     worker_child: bool = False  # one of the -workers processes started by the first
     tls_engine: str = DEFAULT_TLS_ENGINE  # CONNECT_PROXY_TLS_ENGINE (not in Consul)
     admin_bind: str = ""  # -admin-bind / CONNECT_PROXY_ADMIN_BIND (not in Consul)
@@ -175,6 +176,13 @@ def _flag_set(
         "10s",
         "How long active connections may finish after SIGINT/SIGTERM (not in Consul).",
     )
+    fs.string(
+        "max-inbound-connections",
+        "",
+        "Most inbound connections open at once; beyond it new ones are closed at accept. "
+        "Proxy.Config's max_inbound_connections wins when set. Default: a quarter of the "
+        "descriptor limit less 64 (not a Consul flag).",
+    )
     fs.string("workers", "1", "Processes sharing each listener with SO_REUSEPORT (not in Consul).")
     fs.string(
         "admin-bind",
@@ -227,6 +235,17 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         raise ConfigError(f"-workers must be a whole number, got {text('workers')!r}") from None
     if not 1 <= workers <= 64:
         raise ConfigError(f"-workers must be between 1 and 64, got {workers}")
+    max_inbound: int | None = None
+    if text("max-inbound-connections"):
+        try:
+            max_inbound = int(text("max-inbound-connections"))
+        except ValueError:
+            max_inbound = 0
+        if max_inbound < 1:
+            raise ConfigError(
+                "-max-inbound-connections must be a positive whole number, "
+                f"got {text('max-inbound-connections')!r}"
+            )
     admin_bind = text("admin-bind") or env.get(ADMIN_BIND_VAR, "")
     if admin_bind:
         split_host_port(admin_bind, "-admin-bind")
@@ -261,6 +280,7 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         drain_timeout=drain,
         upstream_hosts=given_hosts,
         workers=workers,
+        max_inbound_connections=max_inbound,
         worker_child=env.get("CONNECT_PROXY_WORKER") == "1",
         tls_engine=load_tls_engine(env),
         admin_bind=admin_bind,
@@ -383,6 +403,7 @@ async def serve(
             reuse_port=options.workers > 1 or options.worker_child,
             tls_engine=options.tls_engine,
             observe=options.metrics,
+            max_inbound_connections=options.max_inbound_connections,
         )
         try:
             await run(

@@ -44,6 +44,27 @@ def timeout_ms(value: Any, name: str, default_ms: float) -> float:
     return float(value) / 1000
 
 
+def max_inbound_connections(value: Any) -> int | None:
+    """`max_inbound_connections` of a proxy's Config: None when absent.
+
+    Raises:
+        ConfigError: not a positive whole number (JSON number or numeric string).
+    """
+    if value is None:
+        return None
+    number = value
+    if isinstance(value, str):
+        try:
+            number = int(value.strip())
+        except ValueError:
+            number = None
+    elif isinstance(value, float) and value.is_integer():
+        number = int(value)
+    if isinstance(number, bool) or not isinstance(number, int) or number < 1:
+        raise ConfigError(f"max_inbound_connections must be a positive whole number, got {value!r}")
+    return number
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PublicListenerConfig:
     """The inbound mTLS listener (`ProxyConfig.public_listener` None: none; port 0: any free)."""
@@ -54,6 +75,9 @@ class PublicListenerConfig:
     local_service_port: int = 0
     local_connect_timeout: float = 1.0
     handshake_timeout: float = 10.0
+    # `max_inbound_connections` of Proxy.Config (Consul passes it to Envoy); None: not set,
+    # the -max-inbound-connections flag or the descriptor-derived default applies.
+    max_inbound_connections: int | None = None
 
     @property
     def local_service_address(self) -> str:
@@ -171,6 +195,7 @@ def load_agent_service(service: Mapping[str, Any]) -> ProxyConfig:
             handshake_timeout=timeout_ms(
                 config.get("handshake_timeout_ms"), "handshake_timeout_ms", 10000
             ),
+            max_inbound_connections=max_inbound_connections(config.get("max_inbound_connections")),
         )
     upstreams = tuple(load_upstream(u) for u in proxy.get("Upstreams") or [])
     return ProxyConfig(
@@ -319,6 +344,7 @@ def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
             handshake_timeout=timeout_ms(
                 config.get("handshake_timeout_ms"), "handshake_timeout_ms", 10000
             ),
+            max_inbound_connections=max_inbound_connections(config.get("max_inbound_connections")),
         )
     raw_upstreams = body.get("Upstreams")
     if raw_upstreams is None:

@@ -397,6 +397,8 @@ _WARNINGS = frozenset(
         Refusal.APP_DIAL_FAILED,
         Refusal.AUTHORIZE_FAILED,
         Refusal.NO_HEALTHY_INSTANCE,
+        Refusal.OVER_CONNECTION_LIMIT,
+        Refusal.OVER_HANDSHAKE_LIMIT,
         Refusal.UPSTREAM_DIAL_FAILED,
         Refusal.WRONG_SERVER_IDENTITY,
     }

@@ -51,6 +51,9 @@ class ProxySettings:
     reuse_port: bool = False  # -workers: several processes bind each listener
     tls_engine: str = DEFAULT_TLS_ENGINE
     observe: bool = True  # count and log connections (off: the bench's baseline)
+    # -max-inbound-connections: the public listener's cap when its Config sets none
+    # (None: derived from the descriptor limit, `listeners.serve.default_max_connections`).
+    max_inbound_connections: int | None = None
 
 
 @dataclass(slots=True)
@@ -328,6 +331,11 @@ class Proxy:
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,
             reuse_port=self.settings.reuse_port,
+            # Proxy.Config wins over the flag: it is the per-service value an operator
+            # manages centrally; the flag is this process's default (and all flags mode has).
+            max_connections=cfg.max_inbound_connections
+            if cfg.max_inbound_connections is not None
+            else self.settings.max_inbound_connections,
             observer=self.metrics.observer(INBOUND, "public_listener", service=self.config.service)
             if self.settings.observe
             else None,
