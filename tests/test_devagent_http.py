@@ -579,10 +579,18 @@ async def test_default_intention_policy(policy: str) -> None:
         assert body == {"Authorized": policy == "allow", "Reason": "Default intention policy"}
 
 
-async def test_authorize_ignores_trust_domain(agent: DevAgent, client: httpx.AsyncClient) -> None:
-    await _intention(client, "web", "db", "deny")
-    body = (await authorize(client, "db", "spiffe://other.consul/ns/default/dc/dc1/svc/web")).json()
-    assert body["Authorized"] is False
+async def test_authorize_refuses_another_trust_domain_before_intentions(
+    agent: DevAgent, client: httpx.AsyncClient
+) -> None:
+    # An allow intention would match web; the foreign trust domain is refused before it.
+    await _intention(client, "web", "db", "allow")
+    r = await authorize(client, "db", "spiffe://Other.consul/ns/default/dc/dc1/svc/web")
+    assert r.status_code == 200
+    assert r.json() == {
+        "Authorized": False,
+        "Reason": "Identity from an external trust domain: Other.consul",
+    }
+    assert (await authorize(client, "db", uri(agent, "web"))).json()["Authorized"] is True
 
 
 @pytest.mark.parametrize(
@@ -605,12 +613,15 @@ async def test_authorize_ignores_trust_domain(agent: DevAgent, client: httpx.Asy
             "ClientCertURI not a valid Service identifier",
         ),
         (
-            '{"target": "db", "clientcerturi": "spiffe://x.consul/ap/p1/ns/default/dc/dc1/svc/web"}',
+            '{"target": "db", "clientcerturi": "spiffe://TD/ap/p1/ns/default/dc/dc1/svc/web"}',
             'Mismatched partitions: "p1" != "default"',
         ),
     ],
 )
-async def test_authorize_bad_input(client: httpx.AsyncClient, body: str, text: str) -> None:
+async def test_authorize_bad_input(
+    agent: DevAgent, client: httpx.AsyncClient, body: str, text: str
+) -> None:
+    body = body.replace("TD", agent.state.ca.trust_domain)
     r = await client.post("/v1/agent/connect/authorize", content=body)
     assert r.status_code == 400
     assert text in r.text

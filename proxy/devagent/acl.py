@@ -138,6 +138,10 @@ def parse_rules(text: str) -> Rules:
     data: Any
     try:
         data = json.loads(text)
+    except RecursionError as exc:
+        # Rules arrive in a request body: nesting deep enough to exhaust the stack is a
+        # refused policy (400), not a crash.
+        raise PolicyError("Failed to parse ACL rules: nested too deeply") from exc
     except json.JSONDecodeError:
         try:
             data = load_hcl(text)

@@ -110,7 +110,10 @@ def _decode_value(value: Any, kind: Kind, path: str, unknown: list[str]) -> Any:
     if kind == "int":
         if isinstance(value, bool) or not isinstance(value, int | float):
             raise _mismatch(value, kind, path)
-        if isinstance(value, float) and not value.is_integer():
+        # Go's int is 64 bits: a number beyond it is refused, not stored as a Python bigint.
+        if (isinstance(value, float) and not value.is_integer()) or not (
+            -(1 << 63) <= value < 1 << 63
+        ):
             raise DecodeError(
                 f"json: cannot unmarshal number {value} into Go struct field {path} of type int"
             )

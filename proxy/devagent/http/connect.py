@@ -6,13 +6,10 @@ renders its answer (see `wire`).
 
 from __future__ import annotations
 
-import json
-
 from aiohttp import web
 
 from proxy.devagent import decode
 from proxy.devagent.http import wire
-from proxy.devagent.state import BadRequest
 
 
 async def agent_roots(request: web.Request) -> web.StreamResponse:
@@ -55,17 +52,7 @@ async def agent_leaf(request: web.Request) -> web.StreamResponse:
 
 
 async def agent_authorize(request: web.Request) -> web.StreamResponse:
-    raw = await request.read()
-    try:
-        data = json.loads(raw) if raw.strip() else None
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"Request decode failed: {exc}") from exc
-    if not isinstance(data, dict):
-        raise BadRequest("Request decode failed: the body must be a JSON object")
-    try:
-        body = decode.decode(data, decode.AUTHORIZE)
-    except decode.DecodeError as exc:
-        raise BadRequest(f"Request decode failed: {exc}") from exc
+    body = await wire.body(request, decode.AUTHORIZE)
     allowed, reason = wire.state_of(request).intentions.authorize(
         body.get("Target") or "", body.get("ClientCertURI") or "", wire.authz(request)
     )

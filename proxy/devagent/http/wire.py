@@ -7,12 +7,18 @@ Consul's field names, and JSON answers with the `X-Consul-*` headers.
 Rule 1: no decisions about the agent's data; a request becomes arguments for a table.
 Rule 2: a malformed parameter or body is a `BadRequest` with Consul's text, never an
 unhandled exception, and a token is never logged.
+Rule 3: every JSON body is parsed by `load_json`, here and nowhere else: each way a body can
+be bad (syntax, invalid UTF-8, nesting too deep, a number no Go type holds, the wrong
+top-level type) is a 400 "Request decode failed: ...", never a RecursionError or a silent
+infinity.
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
+import re
 from collections.abc import Awaitable, Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -29,6 +35,11 @@ DEFAULT_WAIT = 300.0  # RPC-backed endpoints (catalog, health, queries)
 CACHE_WAIT = 600.0  # agent-cache-backed endpoints (roots, leaf) when no wait is given
 HASH_WAIT = 300.0  # hash-blocking agent endpoints
 MAX_WAIT = 600.0
+# Go's decoder refuses nesting beyond 10,000; CPython's recursive decoder and encoder fail
+# near 1,000 (a RecursionError), so the agent refuses beyond 512, with Go's text.
+MAX_DEPTH = 512
+_STRING = re.compile(r'"(?:[^"\\]|\\.)*"', re.DOTALL)
+_BRACKET = re.compile(r"[\[\]{}]")
 
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -153,20 +164,92 @@ def flag(request: web.Request, name: str) -> bool:
     raise BadRequest(f"Invalid value for ?{name}")
 
 
+def check_depth(text: str) -> None:
+    """Refuse `text` if its arrays and objects nest deeper than `MAX_DEPTH`.
+
+    Raises:
+        BadRequest: Go's "exceeded max depth" text, naming the bracket that went too deep.
+    """
+    if text.count("[") + text.count("{") <= MAX_DEPTH:
+        return  # it cannot nest deeper than it has openers: the common case costs two counts
+    depth = 0
+    # Brackets inside strings are data; strings are blanked first (the regex is linear).
+    for match in _BRACKET.finditer(_STRING.sub('""', text)):
+        depth += 1 if match.group() in "[{" else -1
+        if depth > MAX_DEPTH:
+            raise BadRequest(
+                f"Request decode failed: invalid character '{match.group()}' exceeded max depth"
+            )
+
+
+def _float(literal: str) -> float:
+    value = float(literal)
+    if math.isinf(value):
+        raise BadRequest(
+            f"Request decode failed: json: cannot unmarshal number {literal} "
+            "into Go value of type float64"
+        )
+    return value
+
+
+def _int(literal: str) -> int:
+    # Go reads a number of unknown type as a float64, and one beyond its range is an error.
+    # Checked first, so int() never meets a literal past CPython's 4,300-digit limit.
+    _float(literal)
+    return int(literal)
+
+
+def _constant(name: str) -> Any:
+    # NaN and Infinity are Python's extensions, not JSON.
+    first = name.lstrip("-")[0]
+    raise BadRequest(
+        f"Request decode failed: invalid character '{first}' looking for beginning of value"
+    )
+
+
+def load_json(raw: bytes) -> Any:
+    """One JSON text, parsed as Go's decoder accepts it (see Rule 3).
+
+    Raises:
+        BadRequest: "Request decode failed: ..." for invalid UTF-8, a syntax error, nesting
+            deeper than `MAX_DEPTH`, a number outside float64, or NaN/Infinity.
+    """
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BadRequest(f"Request decode failed: invalid UTF-8 at byte {exc.start}") from exc
+    check_depth(text)
+    try:
+        return json.loads(text, parse_float=_float, parse_int=_int, parse_constant=_constant)
+    except RecursionError as exc:  # a backstop: check_depth refuses these first
+        raise BadRequest("Request decode failed: exceeded max depth") from exc
+    except json.JSONDecodeError as exc:
+        raise BadRequest(f"Request decode failed: {exc}") from exc
+
+
 async def body(request: web.Request, schema: decode.Schema | None = None) -> dict[str, Any]:
-    """The JSON object body, decoded with `schema`'s field names (empty allowed without)."""
+    """The JSON object body, decoded with `schema`'s field names (empty allowed without).
+
+    With a schema, as Go's decoder into a struct: an empty body is "EOF", `null` leaves the
+    struct empty, and another top-level type names the struct.
+
+    Raises:
+        BadRequest: the body is not a JSON object (see `load_json`) or does not fit `schema`.
+    """
     raw = await request.read()
     if not raw.strip():
         if schema is None:
             return {}
         raise BadRequest("Request decode failed: EOF")
-    try:
-        data = json.loads(raw)
-    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise BadRequest(f"Request decode failed: {exc}") from exc
+    data = load_json(raw)
+    if data is None and schema is not None:
+        data = {}
     if not isinstance(data, dict):
         raise BadRequest(
             f"Request decode failed: json: cannot unmarshal {decode._json_type(data)} into Go "
             f"value of type structs.{schema.name if schema else 'object'}"
         )
-    return decode.decode(data, schema) if schema is not None else data
+    try:
+        return decode.decode(data, schema) if schema is not None else data
+    except decode.DecodeError as exc:
+        raise BadRequest(f"Request decode failed: {exc}") from exc

@@ -49,11 +49,22 @@ class ConnectCA:
         self.config_modify_index = 1
         # The agent subscribes here to schedule each issued leaf's renewal.
         self.listeners: list[Callable[[str, LeafEntry], None]] = []
+        # Trust domains besides our own whose identities authorize may accept. Empty today:
+        # the peering work adds each peer's trust domain here (lower-cased).
+        self.peer_trust_domains: set[str] = set()
 
     # -- roots -------------------------------------------------------------------------
 
     def roots(self) -> dict[str, Any]:
         return render.roots(self.ca)
+
+    def trust_domains(self) -> frozenset[str]:
+        """The trust domains authorize accepts: the roots' own, then any peers' (lower-case).
+
+        Empty only while the CA has no trust domain (Consul: not bootstrapped yet).
+        """
+        own = {self.ca.trust_domain.lower()} if self.ca.trust_domain else set()
+        return frozenset(own | self.peer_trust_domains)
 
     def roots_watch(self) -> Watch[int]:
         """What a blocking roots query waits on: a rotation or a configuration change."""

@@ -8,14 +8,17 @@ Rule 1: every write goes through `ConfigEntries.put`/`delete`, so an intention c
 an index and wakes the `intentions` and `config` watchers exactly as an entry change does.
 Rule 2: the first matching intention in precedence order decides; with none, the agent's
 `default_intention_policy`, else the ACL default.
+Rule 3: authorize refuses an identity whose trust domain is not one of `trust_domains()`
+(ours, and later our peers') before it looks at any intention, as Consul 1.2-1.3 did.
 """
 
 from __future__ import annotations
 
 import uuid
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Collection, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from proxy.devagent.acl import Authorizer
 from proxy.devagent.state.blocking import Index, Watch
@@ -97,12 +100,23 @@ class Intentions:
     """The intentions held in `service-intentions` entries; see the module docstring."""
 
     def __init__(
-        self, index: Index, entries: ConfigEntries, default_policy: str | None = None
+        self,
+        index: Index,
+        entries: ConfigEntries,
+        default_policy: str | None = None,
+        *,
+        trust_domains: Callable[[], Collection[str]],
     ) -> None:
+        """
+        Args:
+            trust_domains: the lower-case trust domains authorize accepts, read at each
+                call (`ConnectCA.trust_domains`: our roots' and, later, our peers').
+        """
         if default_policy not in (None, "allow", "deny"):
             raise ValueError('default_intention_policy must be "allow" or "deny"')
         self._index = index
         self._entries = entries
+        self._trust_domains = trust_domains
         self.default_policy = default_policy
 
     # -- reading -------------------------------------------------------------------------
@@ -280,9 +294,14 @@ class Intentions:
     def authorize(self, target: str, client_uri: str, authz: Authorizer) -> tuple[bool, str]:
         """`POST /v1/agent/connect/authorize` (Consul's `agent/connect_auth.go`).
 
+        Consul's order: target, URI, service identity, ACL, trust domain, partition, then
+        the intentions. An identity from a trust domain not in `trust_domains()` is a 200
+        with `Authorized: false`, not an error.
+
         Raises:
             BadRequest: missing target or an unusable ClientCertURI.
             PermissionDenied: the token lacks service:write on the target.
+            StateError: no trust domain at all (500, the CA is not bootstrapped).
         """
         if not target:
             raise BadRequest("Target service must be specified")
@@ -293,6 +312,12 @@ class Intentions:
         if not isinstance(ident, SpiffeIDService):
             raise BadRequest("ClientCertURI not a valid Service identifier")
         authz.require("service", target, "write")
+        trusted = self._trust_domains()
+        if not trusted:
+            raise StateError("Connect CA not bootstrapped yet")
+        if ident.host.lower() not in trusted:
+            # The reason quotes the host as the client wrote it (Go's URL parser keeps case).
+            return False, f"Identity from an external trust domain: {urlsplit(client_uri).netloc}"
         if ident.partition != "default":
             raise BadRequest(f'Mismatched partitions: "{ident.partition}" != "default"')
         return self.decision(ident.service, target, authz)

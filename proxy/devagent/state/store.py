@@ -62,9 +62,15 @@ class State:
             sidecar_check_interval=sidecar_check_interval,
         )
         self.config_entries = ConfigEntries(self.index)
-        self.intentions = Intentions(self.index, self.config_entries, default_intention_policy)
-        self.queries = Queries(self.index, self.catalog, datacenter)
+        # Built before the intentions: authorize reads the CA's trust domains.
         self.connect_ca = ConnectCA(self.index, ca, datacenter)
+        self.intentions = Intentions(
+            self.index,
+            self.config_entries,
+            default_intention_policy,
+            trust_domains=self.connect_ca.trust_domains,
+        )
+        self.queries = Queries(self.index, self.catalog, datacenter)
         self.acl = ACLTokens(self.index, acl)
         self.index.bump(("services", "checks", "roots", "nodes"))
 
