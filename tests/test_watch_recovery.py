@@ -15,15 +15,18 @@ import logging
 import re
 from collections.abc import AsyncIterator, Callable, Iterator
 
+import httpx
 import pytest
 from aiohttp import web
 
 from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
+from proxy.sources import AgentConfigSource
 from proxy.supervisor import Proxy
 from proxy.watch import BACKOFF_JITTER, BACKOFF_MAX
-from tests.proxyfix import client_ctx, echo_app, running_proxy, tls_exchange
+from tests.conftest import register
+from tests.proxyfix import agent_client, client_ctx, echo_app, running_proxy, tls_exchange
 
 WATCHES = ("connect_roots", "connect_leaf")
 RECOVERY_BUDGET = 2.0  # issue 12: current again within 2 s of the agent answering
@@ -175,3 +178,46 @@ async def test_a_new_agent_with_a_new_ca_is_served_within_two_seconds(
         assert int(match[1]) == len(failing) + 1
         if outage == "answering 500":
             assert any("Unexpected response code: 500 (agent is broken)" in f for f in failing)
+
+
+async def test_a_registration_gone_for_a_while_is_waited_for_not_taken_for_an_old_agent(
+    agent: DevAgent, records: Records
+) -> None:
+    def sidecar(port: int) -> dict[str, object]:
+        return {
+            "Kind": "connect-proxy",
+            "ID": "db-sidecar-proxy",
+            "Name": "db-sidecar-proxy",
+            "Port": port,
+            "Address": "127.0.0.1",
+            "Proxy": {"DestinationServiceName": "db", "LocalServicePort": 9000},
+        }
+
+    async with httpx.AsyncClient(base_url=agent.url) as http:
+        await register(http, sidecar(21000))
+        client = agent_client(agent)
+        source = AgentConfigSource(client, "db-sidecar-proxy", backoff_base=0.05)
+        configs = source.configs()
+        try:
+            async with asyncio.timeout(10):
+                first = await anext(configs)
+                assert first.public_listener is not None
+                assert first.public_listener.bind_port == 21000
+                # Deregistered (an agent restarted without it, say): a 404 after an answer.
+                r = await http.put("/v1/agent/service/deregister/db-sidecar-proxy")
+                assert r.status_code == 200
+                # The source only reads the agent while its consumer waits for a config.
+                waiting = asyncio.ensure_future(anext(configs))
+                await records.until(lambda: bool(records.lines("Watch still failing")))
+                await register(http, sidecar(21001))
+                second = await waiting
+        finally:
+            await configs.aclose()  # type: ignore[attr-defined]
+            await client.aclose()
+    assert second.public_listener is not None
+    assert second.public_listener.bind_port == 21001
+    assert source.legacy is False
+    assert not records.lines("the agent has no service")
+    (errored,) = records.lines("Watch errored type=agent_service ")
+    assert "Unexpected response code: 404" in errored
+    assert len(records.lines("Watch recovered type=agent_service ")) == 1
