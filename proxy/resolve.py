@@ -76,7 +76,8 @@ class WatchingResolver:
     follows `/v1/health/connect/<name>?passing` and connections read the last answer, so a
     new connection costs no agent round trip. If the watch fails after a success, the last
     known instances keep being used (a dial that fails moves on to the next instance) while
-    the watch retries with Consul's backoff; before any success, `resolve()` raises.
+    the watch retries (`proxy.watch.backoff`: at most 1.5 s apart); before any success,
+    `resolve()` raises.
     """
 
     def __init__(

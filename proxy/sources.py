@@ -72,7 +72,9 @@ class AgentConfigSource:
     `/v1/agent/service/:id` (Consul 1.3+) first; if the agent answers 404 there, or
     `legacy` is set (a managed proxy of Consul 1.2-1.5), `/v1/agent/connect/proxy/:id`.
     Errors are retried with the watch backoff; an answer that does not make a valid
-    config is logged and the last good one is kept.
+    config is logged and the last good one is kept. Only a 404 before any answer means an
+    old agent: after one, it means the registration is gone for now (say, an agent restarted
+    without it yet), an error retried until the service is back.
     """
 
     def __init__(
@@ -87,13 +89,14 @@ class AgentConfigSource:
         self.proxy_id = proxy_id
         self.legacy = legacy
         self.backoff_base = backoff_base
+        self._answered = False  # /v1/agent/service/:id answered once: not an old agent
 
     async def _service(self, content_hash: str) -> AgentService:
         if not self.legacy:
             try:
-                return await self.agent.agent_service(self.proxy_id, content_hash)
+                service = await self.agent.agent_service(self.proxy_id, content_hash)
             except AgentResponseError as exc:
-                if exc.status != 404:
+                if exc.status != 404 or self._answered:
                     raise
                 log.warning(
                     "the agent has no service %r at /v1/agent/service/ (%s); trying the "
@@ -103,6 +106,9 @@ class AgentConfigSource:
                 )
                 self.legacy = True
                 content_hash = ""  # a hash of the other endpoint means nothing here
+            else:
+                self._answered = True
+                return service
         return await self.agent.managed_proxy(self.proxy_id, content_hash)
 
     async def _fetch(self, content_hash: str) -> tuple[ProxyConfig | ConfigError, str]:
