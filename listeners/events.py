@@ -40,6 +40,9 @@ class Refusal(enum.StrEnum):
     # Closed at accept, before any byte was read (`listeners/serve.py`).
     OVER_CONNECTION_LIMIT = "over_connection_limit"
     OVER_HANDSHAKE_LIMIT = "over_handshake_limit"
+    # Forwarded, then closed by live re-authorization (`proxy/reauth.py`).
+    REVOKED = "revoked_by_intention"
+    ROOT_REMOVED = "root_removed"
 
 
 class Outcome(enum.StrEnum):

@@ -12,7 +12,9 @@ Order per connection (Consul's `connect/proxy/listener.go`, `connect/tls.go`; wh
 
 Rule 1: no byte from the client reaches the app, and no connection is opened to the app,
 before the authorizer has allowed the connection.
-Rule 2: this module takes from `proxy/` only level-0 modules (`proxy.addr`,
+Rule 2: a forwarded connection is kept with its peer's leaf (`live`) until it ends, so it can
+be re-checked later; `revoke()` cuts both of its sides at once (`proxy/reauth.py`).
+Rule 3: this module takes from `proxy/` only level-0 modules (`proxy.addr`,
 `proxy.identity`); its collaborators are Protocols.
 """
 
@@ -124,6 +126,20 @@ class PublicListener(Listener):
         self.forwarded = 0  # authorized and connected to the app
         self.bytes_in = 0  # client -> app
         self.bytes_out = 0  # app -> client
+        # Forwarded connections still open -> (the peer's leaf DER, their pipe).
+        self.live: dict[Connection, tuple[bytes, Pipe]] = {}
+
+    def revoke(self, conn: Connection, reason: Refusal, detail: str) -> bool:
+        """Close a forwarded connection now, both sides, as refused for `reason`.
+
+        Returns False if it is no longer open (it ended meanwhile).
+        """
+        entry = self.live.pop(conn, None)
+        if entry is None:
+            return False
+        conn.refuse(reason, detail)
+        entry[1].abort()
+        return True
 
     async def start(self) -> None:
         """Wait for certificates, then bind (a public listener never serves without them)."""
@@ -156,7 +172,8 @@ class PublicListener(Listener):
                 # handshake budget (test_budget's slowloris test fails if it does).
                 slot.handshake_over()
             started = now()
-            decision = await self.authorizer.authorize(tls.peer_certificate())
+            peer_der = tls.peer_certificate()
+            decision = await self.authorizer.authorize(peer_der)
             conn.authorize = now() - started
             conn.peer_id = decision.peer_uri
             if not decision.allowed:
@@ -190,11 +207,15 @@ class PublicListener(Listener):
             conn.forwarded = True
             conn.stats = pipe.stats
             self.observer.forwarding(conn)
+            if peer_der:
+                self.live[conn] = (peer_der, pipe)
             pipe.start()
             stats = await pipe.done
             self.bytes_in += stats.a_to_b
             self.bytes_out += stats.b_to_a
-            if pipe.error is not None and not is_routine_close(pipe.error):
+            if conn.refusal is not None:
+                pass  # revoked: its reason stays the detail
+            elif pipe.error is not None and not is_routine_close(pipe.error):
                 conn.detail = f"connection failed: {pipe.error}"
         except asyncio.CancelledError:
             if pipe is not None:
@@ -202,4 +223,5 @@ class PublicListener(Listener):
             tls.abort()
             raise
         finally:
+            self.live.pop(conn, None)
             self.untrack(conn)

@@ -31,6 +31,7 @@ from proxy.answers import (
     AuthorizeResult,
     Endpoints,
     Instances,
+    IntentionMatch,
     Leaf,
     Roots,
     XDSPorts,
@@ -40,6 +41,7 @@ from proxy.answers import (
     decode,
     health_endpoints,
     health_instances,
+    intention_match,
     leaf_from,
     query_endpoints,
     roots_from,
@@ -269,6 +271,13 @@ class AgentClient:
         )
         raw = await self._fast("POST", self._authorize_target, self._authorize_headers, content)
         return authorize_result(AUTHORIZE_PATH, raw.status, raw.body)
+
+    async def intentions_match(self, name: str, index: int = 0) -> IntentionMatch:
+        """`GET /v1/connect/intentions/match?by=destination&name=`, blocking when `index` > 0."""
+        path = "/v1/connect/intentions/match"
+        params, timeout = self._blocking(index, {"by": "destination", "name": name})
+        answer = await self._request("GET", path, params=params, timeout=timeout)
+        return intention_match(path, name, answer)
 
     def _discovery_params(self, datacenter: str) -> dict[str, str]:
         params = {"stale": ""}

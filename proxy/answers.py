@@ -4,7 +4,7 @@ Owns how one response of the local agent becomes a value: a non-200 status becom
 Go-client error text (`Unexpected response code: <code> (<body>)`), a body that is not JSON
 or not of the expected shape becomes an `AgentResponseError`, and a well-formed body becomes
 a small frozen result (`Roots`, `Leaf`, `AuthorizeResult`, `Endpoints`, `Instances`,
-`AgentService`).
+`AgentService`, `IntentionMatch`).
 Fields are read as Go's `json.Unmarshal` reads them into Consul's api structs: a missing or
 null field is its zero value, a field of another type is an error.
 
@@ -189,6 +189,52 @@ def authorize_result(path: str, status: int, content: bytes) -> AuthorizeResult:
     if not isinstance(allowed, bool):
         raise AgentResponseError(UNEXPECTED)
     return AuthorizeResult(allowed, str(body.get("Reason", "")))
+
+
+@dataclass(frozen=True, slots=True)
+class IntentionRule:
+    """One intention as far as re-authorization cares: what it is and when it last changed."""
+
+    id: str
+    source: str  # SourceNS/SourceName ("*" wildcards as Consul writes them)
+    action: str  # "allow", "deny", or "" for an L7 intention (Permissions)
+    precedence: int
+    modify_index: int
+
+
+@dataclass(frozen=True, slots=True)
+class IntentionMatch:
+    """`/v1/connect/intentions/match?by=destination&name=<name>`: the rules, and the index."""
+
+    rules: tuple[IntentionRule, ...]
+    index: int
+
+
+def intention_match(path: str, name: str, answer: Answer) -> IntentionMatch:
+    """`{"<name>": [<intention>, ...]}` as an IntentionMatch (a missing name: no rules).
+
+    Raises:
+        AgentResponseError: a body of another shape.
+    """
+    body = _object(path, answer.body, "the body")
+    rules = []
+    for raw in _list(path, body.get(name), name):
+        ixn = _object(path, raw, "an intention")
+        numbers = [ixn.get(key) or 0 for key in ("Precedence", "ModifyIndex")]
+        if not all(isinstance(n, int) and not isinstance(n, bool) for n in numbers):
+            raise _unexpected(path, "Precedence or ModifyIndex is not a number")
+        namespace = _string(path, ixn, "SourceNS")
+        source = _string(path, ixn, "SourceName")
+        rules.append(
+            IntentionRule(
+                id=_string(path, ixn, "ID"),
+                source=f"{namespace}/{source}" if namespace else source,
+                action=_string(path, ixn, "Action"),
+                precedence=numbers[0],
+                modify_index=numbers[1],
+            )
+        )
+    return IntentionMatch(tuple(rules), answer.index)
 
 
 def _text_fields(mapping: Mapping[str, Any], *keys: str) -> tuple[str, ...] | None:

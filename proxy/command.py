@@ -103,6 +103,7 @@ class ProxyOptions:
     upstream_hosts: Mapping[str, str] = field(default_factory=dict)
     workers: int = 1
     max_inbound_connections: int | None = None  # -max-inbound-connections (not in Consul)
+    reauthorize: bool = False  # -reauthorize (not in Consul)
     worker_child: bool = False  # one of the -workers processes started by the first
     tls_engine: str = DEFAULT_TLS_ENGINE  # CONNECT_PROXY_TLS_ENGINE (not in Consul)
     admin_bind: str = ""  # -admin-bind / CONNECT_PROXY_ADMIN_BIND (not in Consul)
@@ -182,6 +183,12 @@ def _flag_set(
         "Most inbound connections open at once; beyond it new ones are closed at accept. "
         "Proxy.Config's max_inbound_connections wins when set. Default: a quarter of the "
         "descriptor limit less 64 (not a Consul flag).",
+    )
+    fs.boolean(
+        "reauthorize",
+        False,
+        "Re-check open inbound connections when intentions or CA roots change, and close "
+        "those no longer allowed. Proxy.Config's reauthorize wins when set (not in Consul).",
     )
     fs.string("workers", "1", "Processes sharing each listener with SO_REUSEPORT (not in Consul).")
     fs.string(
@@ -281,6 +288,7 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         upstream_hosts=given_hosts,
         workers=workers,
         max_inbound_connections=max_inbound,
+        reauthorize=values.get("reauthorize") is True,
         worker_child=env.get("CONNECT_PROXY_WORKER") == "1",
         tls_engine=load_tls_engine(env),
         admin_bind=admin_bind,
@@ -404,6 +412,7 @@ async def serve(
             tls_engine=options.tls_engine,
             observe=options.metrics,
             max_inbound_connections=options.max_inbound_connections,
+            reauthorize=options.reauthorize,
         )
         try:
             await run(

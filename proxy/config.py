@@ -65,6 +65,19 @@ def max_inbound_connections(value: Any) -> int | None:
     return number
 
 
+def reauthorize(value: Any) -> bool | None:
+    """`reauthorize` of a proxy's Config: None when absent.
+
+    Raises:
+        ConfigError: not a boolean (JSON true/false, or the strings "true"/"false").
+    """
+    if value is None or isinstance(value, bool):
+        return value
+    if isinstance(value, str) and value.strip().lower() in ("true", "false"):
+        return value.strip().lower() == "true"
+    raise ConfigError(f"reauthorize must be true or false, got {value!r}")
+
+
 @dataclass(frozen=True, slots=True, kw_only=True)
 class PublicListenerConfig:
     """The inbound mTLS listener (`ProxyConfig.public_listener` None: none; port 0: any free)."""
@@ -78,6 +91,9 @@ class PublicListenerConfig:
     # `max_inbound_connections` of Proxy.Config (Consul passes it to Envoy); None: not set,
     # the -max-inbound-connections flag or the descriptor-derived default applies.
     max_inbound_connections: int | None = None
+    # `reauthorize` of Proxy.Config (not in Consul): re-check open connections when
+    # intentions or roots change; None: not set, the -reauthorize flag applies.
+    reauthorize: bool | None = None
 
     @property
     def local_service_address(self) -> str:
@@ -196,6 +212,7 @@ def load_agent_service(service: Mapping[str, Any]) -> ProxyConfig:
                 config.get("handshake_timeout_ms"), "handshake_timeout_ms", 10000
             ),
             max_inbound_connections=max_inbound_connections(config.get("max_inbound_connections")),
+            reauthorize=reauthorize(config.get("reauthorize")),
         )
     upstreams = tuple(load_upstream(u) for u in proxy.get("Upstreams") or [])
     return ProxyConfig(
@@ -345,6 +362,7 @@ def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
                 config.get("handshake_timeout_ms"), "handshake_timeout_ms", 10000
             ),
             max_inbound_connections=max_inbound_connections(config.get("max_inbound_connections")),
+            reauthorize=reauthorize(config.get("reauthorize")),
         )
     raw_upstreams = body.get("Upstreams")
     if raw_upstreams is None:

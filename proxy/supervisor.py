@@ -35,6 +35,7 @@ from proxy.config import (
     upstream_key,
 )
 from proxy.observe import ListenerObserver, ProxyMetrics
+from proxy.reauth import Reauthorizer
 from proxy.resolve import AgentResolver, WatchingResolver
 from proxy.tlsstore import TLSStore
 from proxy.watch import BACKOFF_BASE, watch
@@ -54,6 +55,9 @@ class ProxySettings:
     # -max-inbound-connections: the public listener's cap when its Config sets none
     # (None: derived from the descriptor limit, `listeners.serve.default_max_connections`).
     max_inbound_connections: int | None = None
+    # -reauthorize: re-check open inbound connections (`proxy.reauth`) when the Config does
+    # not say (its `reauthorize` wins when set, as for max_inbound_connections).
+    reauthorize: bool = False
 
 
 @dataclass(slots=True)
@@ -97,6 +101,8 @@ class Proxy:
         self._draining: set[asyncio.Task[None]] = set()  # awaited at close
         self._public_task: asyncio.Task[None] | None = None
         self._public_error: BaseException | None = None
+        self.reauthorizer: Reauthorizer | None = None
+        self._reauth_task: asyncio.Task[None] | None = None
         self._started = False
         self._closed = False
 
@@ -312,6 +318,9 @@ class Proxy:
 
     async def _restart_public(self, *, strict: bool = False) -> None:
         await self._stop_public_bind()
+        if self._reauth_task is not None:
+            self._reauth_task.cancel()
+            self._reauth_task, self.reauthorizer = None, None
         self._public_error = None
         if self.public is not None:
             old_public, self.public = self.public, None
@@ -321,13 +330,14 @@ class Proxy:
         cfg = self.config.public_listener
         if cfg is None:
             return
+        authorizer = AgentAuthorizer(self.agent, self.config.service)
         self.public = PublicListener(
             bind_host=cfg.bind_address,
             bind_port=cfg.bind_port,
             app_host=cfg.local_service_host,
             app_port=cfg.local_service_port,
             contexts=self.tls,
-            authorizer=AgentAuthorizer(self.agent, self.config.service),
+            authorizer=authorizer,
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,
             reuse_port=self.settings.reuse_port,
@@ -343,6 +353,22 @@ class Proxy:
         self._public_task = self._tasks.create_task(
             self._bind_public(self.public, report=not strict), name="public listener"
         )
+        wanted = cfg.reauthorize if cfg.reauthorize is not None else self.settings.reauthorize
+        if wanted:
+            self.reauthorizer = Reauthorizer(
+                self.agent,
+                self.config.service,
+                self.public,
+                authorizer,
+                self.tls,
+                backoff_base=self.settings.watch_backoff,
+            )
+            task = self._tasks.create_task(
+                _logged(self.reauthorizer.run(), "reauthorize"), name="reauthorize"
+            )
+            self._background.add(task)
+            task.add_done_callback(self._background.discard)
+            self._reauth_task = task
 
     async def _bind_public(self, listener: PublicListener, *, report: bool) -> None:
         """Bind once the certificates are ready; a failure is kept for `wait_ready()`."""

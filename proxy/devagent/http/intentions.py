@@ -58,9 +58,10 @@ async def intentions_match(request: web.Request) -> web.StreamResponse:
     names = request.query.getall("name", [])
     if not names:
         raise BadRequest("required query parameter 'name' not set")
-    return wire.answer(
-        request, intentions.match(by, names, authz), index=intentions.watch().current()
-    )
+    state = wire.state_of(request)
+    watch = intentions.watch()
+    await state.block_on_index(watch, wire.index(request), wire.wait(request, wire.DEFAULT_WAIT))
+    return wire.answer(request, intentions.match(by, names, authz), index=watch.current())
 
 
 async def intentions_check(request: web.Request) -> web.StreamResponse:
