@@ -16,7 +16,6 @@ import httpx
 import pytest
 
 from proxy import __version__
-from proxy.command import ProxyOptions, parse_proxy_args
 from proxy.config import (
     ProxyConfig,
     PublicListenerConfig,
@@ -28,6 +27,7 @@ from proxy.errors import ConfigError
 from proxy.goflags import FlagError, HelpRequested
 from proxy.httpflags import HTTPOptions, load_http_options
 from proxy.main import main
+from proxy.proxyargs import ProxyOptions, parse_proxy_args
 from tests.conftest import register
 
 

@@ -11,9 +11,10 @@ import httpx
 import pytest
 
 from listeners.tls.contexts import describe_engine
-from proxy.command import ProxyOptions, parse_proxy_args, proxy_main, serve
+from proxy.command import proxy_main, serve
 from proxy.demo import ReservedPorts
 from proxy.devagent import AgentConfig, DevAgent
+from proxy.proxyargs import ProxyOptions, parse_proxy_args
 from tests.proxyfix import (
     EchoApp,
     LogWaiter,

@@ -36,7 +36,7 @@ from proxy import console
 from proxy.addr import split_host_port
 from proxy.agent import AgentClient
 from proxy.answers import XDSPorts, proxy_registration
-from proxy.command import ProxyOptions, run_with_signals
+from proxy.command import run_with_signals
 from proxy.envoy.bootstrap import (
     DEFAULT_XDS_PORT,
     BootstrapArgs,
@@ -46,6 +46,7 @@ from proxy.envoy.bootstrap import (
 from proxy.errors import AgentError, AgentResponseError, ConfigError
 from proxy.goflags import FlagError, FlagSet, HelpRequested
 from proxy.httpflags import HTTPOptions, add_http_flags, load_http_options
+from proxy.proxyargs import ProxyOptions
 from proxy.sources import lookup_proxy_id_for_sidecar
 
 DEFAULT_ADMIN_BIND = "localhost:19000"
