@@ -213,6 +213,7 @@ def _start_workers(options: ProxyOptions, args: Sequence[str]) -> list[subproces
 def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
     """Serve `options` on uvloop with Consul's signal behaviour; returns the exit code."""
     console.setup_logging(options.log_level, options.log_json)
+    console.raise_descriptor_limit()
     workers = _start_workers(options, args)
 
     metrics = ProxyMetrics(access_log=options.access_log)

@@ -18,6 +18,7 @@ import datetime as dt
 import json
 import logging
 import re
+import resource
 import sys
 from collections.abc import Mapping
 
@@ -132,6 +133,18 @@ def install_uvloop() -> None:
     except ImportError:
         return
     asyncio.set_event_loop_policy(uvloop.EventLoopPolicy())
+
+
+def raise_descriptor_limit() -> None:
+    """Raise the soft RLIMIT_NOFILE to the hard limit, as Go's runtime does for Consul's
+    proxy at start: the listeners' default connection caps are derived from it, and a
+    sidecar should not refuse connections at a soft 1,024 its hard limit does not need."""
+    try:
+        soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+        if soft != hard:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    except (OSError, ValueError):
+        pass  # a container may forbid it; the soft limit then stays, and the caps with it
 
 
 def _print(text: str, stream: object) -> None:

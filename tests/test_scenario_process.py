@@ -6,6 +6,7 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import resource
 import signal
 import socket
 import sys
@@ -233,3 +234,45 @@ async def test_workers_share_the_listener_and_stop_together(
         assert code == 0
         assert out.count("==> Consul Connect proxy shutdown") == 2
         assert not Path(f"/proc/{children[0]}").exists()
+
+
+def _soft_nofile(pid: int) -> int:
+    for line in Path(f"/proc/{pid}/limits").read_text().splitlines():
+        if line.startswith("Max open files"):
+            return int(line.split()[3])
+    raise AssertionError("no Max open files line")
+
+
+async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(
+    agent: DevAgent, ports: ReservedPorts
+) -> None:
+    """As Go's runtime does for Consul's proxy: the default connection caps come from it."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard <= 256:
+        pytest.skip(f"the hard limit ({hard}) leaves nothing to raise")
+    async with echo_app() as app:
+        args = [
+            *("-service", "db", "-listen", f"127.0.0.1:{ports.take()}"),
+            *("-service-addr", f"127.0.0.1:{app.port}", "-http-addr", agent.http_addr),
+        ]
+        proc = await asyncio.create_subprocess_exec(
+            sys.executable,
+            "-m",
+            "proxy",
+            *args,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.PIPE,
+            env={**os.environ, "PYTHONUNBUFFERED": "1"},
+            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
+        )
+        p = Proc(proc)
+        try:
+            await p.read_until("Proxy loaded config and ready to serve")
+            assert _soft_nofile(proc.pid) == hard
+            proc.send_signal(signal.SIGTERM)
+            code, _, _ = await p.finish()
+            assert code == 0
+        finally:
+            if proc.returncode is None:
+                proc.kill()
+                await proc.wait()
