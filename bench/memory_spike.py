@@ -25,13 +25,13 @@ import socket
 import ssl
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from listeners.tls.contexts import load_cert_chain  # noqa: E402
 from proxy.devagent import DevAgent  # noqa: E402
 
 READY = b"Proxy loaded config and ready to serve"
@@ -44,17 +44,12 @@ def rss_mib(pid: int) -> float:
 
 
 def client_context(agent: DevAgent) -> ssl.SSLContext:
-    """web's leaf from the dev agent's CA (files in a private temporary directory)."""
+    """web's leaf from the dev agent's CA, its key loaded from memory (never a file)."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
     ctx.check_hostname = False
     ctx.load_verify_locations(cadata="".join(r.cert_pem for r in agent.state.ca.roots))
     leaf = agent.state.ca.sign_leaf("web", datacenter="dc1")
-    with tempfile.TemporaryDirectory() as tmp:
-        cert, key = Path(tmp) / "cert.pem", Path(tmp) / "key.pem"
-        cert.write_text(leaf.cert_pem)
-        key.touch(0o600)
-        key.write_text(leaf.private_key_pem)
-        ctx.load_cert_chain(cert, key)
+    load_cert_chain(ctx, leaf.cert_pem, leaf.private_key_pem)
     return ctx
 
 
