@@ -7,7 +7,8 @@ to its `Observer` twice at most: `forwarding()` when bytes start to flow, `finis
 when it is over, whatever the outcome. Metrics, the access log and the admin endpoint are
 observers or readers of these records (`proxy/observe.py`, `proxy/admin.py`).
 
-Rule 1: plain values and a Protocol; no I/O, no logging, no clock reads but `now()`.
+Rule 1: plain values (and, once forwarding, the handle that cuts the connection) and a
+Protocol; no I/O, no logging, no clock reads but `now()`.
 Rule 2: an observer is called synchronously on the event loop and must not block or raise.
 """
 
@@ -15,6 +16,7 @@ from __future__ import annotations
 
 import enum
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Protocol
 
@@ -80,6 +82,8 @@ class Connection:
     forwarded: bool = False
     resumed: bool = False  # upstream: the TLS session was resumed
     stats: PipeStats | None = None  # live byte counts once forwarding
+    peer_der: bytes = b""  # inbound: the client's leaf, for re-checks (`proxy/reauth.py`)
+    abort: Callable[[], None] | None = field(default=None, repr=False)  # once forwarding
 
     @property
     def outcome(self) -> Outcome:

@@ -12,8 +12,9 @@ Order per connection (Consul's `connect/proxy/listener.go`, `connect/tls.go`; wh
 
 Rule 1: no byte from the client reaches the app, and no connection is opened to the app,
 before the authorizer has allowed the connection.
-Rule 2: a forwarded connection is kept with its peer's leaf (`live`) until it ends, so it can
-be re-checked later; `revoke()` cuts both of its sides at once (`proxy/reauth.py`).
+Rule 2: a forwarded connection's record keeps its peer's leaf and the handle that cuts it
+until it ends, so it can be re-checked later; `revoke()` cuts both of its sides at once
+(`proxy/reauth.py`).
 Rule 3: this module takes from `proxy/` only level-0 modules (`proxy.addr`,
 `proxy.identity`); its collaborators are Protocols.
 """
@@ -126,19 +127,22 @@ class PublicListener(Listener):
         self.forwarded = 0  # authorized and connected to the app
         self.bytes_in = 0  # client -> app
         self.bytes_out = 0  # app -> client
-        # Forwarded connections still open -> (the peer's leaf DER, their pipe).
-        self.live: dict[Connection, tuple[bytes, Pipe]] = {}
+
+    def forwarding(self) -> list[Connection]:
+        """The open connections that are past authorize and forwarding, with a client leaf."""
+        return [c for c in self.connections if c.abort is not None and c.peer_der]
 
     def revoke(self, conn: Connection, reason: Refusal, detail: str) -> bool:
         """Close a forwarded connection now, both sides, as refused for `reason`.
 
-        Returns False if it is no longer open (it ended meanwhile).
+        Returns False if it is no longer open (it ended, or was revoked, meanwhile).
         """
-        entry = self.live.pop(conn, None)
-        if entry is None:
+        abort = conn.abort
+        if abort is None or conn not in self.connections:
             return False
+        conn.abort = None
         conn.refuse(reason, detail)
-        entry[1].abort()
+        abort()
         return True
 
     async def start(self) -> None:
@@ -206,9 +210,9 @@ class PublicListener(Listener):
             tls.attach(pipe.a)
             conn.forwarded = True
             conn.stats = pipe.stats
+            conn.peer_der = peer_der or b""
+            conn.abort = pipe.abort
             self.observer.forwarding(conn)
-            if peer_der:
-                self.live[conn] = (peer_der, pipe)
             pipe.start()
             stats = await pipe.done
             self.bytes_in += stats.a_to_b
@@ -223,5 +227,5 @@ class PublicListener(Listener):
             tls.abort()
             raise
         finally:
-            self.live.pop(conn, None)
+            conn.abort = None
             self.untrack(conn)

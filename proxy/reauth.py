@@ -1,6 +1,6 @@
 """Live re-authorization: close open inbound connections that are no longer allowed.
 
-Owns two follow-ups of the public listener's forwarded connections (`PublicListener.live`):
+Owns two follow-ups of the public listener's forwarded connections (`PublicListener.forwarding()`):
 - intentions: one blocking watch (`watch.changes`) on the intentions that match the proxied
   service as destination; on each change (and on the first answer, which may be newer than
   a connection's handshake) every open connection is authorized again through the same
@@ -149,7 +149,7 @@ class Reauthorizer:
                 if self.listener.revoke(conn, Refusal.REVOKED, decision.reason):
                     closed += 1
 
-            snapshot = [(conn, der) for conn, (der, _) in self.listener.live.items()]
+            snapshot = [(conn, conn.peer_der) for conn in self.listener.forwarding()]
             async with asyncio.TaskGroup() as group:
                 for conn, der in snapshot:
                     group.create_task(check(conn, der))
@@ -183,8 +183,8 @@ class Reauthorizer:
             return 0
         removed, now = _load_roots(gone), _load_roots(current)
         closed = 0
-        for conn, (der, _) in list(self.listener.live.items()):
-            if chained_to_removed_root(der, removed, now) and self.listener.revoke(
+        for conn in self.listener.forwarding():
+            if chained_to_removed_root(conn.peer_der, removed, now) and self.listener.revoke(
                 conn, Refusal.ROOT_REMOVED, "its CA root is no longer trusted"
             ):
                 closed += 1

@@ -65,7 +65,7 @@ async def _closed(reader: asyncio.StreamReader) -> bool:
 async def _forwarding(proxy: Proxy, n: int) -> None:
     assert proxy.public is not None
     public = proxy.public
-    await wait_until(lambda: len(public.live) == n)
+    await wait_until(lambda: len(public.forwarding()) == n)
 
 
 async def test_deny_intention_closes_an_open_connection_within_1s(
@@ -95,7 +95,7 @@ async def test_deny_intention_closes_an_open_connection_within_1s(
             )
         )
         assert reauth.revoked == 1
-        assert db.public.live == {}
+        assert db.public.forwarding() == []
     lines = [r for r in caplog.records if r.name == "proxy.inbound" and hasattr(r, "fields")]
     revoked = [r for r in lines if r.fields["reason"] == "revoked_by_intention"]  # type: ignore[attr-defined]
     assert len(revoked) == 1
