@@ -513,7 +513,10 @@ async def test_a_trickling_client_is_dropped_after_the_request_deadline() -> Non
                         break
                     writer.write(bytes([byte]))
                     await asyncio.wait({closed}, timeout=0.05)
-                assert await closed == b""
+                # Dropped: an EOF, or a reset when the server closed with trickled bytes
+                # still unread (the kernel answers those with RST).
+                with contextlib.suppress(ConnectionResetError):
+                    assert await closed == b""
         finally:
             writer.close()
 
