@@ -4,13 +4,14 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 import hashlib
 import os
 import resource
 import signal
 import socket
 import sys
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable
 from pathlib import Path
 
 import pytest
@@ -44,7 +45,11 @@ class Proc:
 
 
 @contextlib.asynccontextmanager
-async def spawn(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[Proc]:
+async def spawn(
+    *args: str,
+    env: dict[str, str] | None = None,
+    preexec_fn: Callable[[], object] | None = None,
+) -> AsyncIterator[Proc]:
     """`python -m proxy <args>`, with `env` added to the environment."""
     proc = await asyncio.create_subprocess_exec(
         sys.executable,
@@ -54,6 +59,7 @@ async def spawn(*args: str, env: dict[str, str] | None = None) -> AsyncIterator[
         stdout=asyncio.subprocess.PIPE,
         stderr=asyncio.subprocess.PIPE,
         env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})},
+        preexec_fn=preexec_fn,
     )
     try:
         yield Proc(proc)
@@ -255,24 +261,10 @@ async def test_the_soft_descriptor_limit_is_raised_to_the_hard_one(
             *("-service", "db", "-listen", f"127.0.0.1:{ports.take()}"),
             *("-service-addr", f"127.0.0.1:{app.port}", "-http-addr", agent.http_addr),
         ]
-        proc = await asyncio.create_subprocess_exec(
-            sys.executable,
-            "-m",
-            "proxy",
-            *args,
-            stdout=asyncio.subprocess.PIPE,
-            stderr=asyncio.subprocess.PIPE,
-            env={**os.environ, "PYTHONUNBUFFERED": "1"},
-            preexec_fn=lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (256, hard)),
-        )
-        p = Proc(proc)
-        try:
+        lower = functools.partial(resource.setrlimit, resource.RLIMIT_NOFILE, (256, hard))
+        async with spawn(*args, preexec_fn=lower) as p:
             await p.read_until("Proxy loaded config and ready to serve")
-            assert _soft_nofile(proc.pid) == hard
-            proc.send_signal(signal.SIGTERM)
+            assert _soft_nofile(p.proc.pid) == hard
+            p.proc.send_signal(signal.SIGTERM)
             code, _, _ = await p.finish()
             assert code == 0
-        finally:
-            if proc.returncode is None:
-                proc.kill()
-                await proc.wait()
