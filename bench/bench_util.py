@@ -8,6 +8,8 @@ Rule 2: nothing here imports another bench module (they all import this one).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import hashlib
 import json
 import os
@@ -240,3 +242,12 @@ def source_state() -> dict[str, Any]:
         "git_changed": [x.strip() for x in (changed or "").splitlines() if x.strip()],
         "sources_sha256": digest.hexdigest()[:16],
     }
+
+
+async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """An `asyncio.start_server` handler that echoes until EOF (the in-process scripts' app)."""
+    with contextlib.suppress(OSError):
+        while data := await reader.read(65536):
+            writer.write(data)
+            await writer.drain()
+    writer.close()

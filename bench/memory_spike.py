@@ -31,6 +31,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_util import echo_handler  # noqa: E402
+
 from listeners.tls.contexts import load_cert_chain  # noqa: E402
 from proxy.devagent import DevAgent  # noqa: E402
 
@@ -53,14 +55,6 @@ def client_context(agent: DevAgent) -> ssl.SSLContext:
     return ctx
 
 
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
-
-
 async def _line(proc: subprocess.Popen[bytes], text: bytes, timeout: float) -> None:
     """Wait for an output line of `proc` containing `text`."""
     assert proc.stdout is not None
@@ -77,7 +71,7 @@ async def _line(proc: subprocess.Popen[bytes], text: bytes, timeout: float) -> N
 async def measure(n: int, settle: float) -> dict[str, float]:
     agent = DevAgent()
     await agent.start("127.0.0.1", 0)
-    app = await asyncio.start_server(_echo, "127.0.0.1", 0, backlog=1024)
+    app = await asyncio.start_server(echo_handler, "127.0.0.1", 0, backlog=1024)
     app_port = app.sockets[0].getsockname()[1]
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))

@@ -38,6 +38,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
+from bench_util import echo_handler  # noqa: E402
+
 from proxy import console  # noqa: E402
 from proxy.agent import AgentClient  # noqa: E402
 from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig  # noqa: E402
@@ -49,14 +51,6 @@ from proxy.supervisor import Proxy, ProxySettings  # noqa: E402
 CONCURRENCY = 8
 WARMUP = 20
 _DEVNULL = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-
-
-async def _echo(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    with contextlib.suppress(OSError):
-        while data := await reader.read(65536):
-            writer.write(data)
-            await writer.drain()
-    writer.close()
 
 
 async def _connections(port: int, n: int) -> None:
@@ -89,7 +83,7 @@ async def child(observe: bool, n: int) -> None:
     console.setup_logging("INFO", False, _DEVNULL)
     agent = DevAgent()
     await agent.start("127.0.0.1", 0)
-    app = await asyncio.start_server(_echo, "127.0.0.1", 0)
+    app = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
     app_port = app.sockets[0].getsockname()[1]
     public = PublicListenerConfig(bind_address="127.0.0.1", local_service_port=app_port)
     db = await _proxy(agent, ProxyConfig(service="db", public_listener=public), observe)
