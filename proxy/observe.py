@@ -27,15 +27,15 @@ import collections
 import logging
 import math
 import time
-from collections.abc import Callable, Iterable, Sequence
-from typing import Any, Protocol
+from collections.abc import Callable, Iterable
+from typing import Any
 
 from prometheus_client import CollectorRegistry, Gauge, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
-from prometheus_client.registry import Collector
 
 from listeners.events import INBOUND, UPSTREAM, Connection, Outcome, Refusal
+from proxy.telemetry import Telemetry
 from proxy.throttle import Throttle
 
 FLUSH_INTERVAL = 5.0  # seconds between byte-count reports of open connections, as Consul
@@ -46,19 +46,6 @@ _STEP_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5
 _DURATION_BUCKETS = (0.001, 0.01, 0.1, 1, 10, 60, 300, 1800, 3600, 14400)
 
 Labels = tuple[tuple[str, str], ...]
-
-
-class Telemetry(Protocol):
-    """Consul's telemetry sinks (`proxy.telemetry.Telemetry`), as go-metrics is called."""
-
-    def set_gauge(
-        self, key: Sequence[str], value: float, labels: Sequence[tuple[str, str]] = ()
-    ) -> None: ...
-    def incr_counter(
-        self, key: Sequence[str], value: float, labels: Sequence[tuple[str, str]] = ()
-    ) -> None: ...
-    def collector(self) -> Collector: ...
-    def dump(self) -> str: ...
 
 
 def _ms(seconds: float | None) -> float | None:
