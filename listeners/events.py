@@ -80,7 +80,6 @@ class Connection:
     refusal: Refusal | None = None
     detail: str = ""  # the error or the authorizer's reason, for the access log
     forwarded: bool = False
-    resumed: bool = False  # upstream: the TLS session was resumed
     stats: PipeStats | None = None  # live byte counts once forwarding
     peer_der: bytes = b""  # inbound: the client's leaf, for re-checks (`proxy/reauth.py`)
     abort: Callable[[], None] | None = field(default=None, repr=False)  # once forwarding

@@ -234,7 +234,6 @@ class UpstreamListener(Listener):
                 tls.session_reused,
             )
             self.resumed += tls.session_reused
-            conn.resumed = tls.session_reused
             return tls, (host, port)
         reason = (
             Refusal.WRONG_SERVER_IDENTITY
