@@ -33,6 +33,7 @@ from listeners.serve import (
     default_handshake_limit,
     is_routine_close,
     peer_address,
+    pending_bytes,
     tune_socket,
 )
 from listeners.tls.contexts import explain_verify_failure
@@ -71,6 +72,10 @@ class _InboundTLS(TLSTransport):
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
         tune_socket(transport)
+        self.slot.watch(
+            transport.abort,  # type: ignore[attr-defined]
+            lambda: not self.received_any and pending_bytes(transport) == 0,
+        )
         source = peer_address(transport)
         self.listener.spawn(
             self.listener.handle(self, source, self.slot), f"inbound {source}", transport, self.slot
@@ -164,6 +169,13 @@ class PublicListener(Listener):
                 await tls.handshake(self.handshake_timeout)
             except OSError as exc:  # HandshakeError, TLSError, resets
                 conn.handshake = now() - started
+                if slot is not None and slot.evicted:
+                    conn.refuse(
+                        Refusal.OVER_HANDSHAKE_LIMIT,
+                        "evicted: it had sent nothing, and a newer connection needed its place "
+                        f"in the handshake budget ({self.handshake_limit})",
+                    )
+                    return
                 if not tls.received_any:
                     conn.detail = "closed without sending a byte"  # a TCP health check
                     return

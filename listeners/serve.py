@@ -4,7 +4,11 @@ per-connection tasks, drain-then-cancel close.
 The accept loop is ours, not the event loop's (`create_server`), for two reasons:
 - budgets: beyond `max_connections` open connections, or `handshake_limit` connections not
   yet through their TLS handshake, a new connection is closed at once, before any TLS, and
-  reported to the observer as refused (`over_connection_limit`, `over_handshake_limit`);
+  reported to the observer as refused (`over_connection_limit`, `over_handshake_limit`).
+  A full handshake budget first makes room by closing the oldest connection that has sent
+  nothing at all, taken from the client address holding the most handshakes: a slowloris
+  gives way to everyone, itself included, and a TLS client (which sends its ClientHello at
+  once) is never evicted; only when no silent connection is found is the newcomer closed;
 - descriptor exhaustion: on EMFILE/ENFILE (and ENOBUFS/ENOMEM) accepting pauses with a
   backoff (`ACCEPT_BACKOFF_FIRST` doubling to `ACCEPT_BACKOFF_MAX`), logs one warning per
   outage and one line when it accepts again, and resumes. The connections that wait meanwhile
@@ -26,9 +30,12 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import errno
+import fcntl
 import logging
 import resource
 import socket
+import struct
+import termios
 from collections.abc import Callable, Coroutine
 from typing import Any
 
@@ -39,6 +46,7 @@ from proxy.counter import Counter
 KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
 BACKLOG = 1024
 ACCEPT_BATCH = 64  # connections accepted per readiness callback (others wait their turn)
+EVICT_SCAN = 64  # handshaking connections looked at, oldest first, for a silent one to evict
 ACCEPT_BACKOFF_FIRST = 0.05  # seconds of the first pause on descriptor exhaustion
 ACCEPT_BACKOFF_MAX = 1.0
 RESERVED_DESCRIPTORS = 64  # left for the agent's connections, logs, upstream dials
@@ -74,23 +82,56 @@ def default_handshake_limit(max_connections: int) -> int:
 
 
 class Slot:
-    """One accepted connection's share of its listener's budgets, given back exactly once."""
+    """One accepted connection's share of its listener's budgets, given back exactly once.
 
-    __slots__ = ("_handshaking", "_listener", "_open")
+    While in the handshake budget, a slot can be evicted for a newer connection if its
+    client has sent nothing at all (`Listener._evict_silent`): the protocol lends it the
+    means with `watch()`. `source` is the client's address without the port.
+    """
 
-    def __init__(self, listener: Listener, *, handshaking: bool) -> None:
+    __slots__ = ("_abort", "_handshaking", "_listener", "_open", "_silent", "evicted", "source")
+
+    def __init__(self, listener: Listener, *, handshaking: bool, source: str = "") -> None:
         self._listener = listener
+        self.source = source
         self._open = True
         self._handshaking = handshaking
+        self._abort: Callable[[], object] | None = None
+        self._silent: Callable[[], bool] | None = None
+        self.evicted = False  # closed to make room: the handler reports it as such
         listener.open += 1
         if handshaking:
             listener.handshaking += 1
+            listener._in_handshake.setdefault(source, {})[self] = None
+
+    def watch(self, abort: Callable[[], object], silent: Callable[[], bool]) -> None:
+        """How to close this connection, and whether its client has sent nothing yet."""
+        self._abort = abort
+        self._silent = silent
+
+    def silent(self) -> bool:
+        return self._silent is not None and self._silent()
+
+    def evict(self) -> None:
+        """Close the connection now to give its place in the handshake budget away."""
+        abort = self._abort
+        self.evicted = True
+        self.handshake_over()
+        if abort is not None:
+            abort()
 
     def handshake_over(self) -> None:
         """The handshake ended (either way): the connection leaves the handshake budget."""
         if self._handshaking:
             self._handshaking = False
             self._listener.handshaking -= 1
+            by_source = self._listener._in_handshake
+            slots = by_source.get(self.source)
+            if slots is not None:
+                slots.pop(self, None)
+                if not slots:
+                    del by_source[self.source]
+            self._abort = self._silent = None
 
     def release(self) -> None:
         """The connection is over: it leaves both budgets."""
@@ -98,6 +139,18 @@ class Slot:
         if self._open:
             self._open = False
             self._listener.open -= 1
+
+
+def pending_bytes(transport: asyncio.BaseTransport) -> int:
+    """Bytes the kernel holds unread on the transport's socket (0 when it cannot tell)."""
+    sock = transport.get_extra_info("socket")
+    if sock is None:
+        return 0
+    try:
+        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
+    except (OSError, ValueError):
+        return 0
+    return int(struct.unpack("i", answer)[0])
 
 
 def tune_socket(transport: asyncio.BaseTransport) -> None:
@@ -181,6 +234,10 @@ class Listener:
         self.over_connection_limit = 0  # closed at accept: `max_connections` reached
         self.over_handshake_limit = 0  # closed at accept: `handshake_limit` reached
         self.accept_pauses = 0  # accepting paused for want of descriptors
+        self.evicted_silent = 0  # closed in their handshake, silent, to admit a newer one
+        # The slots in the handshake budget by client address, each oldest first (a dict
+        # keeps insertion order).
+        self._in_handshake: dict[str, dict[Slot, None]] = {}
         self._sockets: list[socket.socket] = []
         self._factory: ProtocolFactory | None = None
         self._backoff = 0.0  # the current pause (0: accepting normally)
@@ -314,7 +371,11 @@ class Listener:
                 f"{self.max_connections} connections already open",
             )
             return
-        if self.handshake_limit and self.handshaking >= self.handshake_limit:
+        if (
+            self.handshake_limit
+            and self.handshaking >= self.handshake_limit
+            and not self._evict_silent()
+        ):
             self.over_handshake_limit += 1
             self._refuse(
                 conn,
@@ -323,10 +384,33 @@ class Listener:
                 f"{self.handshake_limit} connections already in their handshake",
             )
             return
-        slot = Slot(self, handshaking=self.handshake_limit > 0)
+        source = address[0] if isinstance(address, tuple) and address else ""
+        slot = Slot(self, handshaking=self.handshake_limit > 0, source=str(source))
         task = loop.create_task(self._attach(conn, slot), name=f"attach {self.name}")
         self._attaching.add(task)
         task.add_done_callback(self._attaching.discard)
+
+    def _evict_silent(self) -> bool:
+        """Make room in a full handshake budget: close the oldest connection whose client
+        has sent not one byte (a TLS client sends its ClientHello at once; a slowloris
+        sends nothing), taken from the client address that holds the most handshakes (so
+        one flooding address gives way to the others, and to itself, never the reverse).
+        False if none of that address's oldest `EVICT_SCAN` is silent."""
+        if not self._in_handshake:
+            return False
+        heaviest = max(self._in_handshake.values(), key=len)
+        victim = None
+        for scanned, slot in enumerate(heaviest):
+            if scanned >= EVICT_SCAN:
+                break
+            if slot.silent():
+                victim = slot
+                break
+        if victim is None:
+            return False
+        victim.evict()
+        self.evicted_silent += 1
+        return True
 
     def _refuse(self, conn: socket.socket, address: Any, reason: Refusal, detail: str) -> None:
         conn.close()

@@ -141,7 +141,9 @@ async def test_cap_closes_the_next_connection_at_once(agent: DevAgent) -> None:
         assert await _echo(public.port, agent, b"again") == b"again"
 
 
-async def test_slowloris_fills_only_the_handshake_budget(agent: DevAgent) -> None:
+async def test_silent_connections_give_their_place_in_a_full_handshake_budget(
+    agent: DevAgent,
+) -> None:
     metrics = ProxyMetrics()
     async with (
         echo_app() as app,
@@ -158,24 +160,47 @@ async def test_slowloris_fills_only_the_handshake_budget(agent: DevAgent) -> Non
             assert await reader.readexactly(6) == b"before"
             async with _connections(public.port, 10) as silent:
                 await wait_until(lambda: public.handshaking == 10)
-                # ...beyond the budget, silent connections are closed at once...
+                # ...a new authorized client gets in: the oldest silent connection is closed
+                # to make room for it...
+                assert await _echo(public.port, agent, b"new client") == b"new client"
+                assert await silent[0][0].read(1) == b""
+                await wait_until(lambda: public.handshaking == 9)
+                # ...and so does every newer silent one, the oldest giving way each time.
                 for _ in range(5):
-                    assert await _closed_at_once(public.port)
-                assert public.over_handshake_limit == 5
-                assert _refused(metrics, "over_handshake_limit") == 5.0
-                # ...the authorized connection is never touched...
+                    silent.append(await _silent(public.port))
+                await wait_until(lambda: public.evicted_silent == 5)
+                assert public.handshaking == 10
+                for evicted in silent[1:5]:
+                    assert await evicted[0].read(1) == b""
+                await wait_until(lambda: _refused(metrics, "over_handshake_limit") == 5.0)
+                assert public.over_handshake_limit == 0  # nobody was refused at accept
+                # The authorized connection is never touched.
                 writer.write(b"during")
                 assert await reader.readexactly(6) == b"during"
-                # ...and one free place is enough for a new authorized client.
-                silent.pop()[1].close()
-                await wait_until(lambda: public.handshaking == 9)
-                assert await _echo(public.port, agent, b"new client") == b"new client"
-                assert public.handshaking == 9
-                await wait_until(lambda: public.open == 10)  # 9 silent ones, the first client
             await wait_until(lambda: public.handshaking == 0)
             assert public.over_connection_limit == 0
         finally:
             writer.close()
+
+
+async def test_a_budget_full_of_talking_handshakes_refuses_the_newcomer(agent: DevAgent) -> None:
+    """Clients that sent part of a ClientHello are not evicted: the newcomer is refused."""
+    metrics = ProxyMetrics()
+    async with (
+        echo_app() as app,
+        db_sidecar(agent, app, metrics, max_inbound_connections=8) as db,
+    ):
+        public = db.public
+        assert public is not None and public.handshake_limit == 2
+        async with _connections(public.port, 2) as talking:
+            for _, w in talking:
+                w.write(b"\x16\x03\x01")  # the start of a TLS record, and no more
+                await w.drain()
+            await wait_until(lambda: public.handshaking == 2)
+            assert await _closed_at_once(public.port)
+            assert public.over_handshake_limit == 1
+            assert public.evicted_silent == 0
+            assert _refused(metrics, "over_handshake_limit") == 1.0
 
 
 @contextlib.contextmanager
