@@ -24,9 +24,12 @@ def pytest_asyncio_loop_factories(
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on plain asyncio and, where installed, on uvloop.
 
-    CONNECT_PROXY_TEST_LOOPS=asyncio (or =uvloop) narrows it to one loop.
+    CONNECT_PROXY_TEST_LOOPS=asyncio (or =uvloop) narrows it to one loop; tests marked
+    `one_loop` (whose subject runs in child processes) run on asyncio only.
     """
     loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
+    if item.get_closest_marker("one_loop") is not None:
+        return loops
     try:
         import uvloop
     except ImportError:
@@ -40,6 +43,11 @@ def pytest_asyncio_loop_factories(
 
 
 def pytest_configure(config: pytest.Config) -> None:
+    config.addinivalue_line(
+        "markers",
+        "one_loop: the test's own event loop does not matter (its subject is a child "
+        "process): run it on asyncio only",
+    )
     config.addinivalue_line(
         "markers",
         "tls_engines(*names): run once per TLS engine named (none named: every engine)",
