@@ -5,8 +5,10 @@ Owns two follow-ups of the public listener's forwarded connections (`PublicListe
   service as destination; on each change (and on the first answer, which may be newer than
   a connection's handshake) every open connection is authorized again through the same
   authorizer as at accept, with the same client URI and serial;
-- roots: after each rotation of the TLS store, a connection whose leaf was issued by a root
-  that is gone, and by no current root, is closed.
+- roots: after each rotation of the TLS store, a connection whose client chain ends in a root
+  that is gone, and in no current root, is closed. The chain is the one the client sent
+  (leaf, then intermediates or cross-signed roots), read from the live TLS connection only
+  then (`Connection.peer_chain`), and walked from the leaf with a signature check per step.
 
 Rule 1: only an explicit denial closes. A failed authorize call (agent down, 5xx, bad body)
 keeps the connection: it was allowed at its handshake, and cutting every established
@@ -16,8 +18,11 @@ Rule 2: bounded: at most `concurrency` authorize calls at once, whatever the num
 connections; one pass at a time.
 Rule 3: a closed connection is refused for `Refusal.REVOKED` or `Refusal.ROOT_REMOVED`, so the
 listener's observer counts it (`connect_proxy_refused_connections`) and logs its access line.
-Rule 4: the roots check reads the leaf only: a leaf issued by an intermediate is not matched
-to a root and is kept (a full chain is not kept per connection).
+Rule 4: the roots check closes only what it can prove: a path of signatures from the leaf,
+through certificates the client sent, to a removed root, and none to a current root. When it
+cannot tell (a certificate that does not parse, no path to any root, a resumed session whose
+chain only holds the leaf) the connection is kept. The walk is bounded by `MAX_CHAIN`
+certificates, and a pass checks each distinct chain once.
 """
 
 from __future__ import annotations
@@ -42,14 +47,22 @@ log = logging.getLogger("proxy.reauth")
 DEFAULT_CONCURRENCY = 8
 
 
-def _issued_by_any(leaf: x509.Certificate, roots: Sequence[x509.Certificate]) -> bool:
-    for root in roots:
-        try:
-            leaf.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
+# Certificates of a client's chain looked at, leaf included: Consul's chains hold a leaf, an
+# intermediate and a cross-signed root at most; the rest of a longer chain is ignored.
+MAX_CHAIN = 8
+
+
+def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+    """Whether `issuer`'s name and key signed `cert` (the name is compared first: cheap)."""
+    try:
+        cert.verify_directly_issued_by(issuer)
+    except (ValueError, TypeError, InvalidSignature):
+        return False
+    return True
+
+
+def _issued_by_any(cert: x509.Certificate, roots: Sequence[x509.Certificate]) -> bool:
+    return any(_issued_by(cert, root) for root in roots)
 
 
 def _load_roots(pems: Sequence[str]) -> list[x509.Certificate]:
@@ -61,14 +74,46 @@ def _load_roots(pems: Sequence[str]) -> list[x509.Certificate]:
 
 
 def chained_to_removed_root(
-    leaf_der: bytes, removed: Sequence[x509.Certificate], current: Sequence[x509.Certificate]
+    chain_der: Sequence[bytes],
+    removed: Sequence[x509.Certificate],
+    current: Sequence[x509.Certificate],
 ) -> bool:
-    """Whether the leaf was issued by a `removed` root and by none of the `current` ones."""
+    """Whether a client's chain leads to a `removed` root and to none of the `current` ones.
+
+    Args:
+        chain_der: the chain as the client sent it, DER, leaf first (a bare leaf is a chain of
+            one); only its first `MAX_CHAIN` certificates are looked at.
+        removed: the roots gone in a rotation.
+        current: the roots trusted now.
+
+    From the leaf, every certificate of the chain that signed one already reached is reached
+    in turn (each one once: at most `MAX_CHAIN` steps). True when some reached certificate
+    was issued by a removed root and none by a current root; False when one was issued by a
+    current root (a cross-signed intermediate, say), and when it cannot tell: the leaf does
+    not parse, or no path reaches a root.
+    """
+    if not chain_der:
+        return False
     try:
-        leaf = x509.load_der_x509_certificate(leaf_der)
+        leaf = x509.load_der_x509_certificate(chain_der[0])
     except ValueError:
         return False
-    return _issued_by_any(leaf, removed) and not _issued_by_any(leaf, current)
+    sent: list[x509.Certificate] = []
+    for der in chain_der[1:MAX_CHAIN]:
+        with contextlib.suppress(ValueError):  # one that does not parse leads nowhere
+            sent.append(x509.load_der_x509_certificate(der))
+    to_visit = [leaf]
+    ends_in_removed = False
+    while to_visit:
+        cert = to_visit.pop()
+        if _issued_by_any(cert, current):
+            return False
+        if _issued_by_any(cert, removed):
+            ends_in_removed = True
+        issuers = [other for other in sent if _issued_by(cert, other)]
+        sent = [other for other in sent if other not in issuers]
+        to_visit += issuers
+    return ends_in_removed
 
 
 class Reauthorizer:
@@ -177,14 +222,23 @@ class Reauthorizer:
             previous = current
 
     def check_roots(self, previous: Sequence[str], current: Sequence[str]) -> int:
-        """Close connections whose leaf chained to a root in `previous` but not `current`."""
+        """Close connections whose client chain led to a root in `previous` and to none in
+        `current`. Returns how many."""
         gone = [pem for pem in previous if pem not in current]
         if not gone:
             return 0
         removed, now = _load_roots(gone), _load_roots(current)
+        # Connections of one client instance share a chain: each distinct one is walked once.
+        verdicts: dict[tuple[bytes, ...], bool] = {}
         closed = 0
         for conn in self.listener.forwarding():
-            if chained_to_removed_root(conn.peer_der, removed, now) and self.listener.revoke(
+            chain = tuple(conn.peer_chain() if conn.peer_chain is not None else ()) or (
+                conn.peer_der,
+            )
+            verdict = verdicts.get(chain)
+            if verdict is None:
+                verdict = verdicts[chain] = chained_to_removed_root(chain, removed, now)
+            if verdict and self.listener.revoke(
                 conn, Refusal.ROOT_REMOVED, "its CA root is no longer trusted"
             ):
                 closed += 1
