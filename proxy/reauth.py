@@ -151,6 +151,7 @@ class Reauthorizer:
         self.passes = 0  # intention passes completed
         self.revoked = 0  # connections closed by a denial
         self.root_removed = 0  # connections closed by a roots rotation
+        self.root_passes = 0  # roots changes checked
         self.kept_on_error = 0  # re-checks whose authorize call failed (connection kept)
         self._pass = asyncio.Lock()
 
@@ -219,6 +220,7 @@ class Reauthorizer:
             current = material.roots
             if current != previous:
                 self.check_roots(previous, current)
+                self.root_passes += 1
             previous = current
 
     def check_roots(self, previous: Sequence[str], current: Sequence[str]) -> int:

@@ -104,12 +104,13 @@ class TLSEngine(Protocol):
         """The peer's leaf certificate, DER, once the handshake has completed."""
 
     def peer_chain(self) -> list[bytes]:
-        """The peer's chain as it sent it, DER: its leaf first, then what it sent with it
-        (intermediates, cross-signed roots), unverified; [] before the handshake.
+        """The peer's chain as it sent it, DER, once the handshake has completed: its leaf
+        first, then what it sent with it (intermediates, cross-signed roots), unverified.
 
-        Read on demand (`proxy/reauth.py`, at a roots rotation), never per connection. A
-        resumed session carries no Certificate message, so only the leaf is known then: the
-        list is the leaf alone.
+        Read on demand (`proxy/reauth.py`, at a roots rotation), never per connection. After
+        a resumed handshake no Certificate message came: a server side knows the client's
+        leaf only (the list is the leaf alone), a client side may still have the server's
+        chain from the session it resumed.
         """
 
     def version(self) -> str | None:

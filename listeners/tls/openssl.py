@@ -209,7 +209,8 @@ class OpenSSLEngine:
         if leaf is None:
             return []
         # SSL_get_peer_cert_chain(): on a server, what the client sent after its leaf (the
-        # leaf is not in it); on a client, the server's leaf first. None on a resumed session.
+        # leaf is not in it); on a client, the server's leaf first. None on a server after a
+        # resumed handshake.
         sent = self._conn.get_peer_cert_chain() or []
         chain = [crypto.dump_certificate(crypto.FILETYPE_ASN1, cert) for cert in sent]
         return chain if chain and chain[0] == leaf else [leaf, *chain]
