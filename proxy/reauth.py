@@ -22,7 +22,7 @@ Rule 4: the roots check closes only what it can prove: a path of signatures from
 through certificates the client sent, to a removed root, and none to a current root. When it
 cannot tell (a certificate that does not parse, no path to any root, a resumed session whose
 chain only holds the leaf) the connection is kept. The walk is bounded by `MAX_CHAIN`
-certificates, and a pass checks each distinct chain once.
+certificates; a pass walks each distinct chain once and checks each signature once.
 """
 
 from __future__ import annotations
@@ -34,6 +34,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from listeners.events import Connection, Refusal
 from listeners.public import InboundAuthorizer, PublicListener
@@ -52,17 +53,25 @@ DEFAULT_CONCURRENCY = 8
 MAX_CHAIN = 8
 
 
-def _issued_by(cert: x509.Certificate, issuer: x509.Certificate) -> bool:
+# A certificate as sent (DER, the key of the memo below) and parsed.
+_Cert = tuple[bytes, x509.Certificate]
+# Signature checks already made in one roots pass: (certificate, issuer) DER -> issued.
+Checked = dict[tuple[bytes, bytes], bool]
+
+
+def _issued_by(cert: _Cert, issuer: _Cert, checked: Checked) -> bool:
     """Whether `issuer`'s name and key signed `cert` (the name is compared first: cheap)."""
+    key = (cert[0], issuer[0])
+    known = checked.get(key)
+    if known is not None:
+        return known
     try:
-        cert.verify_directly_issued_by(issuer)
+        cert[1].verify_directly_issued_by(issuer[1])
     except (ValueError, TypeError, InvalidSignature):
-        return False
-    return True
-
-
-def _issued_by_any(cert: x509.Certificate, roots: Sequence[x509.Certificate]) -> bool:
-    return any(_issued_by(cert, root) for root in roots)
+        checked[key] = False
+    else:
+        checked[key] = True
+    return checked[key]
 
 
 def _load_roots(pems: Sequence[str]) -> list[x509.Certificate]:
@@ -77,6 +86,7 @@ def chained_to_removed_root(
     chain_der: Sequence[bytes],
     removed: Sequence[x509.Certificate],
     current: Sequence[x509.Certificate],
+    checked: Checked | None = None,
 ) -> bool:
     """Whether a client's chain leads to a `removed` root and to none of the `current` ones.
 
@@ -85,6 +95,8 @@ def chained_to_removed_root(
             one); only its first `MAX_CHAIN` certificates are looked at.
         removed: the roots gone in a rotation.
         current: the roots trusted now.
+        checked: signature checks made so far in this pass, shared by the calls of a pass
+            (clients of one CA send the same intermediates: each is checked once), and added to.
 
     From the leaf, every certificate of the chain that signed one already reached is reached
     in turn (each one once: at most `MAX_CHAIN` steps). True when some reached certificate
@@ -94,23 +106,27 @@ def chained_to_removed_root(
     """
     if not chain_der:
         return False
+    if checked is None:
+        checked = {}
     try:
-        leaf = x509.load_der_x509_certificate(chain_der[0])
+        leaf = (chain_der[0], x509.load_der_x509_certificate(chain_der[0]))
     except ValueError:
         return False
-    sent: list[x509.Certificate] = []
+    sent: list[_Cert] = []
     for der in chain_der[1:MAX_CHAIN]:
         with contextlib.suppress(ValueError):  # one that does not parse leads nowhere
-            sent.append(x509.load_der_x509_certificate(der))
+            sent.append((der, x509.load_der_x509_certificate(der)))
+    gone = [(root.public_bytes(Encoding.DER), root) for root in removed]
+    now = [(root.public_bytes(Encoding.DER), root) for root in current]
     to_visit = [leaf]
     ends_in_removed = False
     while to_visit:
         cert = to_visit.pop()
-        if _issued_by_any(cert, current):
+        if any(_issued_by(cert, root, checked) for root in now):
             return False
-        if _issued_by_any(cert, removed):
+        if any(_issued_by(cert, root, checked) for root in gone):
             ends_in_removed = True
-        issuers = [other for other in sent if _issued_by(cert, other)]
+        issuers = [other for other in sent if _issued_by(cert, other, checked)]
         sent = [other for other in sent if other not in issuers]
         to_visit += issuers
     return ends_in_removed
@@ -230,8 +246,10 @@ class Reauthorizer:
         if not gone:
             return 0
         removed, now = _load_roots(gone), _load_roots(current)
-        # Connections of one client instance share a chain: each distinct one is walked once.
+        # Connections of one client instance share a chain: each distinct one is walked once,
+        # and each signature of an intermediate is checked once.
         verdicts: dict[tuple[bytes, ...], bool] = {}
+        checked: Checked = {}
         closed = 0
         for conn in self.listener.forwarding():
             chain = tuple(conn.peer_chain() if conn.peer_chain is not None else ()) or (
@@ -239,7 +257,7 @@ class Reauthorizer:
             )
             verdict = verdicts.get(chain)
             if verdict is None:
-                verdict = verdicts[chain] = chained_to_removed_root(chain, removed, now)
+                verdict = verdicts[chain] = chained_to_removed_root(chain, removed, now, checked)
             if verdict and self.listener.revoke(
                 conn, Refusal.ROOT_REMOVED, "its CA root is no longer trusted"
             ):
