@@ -7,8 +7,8 @@ to its `Observer` twice at most: `forwarding()` when bytes start to flow, `finis
 when it is over, whatever the outcome. Metrics, the access log and the admin endpoint are
 observers or readers of these records (`proxy/observe.py`, `proxy/admin.py`).
 
-Rule 1: plain values (and, once forwarding, the handle that cuts the connection) and a
-Protocol; no I/O, no logging, no clock reads but `now()`.
+Rule 1: plain values (and, once forwarding, the handles that cut the connection and read
+its peer's chain) and a Protocol; no I/O, no logging, no clock reads but `now()`.
 Rule 2: an observer is called synchronously on the event loop and must not block or raise.
 """
 
@@ -83,6 +83,10 @@ class Connection:
     stats: PipeStats | None = None  # live byte counts once forwarding
     peer_der: bytes = b""  # inbound: the client's leaf, for re-checks (`proxy/reauth.py`)
     abort: Callable[[], None] | None = field(default=None, repr=False)  # once forwarding
+    # Inbound, while forwarding: reads the client's chain as sent, leaf first, DER, from the
+    # live TLS connection (`TLSTransport.peer_chain`). A handle, not the chain: only a roots
+    # rotation reads it (`proxy/reauth.py`), so a connection pays nothing for it.
+    peer_chain: Callable[[], list[bytes]] | None = field(default=None, repr=False)
 
     @property
     def outcome(self) -> Outcome:

@@ -12,9 +12,9 @@ Order per connection (Consul's `connect/proxy/listener.go`, `connect/tls.go`; wh
 
 Rule 1: no byte from the client reaches the app, and no connection is opened to the app,
 before the authorizer has allowed the connection.
-Rule 2: a forwarded connection's record keeps its peer's leaf and the handle that cuts it
-until it ends, so it can be re-checked later; `revoke()` cuts both of its sides at once
-(`proxy/reauth.py`).
+Rule 2: a forwarded connection's record keeps its peer's leaf, a handle that reads the
+peer's chain and the handle that cuts it until it ends, so it can be re-checked later;
+`revoke()` cuts both of its sides at once (`proxy/reauth.py`).
 Rule 3: this module takes from `proxy/` only level-0 modules (`proxy.addr`,
 `proxy.identity`); its collaborators are Protocols.
 """
@@ -224,6 +224,7 @@ class PublicListener(Listener):
             conn.stats = pipe.stats
             conn.peer_der = peer_der or b""
             conn.abort = pipe.abort
+            conn.peer_chain = tls.peer_chain
             self.observer.forwarding(conn)
             pipe.start()
             stats = await pipe.done
@@ -240,4 +241,5 @@ class PublicListener(Listener):
             raise
         finally:
             conn.abort = None
+            conn.peer_chain = None  # the TLS connection is over: let it go
             self.untrack(conn)

@@ -5,8 +5,10 @@ Owns two follow-ups of the public listener's forwarded connections (`PublicListe
   service as destination; on each change (and on the first answer, which may be newer than
   a connection's handshake) every open connection is authorized again through the same
   authorizer as at accept, with the same client URI and serial;
-- roots: after each rotation of the TLS store, a connection whose leaf was issued by a root
-  that is gone, and by no current root, is closed.
+- roots: after each rotation of the TLS store, a connection whose client chain ends in a root
+  that is gone, and in no current root, is closed. The chain is the one the client sent
+  (leaf, then intermediates or cross-signed roots), read from the live TLS connection only
+  then (`Connection.peer_chain`), and walked from the leaf with a signature check per step.
 
 Rule 1: only an explicit denial closes. A failed authorize call (agent down, 5xx, bad body)
 keeps the connection: it was allowed at its handshake, and cutting every established
@@ -16,8 +18,11 @@ Rule 2: bounded: at most `concurrency` authorize calls at once, whatever the num
 connections; one pass at a time.
 Rule 3: a closed connection is refused for `Refusal.REVOKED` or `Refusal.ROOT_REMOVED`, so the
 listener's observer counts it (`connect_proxy_refused_connections`) and logs its access line.
-Rule 4: the roots check reads the leaf only: a leaf issued by an intermediate is not matched
-to a root and is kept (a full chain is not kept per connection).
+Rule 4: the roots check closes only what it can prove: a path of signatures from the leaf,
+through certificates the client sent, to a removed root, and none to a current root. When it
+cannot tell (a certificate that does not parse, no path to any root, a resumed session whose
+chain only holds the leaf) the connection is kept. The walk is bounded by `MAX_CHAIN`
+certificates; a pass walks each distinct chain once and checks each signature once.
 """
 
 from __future__ import annotations
@@ -29,6 +34,7 @@ from collections.abc import Sequence
 
 from cryptography import x509
 from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.serialization import Encoding
 
 from listeners.events import Connection, Refusal
 from listeners.public import InboundAuthorizer, PublicListener
@@ -42,14 +48,30 @@ log = logging.getLogger("proxy.reauth")
 DEFAULT_CONCURRENCY = 8
 
 
-def _issued_by_any(leaf: x509.Certificate, roots: Sequence[x509.Certificate]) -> bool:
-    for root in roots:
-        try:
-            leaf.verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature):
-            continue
-        return True
-    return False
+# Certificates of a client's chain looked at, leaf included: Consul's chains hold a leaf, an
+# intermediate and a cross-signed root at most; the rest of a longer chain is ignored.
+MAX_CHAIN = 8
+
+
+# A certificate as sent (DER, the key of the memo below) and parsed.
+_Cert = tuple[bytes, x509.Certificate]
+# Signature checks already made in one roots pass: (certificate, issuer) DER -> issued.
+Checked = dict[tuple[bytes, bytes], bool]
+
+
+def _issued_by(cert: _Cert, issuer: _Cert, checked: Checked) -> bool:
+    """Whether `issuer`'s name and key signed `cert` (the name is compared first: cheap)."""
+    key = (cert[0], issuer[0])
+    known = checked.get(key)
+    if known is not None:
+        return known
+    try:
+        cert[1].verify_directly_issued_by(issuer[1])
+    except (ValueError, TypeError, InvalidSignature):
+        checked[key] = False
+    else:
+        checked[key] = True
+    return checked[key]
 
 
 def _load_roots(pems: Sequence[str]) -> list[x509.Certificate]:
@@ -61,14 +83,53 @@ def _load_roots(pems: Sequence[str]) -> list[x509.Certificate]:
 
 
 def chained_to_removed_root(
-    leaf_der: bytes, removed: Sequence[x509.Certificate], current: Sequence[x509.Certificate]
+    chain_der: Sequence[bytes],
+    removed: Sequence[x509.Certificate],
+    current: Sequence[x509.Certificate],
+    checked: Checked | None = None,
 ) -> bool:
-    """Whether the leaf was issued by a `removed` root and by none of the `current` ones."""
+    """Whether a client's chain leads to a `removed` root and to none of the `current` ones.
+
+    Args:
+        chain_der: the chain as the client sent it, DER, leaf first (a bare leaf is a chain of
+            one); only its first `MAX_CHAIN` certificates are looked at.
+        removed: the roots gone in a rotation.
+        current: the roots trusted now.
+        checked: signature checks made so far in this pass, shared by the calls of a pass
+            (clients of one CA send the same intermediates: each is checked once), and added to.
+
+    From the leaf, every certificate of the chain that signed one already reached is reached
+    in turn (each one once: at most `MAX_CHAIN` steps). True when some reached certificate
+    was issued by a removed root and none by a current root; False when one was issued by a
+    current root (a cross-signed intermediate, say), and when it cannot tell: the leaf does
+    not parse, or no path reaches a root.
+    """
+    if not chain_der:
+        return False
+    if checked is None:
+        checked = {}
     try:
-        leaf = x509.load_der_x509_certificate(leaf_der)
+        leaf = (chain_der[0], x509.load_der_x509_certificate(chain_der[0]))
     except ValueError:
         return False
-    return _issued_by_any(leaf, removed) and not _issued_by_any(leaf, current)
+    sent: list[_Cert] = []
+    for der in chain_der[1:MAX_CHAIN]:
+        with contextlib.suppress(ValueError):  # one that does not parse leads nowhere
+            sent.append((der, x509.load_der_x509_certificate(der)))
+    gone = [(root.public_bytes(Encoding.DER), root) for root in removed]
+    now = [(root.public_bytes(Encoding.DER), root) for root in current]
+    to_visit = [leaf]
+    ends_in_removed = False
+    while to_visit:
+        cert = to_visit.pop()
+        if any(_issued_by(cert, root, checked) for root in now):
+            return False
+        if any(_issued_by(cert, root, checked) for root in gone):
+            ends_in_removed = True
+        issuers = [other for other in sent if _issued_by(cert, other, checked)]
+        sent = [other for other in sent if other not in issuers]
+        to_visit += issuers
+    return ends_in_removed
 
 
 class Reauthorizer:
@@ -106,6 +167,7 @@ class Reauthorizer:
         self.passes = 0  # intention passes completed
         self.revoked = 0  # connections closed by a denial
         self.root_removed = 0  # connections closed by a roots rotation
+        self.root_passes = 0  # roots changes checked
         self.kept_on_error = 0  # re-checks whose authorize call failed (connection kept)
         self._pass = asyncio.Lock()
 
@@ -174,17 +236,29 @@ class Reauthorizer:
             current = material.roots
             if current != previous:
                 self.check_roots(previous, current)
+                self.root_passes += 1
             previous = current
 
     def check_roots(self, previous: Sequence[str], current: Sequence[str]) -> int:
-        """Close connections whose leaf chained to a root in `previous` but not `current`."""
+        """Close connections whose client chain led to a root in `previous` and to none in
+        `current`. Returns how many."""
         gone = [pem for pem in previous if pem not in current]
         if not gone:
             return 0
         removed, now = _load_roots(gone), _load_roots(current)
+        # Connections of one client instance share a chain: each distinct one is walked once,
+        # and each signature of an intermediate is checked once.
+        verdicts: dict[tuple[bytes, ...], bool] = {}
+        checked: Checked = {}
         closed = 0
         for conn in self.listener.forwarding():
-            if chained_to_removed_root(conn.peer_der, removed, now) and self.listener.revoke(
+            chain = tuple(conn.peer_chain() if conn.peer_chain is not None else ()) or (
+                conn.peer_der,
+            )
+            verdict = verdicts.get(chain)
+            if verdict is None:
+                verdict = verdicts[chain] = chained_to_removed_root(chain, removed, now, checked)
+            if verdict and self.listener.revoke(
                 conn, Refusal.ROOT_REMOVED, "its CA root is no longer trusted"
             ):
                 closed += 1

@@ -15,6 +15,7 @@ import ssl
 
 import pytest
 from cryptography import x509
+from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
 from listeners.tls.contexts import build_contexts, new_engine
@@ -30,6 +31,7 @@ PAIRS = [
     pytest.param("openssl", "openssl", id="openssl-openssl"),
 ]
 ENGINES = ["ssl", "openssl"]
+DER = Encoding.DER
 VERSIONS = [pytest.param("TLSv1.2", id="tls12"), pytest.param("TLSv1.3", id="tls13")]
 
 
@@ -169,6 +171,59 @@ async def test_silent_client_is_cut_at_the_handshake_timeout(
     finally:
         writer.close()
         server.close()
+
+
+# -- the peer's chain -----------------------------------------------------------------------
+
+
+async def _chains(
+    server_ctx: TLSContext, client_ctx: TLSContext, session: TLSSession | None = None
+) -> tuple[list[bytes], list[bytes], bool, TLSSession | None]:
+    """One connection as `_dial`; returns what each side read as its peer's chain (server
+    side first), whether the server resumed, and the client's session at the end."""
+    client, server = await connect_pair(server_ctx, client_ctx, session=session)
+    try:
+        await _both(client, server)
+        at_server, at_client = server.peer_chain(), client.peer_chain()
+        attach(server, Sink(echo=True))
+        app = attach(client, Sink(until=5))
+        client.write(b"hello")
+        await app.got  # TLS 1.3 tickets come after the handshake: read past them
+        client.write_eof()
+        server.write_eof()
+        await app.eof
+        return at_server, at_client, server.session_reused, client.session
+    finally:
+        await _close(client, server)
+
+
+@pytest.mark.parametrize("version", VERSIONS)
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+async def test_peer_chain_is_the_chain_as_sent_leaf_first(
+    client_engine: str, server_engine: str, version: str
+) -> None:
+    """Each side reads the other's leaf, then the intermediate it sent (on a server, OpenSSL's
+    SSL_get_peer_cert_chain() leaves the client's leaf out: both engines put it first)."""
+    ca = CertificateAuthority(use_intermediate=True)
+    (intermediate,) = ca.active_root.intermediates
+    inter = x509.load_pem_x509_certificate(intermediate.encode()).public_bytes(DER)
+    web, db = ca.sign_leaf("web", datacenter="dc1"), ca.sign_leaf("db", datacenter="dc1")
+    web_der, db_der = web.cert.public_bytes(DER), db.cert.public_bytes(DER)
+    server_ctx = build_contexts(_roots(ca), db.cert_pem, db.private_key_pem, server_engine)[0]
+    client_ctx = build_contexts(_roots(ca), web.cert_pem, web.private_key_pem, client_engine)[1]
+    if version == "TLSv1.2":
+        cap_at_tls12(client_ctx)
+    async with asyncio.timeout(10):
+        at_server, at_client, resumed, session = await _chains(server_ctx, client_ctx)
+        assert not resumed
+        assert at_server == [web_der, inter]
+        assert at_client == [db_der, inter]
+        at_server, at_client, resumed, _ = await _chains(server_ctx, client_ctx, session)
+        assert resumed
+        # No Certificate message came: a server knows the client's leaf only. A client may
+        # still hold the server's chain from the session it resumed (pyOpenSSL's does).
+        assert at_server == [web_der]
+        assert at_client in ([db_der], [db_der, inter])
 
 
 # -- half-close and bulk data -------------------------------------------------------------

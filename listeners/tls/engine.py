@@ -21,6 +21,7 @@ b"" (EOF): either way the peer has stopped writing.
 
 from __future__ import annotations
 
+import _ssl
 import contextlib
 import ssl
 from typing import TYPE_CHECKING, Protocol, TypeAlias, cast
@@ -101,6 +102,16 @@ class TLSEngine(Protocol):
 
     def peer_certificate(self) -> bytes | None:
         """The peer's leaf certificate, DER, once the handshake has completed."""
+
+    def peer_chain(self) -> list[bytes]:
+        """The peer's chain as it sent it, DER, once the handshake has completed: its leaf
+        first, then what it sent with it (intermediates, cross-signed roots), unverified.
+
+        Read on demand (`proxy/reauth.py`, at a roots rotation), never per connection. After
+        a resumed handshake no Certificate message came: a server side knows the client's
+        leaf only (the list is the leaf alone), a client side may still have the server's
+        chain from the session it resumed.
+        """
 
     def version(self) -> str | None:
         """The negotiated protocol ("TLSv1.3", "TLSv1.2"), once the handshake has completed."""
@@ -227,6 +238,22 @@ class StdlibEngine:
 
     def peer_certificate(self) -> bytes | None:
         return self._ssl.getpeercert(binary_form=True)
+
+    def peer_chain(self) -> list[bytes]:
+        public = getattr(self._ssl, "get_unverified_chain", None)
+        if public is not None:  # Python 3.13+: a list of DER (empty when none)
+            chain: list[bytes] = public()
+        else:
+            # Python 3.10-3.12 have the method on the private `_ssl._SSLSocket` only, where it
+            # returns `_ssl.Certificate` objects (3.13 made it public, with this same
+            # conversion). The leaf is first on both sides: CPython adds it on a server, where
+            # OpenSSL's SSL_get_peer_cert_chain() leaves it out.
+            certs = self._ssl._sslobj.get_unverified_chain()  # type: ignore[attr-defined]
+            chain = [c.public_bytes(_ssl.ENCODING_DER) for c in certs or ()]
+        if chain:
+            return chain
+        leaf = self.peer_certificate()
+        return [leaf] if leaf else []
 
     def version(self) -> str | None:
         return self._ssl.version()

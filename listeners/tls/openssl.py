@@ -204,6 +204,17 @@ class OpenSSLEngine:
         cert = self._conn.get_peer_certificate()
         return None if cert is None else crypto.dump_certificate(crypto.FILETYPE_ASN1, cert)
 
+    def peer_chain(self) -> list[bytes]:
+        leaf = self.peer_certificate()
+        if leaf is None:
+            return []
+        # SSL_get_peer_cert_chain(): on a server, what the client sent after its leaf (the
+        # leaf is not in it); on a client, the server's leaf first. None on a server after a
+        # resumed handshake.
+        sent = self._conn.get_peer_cert_chain() or []
+        chain = [crypto.dump_certificate(crypto.FILETYPE_ASN1, cert) for cert in sent]
+        return chain if chain and chain[0] == leaf else [leaf, *chain]
+
     def version(self) -> str | None:
         return self._conn.get_protocol_version_name()
 

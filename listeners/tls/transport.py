@@ -291,6 +291,10 @@ class TLSTransport(asyncio.Protocol):
         """The peer's leaf certificate, DER, once the handshake has completed."""
         return self._engine.peer_certificate()
 
+    def peer_chain(self) -> list[bytes]:
+        """The peer's chain as sent, DER, leaf first (`TLSEngine.peer_chain`)."""
+        return self._engine.peer_chain()
+
     def version(self) -> str | None:
         return self._engine.version()
 
