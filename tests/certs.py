@@ -5,18 +5,72 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
 import hashlib
 import socket
 import ssl
 from collections.abc import Iterable
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from listeners.tls.contexts import load_cert_chain
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
+from proxy.devagent.ca import key_id
 
 # The cluster ID of the shared `ca` fixture (tests/conftest.py): fixed, so that tests can spell
 # out its trust domain.
 CLUSTER = "11111111-2222-3333-4444-555555555555"
+
+
+def issue_leaf(
+    issuer: x509.Certificate,
+    issuer_key: Any,
+    *,
+    uri: str | None,
+    serial: int | None = None,
+    cn: str | None = None,
+    days: tuple[float, float] = (-1 / 1440, 1 / 24),
+) -> tuple[str, str]:
+    """(cert PEM, key PEM) of a leaf signed by (`issuer`, `issuer_key`), valid from
+    `days[0]` to `days[1]` days from now, with a URI SAN `uri` (critical without a CN)."""
+    key = ec.generate_private_key(ec.SECP256R1())
+    now = dt.datetime.now(dt.UTC)
+    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)]) if cn else x509.Name([])
+    builder = (
+        x509.CertificateBuilder()
+        .subject_name(subject)
+        .issuer_name(issuer.subject)
+        .public_key(key.public_key())
+        .serial_number(serial or x509.random_serial_number())
+        .not_valid_before(now + dt.timedelta(days=days[0]))
+        .not_valid_after(now + dt.timedelta(days=days[1]))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            False,
+        )
+        .add_extension(
+            x509.AuthorityKeyIdentifier(key_id(issuer_key.public_key()), None, None), False
+        )
+    )
+    if uri is not None:
+        builder = builder.add_extension(
+            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=cn is None
+        )
+    cert = builder.sign(issuer_key, hashes.SHA256())
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.TraditionalOpenSSL,
+        serialization.NoEncryption(),
+    ).decode()
+    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
 
 
 def load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:

@@ -38,12 +38,11 @@ import httpx
 from cryptography import x509
 from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import ReservedPorts
 from proxy.devagent.ca import generate_key, key_id
-from tests.certs import load_chain
+from tests.certs import issue_leaf, load_chain
 from tests.proxyfix import EchoApp
 
 SECRET = "f4u1t-t0ken-7c2e9d"  # the proxies' ACL token: it must appear in no output line
@@ -437,37 +436,10 @@ def sign_leaf(
     *,
     uri: str | None,
     days: tuple[float, float] = (-1 / 24, 1),
-    serial: int | None = None,
 ) -> tuple[str, str]:
     """A client leaf signed by (`issuer_pem`, `issuer_key`), valid over `days` from now."""
     issuer = x509.load_pem_x509_certificate(issuer_pem.encode())
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([]))
-        .issuer_name(issuer.subject)
-        .public_key(key.public_key())
-        .serial_number(serial or x509.random_serial_number())
-        .not_valid_before(now + dt.timedelta(days=days[0]))
-        .not_valid_after(now + dt.timedelta(days=days[1]))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier(key_id(issuer_key.public_key()), None, None), False
-        )
-    )
-    if uri is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=True
-        )
-    cert = builder.sign(issuer_key, hashes.SHA256())
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), _pem_key(key)
+    return issue_leaf(issuer, issuer_key, uri=uri, days=days)
 
 
 def self_signed_root(common_name: str) -> tuple[str, Any]:

@@ -4,26 +4,20 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import datetime as dt
 import logging
 import ssl
 from collections.abc import AsyncIterator, Iterator
 from dataclasses import dataclass, field
 
 import httpx
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID
 
 from proxy.agent import AgentClient
 from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
 from proxy.devagent import DevAgent
-from proxy.devagent.ca import key_id
 from proxy.httpflags import HTTPOptions
 from proxy.observe import ProxyMetrics
 from proxy.supervisor import Proxy, ProxySettings
-from tests.certs import load_chain
+from tests.certs import issue_leaf, load_chain
 
 
 @dataclass
@@ -168,39 +162,7 @@ def custom_leaf(
 ) -> tuple[str, str]:
     """A leaf signed by the agent's active root with a chosen serial and SAN (tests only)."""
     root = agent.state.ca.active_root
-    key = ec.generate_private_key(ec.SECP256R1())
-    now = dt.datetime.now(dt.UTC)
-    subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)]) if cn else x509.Name([])
-    builder = (
-        x509.CertificateBuilder()
-        .subject_name(subject)
-        .issuer_name(root.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(serial)
-        .not_valid_before(now - dt.timedelta(minutes=1))
-        .not_valid_after(now + dt.timedelta(hours=1))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            False,
-        )
-        .add_extension(
-            x509.AuthorityKeyIdentifier(key_id(root.key.public_key()), None, None), False
-        )
-    )
-    if uri is not None:
-        builder = builder.add_extension(
-            x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), critical=cn is None
-        )
-    cert = builder.sign(root.key, hashes.SHA256())
-    key_pem = key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode()
-    return cert.public_bytes(serialization.Encoding.PEM).decode(), key_pem
+    return issue_leaf(root.cert, root.key, uri=uri, serial=serial, cn=cn)
 
 
 async def tls_exchange(
