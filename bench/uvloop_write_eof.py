@@ -15,12 +15,18 @@ protocol answers a peer's EOF in one of these ways (`--mode`):
                call_soon
 
 and runs N clients against it (`--concurrency` at a time), each connecting, sending 64
-bytes, half-closing (shutdown SHUT_WR), reading the echo up to EOF and closing. The server
-is checked after every 1,000 connections; the report says per loop and mode how many
-connections ran and whether the server died (exit status, and "double free" in its stderr).
+bytes and half-closing (shutdown SHUT_WR), then, by `--client`:
 
-    python bench/uvloop_write_eof.py                      # 30,000 per loop and mode
-    python bench/uvloop_write_eof.py -n 5000 --loop uvloop --mode direct
+    read       reading the echo up to EOF and closing (the full exchange)
+    close      closing at once, without reading (the echo may meet a closed socket)
+    reset      closing at once with SO_LINGER 0 (an RST while the server answers)
+
+The server is checked after every 1,000 connections; the report says per loop, mode and
+client how many connections ran and whether the server died (exit status, and "double free"
+in its stderr).
+
+    python bench/uvloop_write_eof.py             # 30,000 per loop, mode and client: ~2 min
+    python bench/uvloop_write_eof.py -n 5000 --loop uvloop --mode direct --client reset
 
 Rule 1: nothing here is collected by pytest; it only opens loopback connections.
 """
@@ -33,12 +39,15 @@ import contextlib
 import os
 import signal
 import socket
+import struct
 import subprocess
 import sys
+import tempfile
 import time
 from dataclasses import dataclass
 
 MODES = ("direct", "call-soon", "keep")
+CLIENTS = ("read", "close", "reset")
 LOOPS = ("uvloop", "asyncio")
 PAYLOAD = b"x" * 64
 
@@ -107,16 +116,18 @@ def serve(loop_name: str, mode: str) -> None:
 class Result:
     loop: str
     mode: str
+    client: str
     attempted: int = 0
     echoed: int = 0  # the full echo, then EOF
     refused: int = 0  # connect failed or reset (the server is gone, or was going)
     crashed: bool = False
     exit_status: int | None = None
     double_free: bool = False
+    errors: int = 0  # tracebacks the server's loop logged (callbacks that raised)
     seconds: float = 0.0
 
 
-async def _one(port: int) -> bool:
+async def _one(port: int, client: str) -> bool:
     loop = asyncio.get_running_loop()
     sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
     sock.setblocking(False)
@@ -124,6 +135,10 @@ async def _one(port: int) -> bool:
         await loop.sock_connect(sock, ("127.0.0.1", port))
         await loop.sock_sendall(sock, PAYLOAD)
         sock.shutdown(socket.SHUT_WR)
+        if client == "reset":
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+        if client != "read":
+            return True
         got = b""
         while True:
             chunk = await asyncio.wait_for(loop.sock_recv(sock, 4096), 10.0)
@@ -145,7 +160,7 @@ async def _clients(
 
     async def guarded() -> bool:
         async with sem:
-            return await _one(port)
+            return await _one(port, res.client)
 
     while res.attempted < n:
         count = min(batch, n - res.attempted)
@@ -159,30 +174,38 @@ async def _clients(
             return
 
 
-def run_one(loop_name: str, mode: str, n: int, conc: int) -> Result:
-    res = Result(loop_name, mode)
+def run_one(loop_name: str, mode: str, client: str, n: int, conc: int) -> Result:
+    res = Result(loop_name, mode, client)
     cmd = [sys.executable, __file__, "--serve", loop_name, "--mode", mode]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
-    assert proc.stdout is not None and proc.stderr is not None
-    port = int(proc.stdout.readline())
-    start = time.perf_counter()
-    try:
-        asyncio.run(_clients(proc, port, res, n, conc))
-    finally:
-        res.seconds = time.perf_counter() - start
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+    # The server's stderr goes to a file: a pipe nobody reads would fill with the loop's
+    # error logs and block the server.
+    with tempfile.TemporaryFile() as errfile:
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=errfile)
+        assert proc.stdout is not None
+        port = int(proc.stdout.readline())
+        start = time.perf_counter()
+        hung = False
         try:
-            proc.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-        stderr = proc.stderr.read()
+            asyncio.run(_clients(proc, port, res, n, conc))
+        finally:
+            res.seconds = time.perf_counter() - start
+            if proc.poll() is None:
+                proc.send_signal(signal.SIGTERM)
+            try:
+                proc.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                hung = True
+                proc.kill()
+                proc.wait()
+            proc.stdout.close()
+        errfile.seek(0)
+        stderr = errfile.read()
     res.exit_status = proc.returncode
-    # SIGTERM ends a healthy server with 0 (its handler) or -15; anything else is a crash.
-    if proc.returncode not in (0, -signal.SIGTERM):
+    # SIGTERM ends a healthy server with 0 (its handler); a signal it died of is a crash.
+    if proc.returncode != 0 and not hung:
         res.crashed = True
     res.double_free = b"double free" in stderr or b"corruption" in stderr
+    res.errors = stderr.count(b"Traceback")
     if res.crashed and stderr:
         sys.stderr.write(stderr.decode(errors="replace")[-2000:])
     return res
@@ -194,6 +217,7 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=64)
     parser.add_argument("--loop", choices=LOOPS, action="append", help="default: both")
     parser.add_argument("--mode", choices=MODES, action="append", help="default: all")
+    parser.add_argument("--client", choices=CLIENTS, action="append", help="default: all")
     parser.add_argument("--serve", choices=LOOPS, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.serve:
@@ -206,15 +230,17 @@ def main() -> int:
     crashed = False
     for loop_name in args.loop or LOOPS:
         for mode in args.mode or MODES:
-            r = run_one(loop_name, mode, args.n, args.concurrency)
-            crashed |= r.crashed
-            verdict = "ABORTED" if r.crashed else "survived"
-            print(
-                f"{r.loop:8} {r.mode:10} {r.attempted:6} connections, {r.echoed:6} echoed, "
-                f"{r.refused:5} failed, {r.seconds:6.1f} s: server {verdict} "
-                f"(exit {r.exit_status}{', double free' if r.double_free else ''})",
-                flush=True,
-            )
+            for client in args.client or CLIENTS:
+                r = run_one(loop_name, mode, client, args.n, args.concurrency)
+                crashed |= r.crashed
+                verdict = "ABORTED" if r.crashed else "survived"
+                print(
+                    f"{r.loop:8} {r.mode:10} {r.client:6} {r.attempted:6} connections, "
+                    f"{r.echoed:6} ok, {r.refused:5} failed, {r.seconds:6.1f} s: "
+                    f"server {verdict} (exit {r.exit_status}, {r.errors} logged errors"
+                    f"{', double free' if r.double_free else ''})",
+                    flush=True,
+                )
     return 1 if crashed else 0
 
 
