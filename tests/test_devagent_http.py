@@ -410,8 +410,14 @@ async def test_sidecar_defaults(agent: DevAgent, client: httpx.AsyncClient) -> N
     assert proxy["LocalServiceAddress"] == "127.0.0.1"
     assert proxy["LocalServicePort"] == 8080
     assert proxy["Config"] == {"handshake_timeout_ms": 999}
+    # Consul fills DestinationType at registration (issue 16).
     assert proxy["Upstreams"] == [
-        {"DestinationName": "db", "LocalBindPort": 9191, "MeshGateway": {}}
+        {
+            "DestinationName": "db",
+            "LocalBindPort": 9191,
+            "DestinationType": "service",
+            "MeshGateway": {},
+        }
     ]
     checks = (await client.get("/v1/agent/checks")).json()
     names = {c["Name"]: c for c in checks.values() if c["ServiceID"] == "web-sidecar-proxy"}
@@ -851,7 +857,7 @@ async def test_huge_body_is_refused_and_agent_keeps_serving(client: httpx.AsyncC
 
 async def test_405_carries_allow_header(client: httpx.AsyncClient) -> None:
     r = await client.delete("/v1/agent/self")
-    assert r.status_code == 405 and r.headers["Allow"] == "GET"
+    assert r.status_code == 405 and r.headers["Allow"] == "OPTIONS,GET"
 
 
 async def test_agent_self_shape(agent: DevAgent, client: httpx.AsyncClient) -> None:

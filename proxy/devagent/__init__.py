@@ -44,7 +44,7 @@ Differences from a real Consul agent (what it leaves out or does differently):
   replication or legacy ACLs. 403 bodies follow Consul's `Permission denied: token with
   AccessorID '...' lacks permission 'service:write' on "web"` and `ACL not found`.
 - Prepared queries: static queries by ID or name (`Service`, `OnlyPassing`, `Tags` with `!`
-  negation, `IgnoreCheckIDs`, `Connect.Enabled`); no templates, failover or `Near` sorting.
+  negation, `IgnoreCheckIDs`, `Connect`); no templates, failover or `Near` sorting.
 - The content hash of `/v1/agent/service/:id` is FNV-64a over the rendered JSON: opaque and
   stable, but not byte-equal to Consul's hashstructure value.
 - `emulate_consul_1_2` (a dev-agent option) answers `/v1/agent/service/:id` with 404, as

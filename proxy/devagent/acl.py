@@ -281,8 +281,14 @@ class Authorizer:
 
     @property
     def intention_default_allow(self) -> bool:
-        """Allow a connection no intention matches? ("Default behavior configured by ACLs")."""
-        return (not self.enabled) or self.management or self.default_allow
+        """Allow a connection no intention matches? ("Default behavior configured by ACLs").
+
+        The ACL default policy decides, for every token: no policy, not even the management
+        token's global-management, sets a default for intentions (Consul's policy authorizer
+        answers `Default` to `IntentionDefaultAllow`, so the chain falls through to the
+        `acl.default_policy` root authorizer; `agent/consul/acl.go`, `acl/policy_authorizer.go`).
+        """
+        return (not self.enabled) or self.default_allow
 
 
 class ACLStore:

@@ -20,8 +20,8 @@ from typing import Any, Union
 
 from proxy.goflags import parse_duration
 
-# A field kind is a scalar tag, a nested schema, or a list of one of those.
-Kind = Union[str, "Schema", "ListOf"]
+# A field kind is a scalar tag, a nested schema, or a list or string-keyed map of one of those.
+Kind = Union[str, "Schema", "ListOf", "MapOf"]
 
 
 @dataclass(frozen=True, slots=True)
@@ -35,6 +35,13 @@ class Schema:
 
 @dataclass(frozen=True, slots=True)
 class ListOf:
+    item: Kind
+
+
+@dataclass(frozen=True, slots=True)
+class MapOf:
+    """A Go `map[string]T`: the keys are data, kept as sent; the values are decoded as T."""
+
     item: Kind
 
 
@@ -72,6 +79,8 @@ def _go_type(kind: Kind) -> str:
         return f"structs.{kind.name}"
     if isinstance(kind, ListOf):
         return "[]" + _go_type(kind.item)
+    if isinstance(kind, MapOf):
+        return "map[string]" + _go_type(kind.item)
     return _GO_TYPES.get(kind, kind)
 
 
@@ -103,6 +112,10 @@ def _decode_value(value: Any, kind: Kind, path: str, unknown: list[str]) -> Any:
         if not isinstance(value, list) and not isinstance(kind.item, Schema):
             raise _mismatch(value, kind, path)
         return [_decode_value(v, kind.item, path, unknown) for v in items]
+    if isinstance(kind, MapOf):
+        if not isinstance(value, dict):
+            raise _mismatch(value, kind, path)
+        return {k: _decode_value(v, kind.item, path, unknown) for k, v in value.items()}
     if kind == "str":
         if not isinstance(value, str):
             raise _mismatch(value, kind, path)
@@ -256,6 +269,10 @@ PROXY = Schema(
 
 WEIGHTS = Schema("Weights", {"Passing": "int", "Warning": "int"})
 
+# Consul's `structs.ServiceAddress`: `{"lan": {"address": ..., "port": ...}}` comes back as
+# `{"lan": {"Address": ..., "Port": ...}}`.
+SERVICE_ADDRESS = Schema("ServiceAddress", {"Address": "str", "Port": "int"})
+
 # A sidecar service is itself a service definition, so the schema refers to itself: the
 # field dict is filled in after both schemas exist.
 _service_fields: dict[str, Kind] = {}
@@ -271,7 +288,7 @@ _service_fields.update(
         "Name": "str",
         "Tags": ListOf("str"),
         "Address": "str",
-        "TaggedAddresses": "raw",
+        "TaggedAddresses": MapOf(SERVICE_ADDRESS),
         "Meta": "strmap",
         "Port": "int",
         "SocketPath": "str",
@@ -354,7 +371,7 @@ QUERY_SERVICE = Schema(
         "Tags": ListOf("str"),
         "NodeMeta": "strmap",
         "ServiceMeta": "strmap",
-        "Connect": Schema("QueryConnect", {"Enabled": "bool"}),
+        "Connect": "bool",
         "Peer": "str",
     },
 )
@@ -366,7 +383,9 @@ PREPARED_QUERY = Schema(
         "Name": "str",
         "Session": "str",
         "Token": "str",
-        "Template": "raw",
+        "Template": Schema(
+            "QueryTemplateOptions", {"Type": "str", "Regexp": "str", "RemoveEmptyTags": "bool"}
+        ),
         "Service": QUERY_SERVICE,
         "DNS": Schema("QueryDNSOptions", {"TTL": "str"}),
     },

@@ -6,6 +6,11 @@ renders its answer (see `wire`).
 
 from __future__ import annotations
 
+import asyncio
+import os
+import platform
+import sys
+
 from aiohttp import web
 
 from proxy.addr import join_host_port
@@ -14,6 +19,56 @@ from proxy.devagent.http import wire
 from proxy.devagent.state import CRITICAL, PASSING, WARNING, BadRequest
 
 VERSION = "1.18.0"
+REVISION = "devagent"
+# Go's GOARCH for the machine names Python reports.
+_GOARCH = {"x86_64": "amd64", "amd64": "amd64", "aarch64": "arm64", "arm64": "arm64", "i686": "386"}
+
+
+def _stats(request: web.Request) -> dict[str, dict[str, str]]:
+    """`Stats` of `/v1/agent/self`: Consul's sections, every value a string as Consul's.
+
+    `consul` is a server's (`agent/consul/server.go` Stats): the dev agent is the one
+    server, its own leader, bootstrapped. `agent` and `build` are `agent/agent.go` Stats;
+    `runtime` holds this process's values under Go's names (the Python version where Go
+    gives its own, event-loop tasks where Go counts goroutines).
+    """
+    state = wire.state_of(request)
+    specs = state.checks.specs.values()
+    machine = platform.machine().lower()
+    try:
+        procs = len(os.sched_getaffinity(0))
+    except (AttributeError, OSError):
+        procs = os.cpu_count() or 1
+    return {
+        "agent": {
+            "check_monitors": "0",  # script checks: the dev agent runs none
+            "check_ttls": str(sum(1 for spec in specs if spec.kind == "ttl")),
+            "checks": str(len(state.checks.records)),
+            "services": str(len(state.catalog.services)),
+        },
+        "build": {
+            "prerelease": "",
+            "revision": REVISION[:8],
+            "version": VERSION,
+            "version_metadata": "",
+        },
+        "consul": {
+            "acl": "enabled" if state.acl.enabled else "disabled",
+            "bootstrap": "true",
+            "known_datacenters": "1",
+            "leader": "true",
+            "leader_addr": join_host_port(state.node.address, 8300),
+            "server": "true",
+        },
+        "runtime": {
+            "arch": _GOARCH.get(machine, machine),
+            "cpu_count": str(os.cpu_count() or 1),
+            "goroutines": str(len(asyncio.all_tasks())),
+            "max_procs": str(procs),
+            "os": sys.platform.rstrip("0123456789"),
+            "version": f"python{platform.python_version()}",
+        },
+    }
 
 
 async def agent_self(request: web.Request) -> web.StreamResponse:
@@ -29,7 +84,7 @@ async def agent_self(request: web.Request) -> web.StreamResponse:
                 "PrimaryDatacenter": node.datacenter,
                 "NodeName": node.name,
                 "NodeID": node.id,
-                "Revision": "devagent",
+                "Revision": REVISION,
                 "Server": True,
                 "Version": VERSION,
                 "BuildDate": "2024-01-01T00:00:00Z",
@@ -50,7 +105,7 @@ async def agent_self(request: web.Request) -> web.StreamResponse:
                 "Tags": {"dc": node.datacenter, "role": "consul", "build": VERSION},
                 "Status": 1,
             },
-            "Stats": {},
+            "Stats": _stats(request),
             "Meta": {"consul-network-segment": ""},
             "xDS": {
                 "SupportedProxies": {"envoy": ["1.28.0", "1.27.2", "1.26.6", "1.25.11"]},

@@ -89,17 +89,28 @@ async def _errors(request: web.Request, handler: Handler) -> web.StreamResponse:
         return wire.text(500, "internal error")
 
 
-def _route(app: web.Application, methods: tuple[str, ...], path: str, handler: Handler) -> None:
-    """Serve `path` for every method, answering Consul's 405 for the ones not in `methods`.
+# Consul registers `/v1/query/` with no methods and its handler checks them: its 405 lists
+# the methods without OPTIONS (`agent/prepared_query_endpoint.go`).
+_HANDLER_CHECKS_METHODS = frozenset({"/v1/query/{id}/execute", "/v1/query/{id}"})
 
-    Registering all methods keeps a fixed path such as `/v1/agent/service/register` from
-    falling through to a `{id}` pattern when the method is wrong.
+
+def _route(app: web.Application, methods: tuple[str, ...], path: str, handler: Handler) -> None:
+    """Serve `path` for every method, with Consul's OPTIONS answer and 405 for the others.
+
+    As Consul's `wrap` (`agent/http.go`): OPTIONS answers 200 with `Allow: OPTIONS,<methods>`
+    and an empty body; any other method not in `methods` is a 405 "method X not allowed"
+    with the same `Allow`. Registering all methods keeps a fixed path such as
+    `/v1/agent/service/register` from falling through to a `{id}` pattern when the method is
+    wrong.
     """
-    allowed = ", ".join(methods)
+    with_options = ",".join(("OPTIONS", *methods))
+    on_405 = ",".join(methods) if path in _HANDLER_CHECKS_METHODS else with_options
 
     async def dispatch(request: web.Request) -> web.StreamResponse:
+        if request.method == "OPTIONS":
+            return web.Response(status=200, headers={"Allow": with_options})
         if request.method not in methods:
-            return wire.text(405, f"method {request.method} not allowed", {"Allow": allowed})
+            return wire.text(405, f"method {request.method} not allowed", {"Allow": on_405})
         return await handler(request)
 
     app.router.add_route("*", path, dispatch)

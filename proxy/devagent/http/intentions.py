@@ -100,8 +100,10 @@ async def config_put(request: web.Request) -> web.StreamResponse:
     )
     entry.pop("kind", None)
     entry.pop("name", None)
-    wire.state_of(request).config_entries.put(entry, wire.authz(request))
-    return wire.answer(request, True)
+    written = wire.state_of(request).config_entries.put(
+        entry, wire.authz(request), cas=wire.cas(request)
+    )
+    return wire.answer(request, written)
 
 
 async def config_kind(request: web.Request) -> web.StreamResponse:
@@ -114,6 +116,8 @@ async def config_item(request: web.Request) -> web.StreamResponse:
     entries = wire.state_of(request).config_entries
     kind, name = request.match_info["kind"], request.match_info["name"]
     if request.method == "DELETE":
-        entries.delete(kind, name, wire.authz(request))
-        return wire.answer(request, True)
+        cas = wire.cas(request)
+        deleted = entries.delete(kind, name, wire.authz(request), cas=cas)
+        # Consul answers the outcome only to a CAS delete; a plain one gets an empty object.
+        return wire.answer(request, deleted if cas is not None else {})
     return wire.answer(request, entries.get(kind, name), index=entries.kind_index(kind))

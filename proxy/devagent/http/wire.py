@@ -153,6 +153,23 @@ def index(request: web.Request) -> int:
     return value
 
 
+def cas(request: web.Request) -> int | None:
+    """`?cas=`: None when absent or empty; else Go's ParseUint of it.
+
+    Raises:
+        StateError: Consul passes ParseUint's error through unwrapped, a 500 with Go's text.
+    """
+    raw = request.query.get("cas", "")
+    if raw == "":
+        return None
+    if not raw.isascii() or not raw.isdigit():
+        raise StateError(f'strconv.ParseUint: parsing "{raw}": invalid syntax')
+    value = int(raw)
+    if value >= 1 << 64:
+        raise StateError(f'strconv.ParseUint: parsing "{raw}": value out of range')
+    return value
+
+
 def flag(request: web.Request, name: str) -> bool:
     if name not in request.query:
         return False

@@ -63,8 +63,13 @@ class ConfigEntries:
         self._index = index
         self.entries: dict[tuple[str, str], dict[str, Any]] = {}
 
-    def put(self, entry: Mapping[str, Any], authz: Authorizer) -> None:
-        """`PUT /v1/config` and `config_entries.bootstrap`. service-intentions are validated."""
+    def put(self, entry: Mapping[str, Any], authz: Authorizer, *, cas: int | None = None) -> bool:
+        """`PUT /v1/config` and `config_entries.bootstrap`. service-intentions are validated.
+
+        With `cas` (`?cas=`), a check-and-set as Consul's `EnsureConfigEntryCAS`: 0 writes
+        only a new entry, N only over an entry whose ModifyIndex is N. Returns whether the
+        entry was written (False changes nothing).
+        """
         kind = entry.get("Kind") or ""
         name = entry.get("Name") or ""
         if not kind:
@@ -90,6 +95,8 @@ class ConfigEntries:
         else:
             authz.require("operator", "", "write")
         old = self.entries.get((kind, name))
+        if cas is not None and cas != (old["ModifyIndex"] if old else 0):
+            return False
         index = self._index.next
         now = now_rfc3339()
         stored["CreateIndex"] = old["CreateIndex"] if old else index
@@ -98,15 +105,24 @@ class ConfigEntries:
         stored["_updated"] = now
         self.entries[(kind, name)] = stored
         self._index.bump(("config", f"config:{kind}", "intentions"))
+        return True
 
-    def delete(self, kind: str, name: str, authz: Authorizer) -> None:
-        """`DELETE /v1/config/:kind/:name`; deleting what is not there is not an error."""
+    def delete(self, kind: str, name: str, authz: Authorizer, *, cas: int | None = None) -> bool:
+        """`DELETE /v1/config/:kind/:name`; deleting what is not there is not an error.
+
+        With `cas`, only an entry whose ModifyIndex is `cas` is deleted (Consul's
+        `DeleteConfigEntryCAS`). Returns whether an entry was deleted.
+        """
         if kind == INTENTIONS_KIND:
             authz.require("intention", name, "write")
         else:
             authz.require("operator", "", "write")
-        if self.entries.pop((kind, name), None) is not None:
-            self._index.bump(("config", f"config:{kind}", "intentions"))
+        old = self.entries.get((kind, name))
+        if old is None or (cas is not None and old["ModifyIndex"] != cas):
+            return False
+        del self.entries[(kind, name)]
+        self._index.bump(("config", f"config:{kind}", "intentions"))
+        return True
 
     def get(self, kind: str, name: str) -> dict[str, Any]:
         """`GET /v1/config/:kind/:name`."""

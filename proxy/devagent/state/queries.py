@@ -1,7 +1,8 @@
 """The prepared queries table: static queries by ID or name, executed against the catalog.
 
 Supported: `Service`, `OnlyPassing`, `Tags` (with `!` negation), `IgnoreCheckIDs` and
-`Connect.Enabled`. No templates, failover or `Near` sorting.
+`Connect` (a bool, as Consul's `structs.ServiceQuery`). No templates, failover or `Near`
+sorting: a `Template` is stored and rendered with Consul's fields, not applied.
 
 Rule 1: writing a query needs query:write on its name; reading it, query:read; executing it
 returns only the instances of a service the token may read.
@@ -28,8 +29,18 @@ _SERVICE_DEFAULTS: dict[str, Any] = {
     "Tags": None,
     "NodeMeta": None,
     "ServiceMeta": None,
-    "Connect": {"Enabled": False},
+    "Connect": False,
 }
+
+
+def _template(template: Mapping[str, Any] | None) -> dict[str, Any]:
+    """Consul's `QueryTemplateOptions`: all three fields, whatever was sent."""
+    t = template or {}
+    return {
+        "Type": t.get("Type") or "",
+        "Regexp": t.get("Regexp") or "",
+        "RemoveEmptyTags": bool(t.get("RemoveEmptyTags")),
+    }
 
 
 def _tags_match(wanted: list[str], tags: list[str]) -> bool:
@@ -62,14 +73,14 @@ class Queries:
         old = self.queries.get(qid)
         svc_q = dict(body.get("Service") or {})
         for key, default in _SERVICE_DEFAULTS.items():
-            svc_q.setdefault(key, dict(default) if isinstance(default, dict) else default)
+            if svc_q.get(key) is None:
+                svc_q[key] = dict(default) if isinstance(default, dict) else default
         self.queries[qid] = {
             "ID": qid,
             "Name": name,
             "Session": body.get("Session") or "",
             "Token": body.get("Token") or "",
-            "Template": body.get("Template")
-            or {"Type": "", "Regexp": "", "RemoveEmptyTags": False},
+            "Template": _template(body.get("Template")),
             "Service": svc_q,
             "DNS": {"TTL": (body.get("DNS") or {}).get("TTL") or ""},
             "CreateIndex": old["CreateIndex"] if old else index,
@@ -116,7 +127,7 @@ class Queries:
         q = self.find(id_or_name)
         sq = q["Service"]
         name = sq["Service"]
-        connect = connect or bool((sq.get("Connect") or {}).get("Enabled"))
+        connect = connect or bool(sq.get("Connect"))
         entries = []
         if authz.allowed("service", name, "read"):
             ignore = set(sq.get("IgnoreCheckIDs") or [])

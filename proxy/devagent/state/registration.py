@@ -87,7 +87,14 @@ def prepare_service(
     if d.get("SocketPath"):
         svc["SocketPath"] = d["SocketPath"]
     if d.get("TaggedAddresses"):
-        svc["TaggedAddresses"] = d["TaggedAddresses"]
+        # Decoded case-insensitively into Consul's ServiceAddress: always both fields.
+        svc["TaggedAddresses"] = {
+            name: {
+                "Address": (addr or {}).get("Address") or "",
+                "Port": (addr or {}).get("Port") or 0,
+            }
+            for name, addr in d["TaggedAddresses"].items()
+        }
     weights = d.get("Weights") or {}
     svc["Weights"] = {
         "Passing": weights.get("Passing", 1),
@@ -148,6 +155,8 @@ def _prepare_proxy(proxy: Mapping[str, Any], svc: Mapping[str, Any]) -> dict[str
             )
         seen.add(addr)
         rendered = {k: v for k, v in up.items() if v not in (None, "", 0, {}, False)}
+        # Consul fills the type at registration (`ServiceDefinition.NodeService`).
+        rendered["DestinationType"] = dtype or "service"
         rendered["DestinationName"] = up["DestinationName"]
         rendered["MeshGateway"] = up.get("MeshGateway") or {}
         upstreams.append(rendered)
