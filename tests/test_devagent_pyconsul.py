@@ -8,8 +8,8 @@ import warnings
 from collections.abc import AsyncIterator
 
 import consul
-import httpx
 import consul.aio
+import httpx
 import pytest
 
 from proxy.devagent import AgentConfig, DevAgent
@@ -152,7 +152,9 @@ async def test_session_ttl_expiry_releases_the_lock(
     assert "Session" not in entry  # behavior release: the key stays, unlocked
 
 
-async def test_session_renew_keeps_it_alive(c: consul.aio.Consul, client: httpx.AsyncClient) -> None:
+async def test_session_renew_keeps_it_alive(
+    c: consul.aio.Consul, client: httpx.AsyncClient
+) -> None:
     sid = await _short_session(client, "0.2s")
     other = await _short_session(client, "0.2s")
     # Renew `sid` whenever `other` is still alive; once `other` has expired (0.4 s after
