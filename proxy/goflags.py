@@ -115,6 +115,30 @@ def parse_duration(text: str) -> float:
     return sign * total
 
 
+def format_duration(ns: int) -> str:
+    """Go's `time.Duration.String()` of `ns` nanoseconds: `0s`, `1.5ms`, `10s`, `24h0m0s`."""
+    if ns == 0:
+        return "0s"
+    sign, u = ("-" if ns < 0 else ""), abs(ns)
+    if u < 1_000_000_000:
+        for unit, scale, digits in (("ns", 1, 0), ("\u00b5s", 1_000, 3), ("ms", 1_000_000, 6)):
+            if u < scale * 1000:
+                return sign + _with_fraction(u, scale, digits) + unit
+    secs = u // 1_000_000_000
+    hours, rest = divmod(secs, 3600)
+    minutes, _ = divmod(rest, 60)
+    seconds = _with_fraction(u - (hours * 3600 + minutes * 60) * 1_000_000_000, 10**9, 9)
+    out = (f"{hours}h" if hours else "") + (f"{minutes}m" if hours or minutes else "")
+    return f"{sign}{out}{seconds}s"
+
+
+def _with_fraction(value: int, scale: int, digits: int) -> str:
+    whole, frac = divmod(value, scale)
+    if not frac:
+        return str(whole)
+    return f"{whole}." + f"{frac:0{digits}d}".rstrip("0")
+
+
 def _underscore_ok(s: str) -> bool:
     """Go's rule for `_` digit separators with base 0: only between digits (or after a
     base prefix such as `0x`)."""

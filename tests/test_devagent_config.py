@@ -603,3 +603,10 @@ async def test_agent_started_from_config_serves_sidecar_and_enforces_intention(
             assert denied["Reason"]
     finally:
         await agent.close()
+
+
+def test_session_ttl_min() -> None:
+    assert AgentConfig().session_ttl_min == 10.0
+    assert apply_file(AgentConfig(), {"session_ttl_min": "250ms"}, "a.json").session_ttl_min == 0.25
+    with pytest.raises(ConfigError, match="session_ttl_min"):
+        apply_file(AgentConfig(), {"session_ttl_min": "soon"}, "a.json")

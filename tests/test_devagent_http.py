@@ -834,7 +834,7 @@ async def test_legacy_managed_proxy_config(agent: DevAgent, client: httpx.AsyncC
         ("GET", "/v1/agent/service/register", "", 405, "method GET not allowed"),
         ("POST", "/v1/agent/connect/ca/roots", "", 405, "method POST not allowed"),
         ("GET", "/v1/agent/connect/authorize", "", 405, "method GET not allowed"),
-        ("GET", "/v1/kv/foo", "", 404, "404 page not found"),
+        ("GET", "/v1/snapshot", "", 404, "404 page not found"),
         ("PUT", "/v1/agent/check/pass/nope", "", 404, 'Unknown check ID "nope"'),
         ("GET", "/v1/connect/intentions/nope", "", 404, "Intention not found"),
         ("PUT", "/v1/config", '{"Name": "x"}', 400, "does not contain a kind/Kind key"),

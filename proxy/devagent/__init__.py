@@ -7,11 +7,11 @@ standalone (`connect-proxy dev-agent`).
 
 Modules, from the bottom up: `decode` (field-name normalisation), `ca` (X.509, pure), `acl`
 (rules and tokens, pure), `config` (config files), `state/` (one class per table: catalog,
-checks, config entries, intentions, queries, Connect CA, ACL tokens; the shared index and
-blocking), `http/` (routes only, one route table), `agent` (runtime: HTTP server, check
-runners, leaf renewal). It takes from `proxy/` only the level-0 modules (`errors`,
-`identity`, `addr`, `counter`, `goflags`) and nothing from `listeners/`: it is a separate
-program that ships in the same package.
+checks, config entries, intentions, queries, Connect CA, ACL tokens, KV, sessions, events;
+the shared index and blocking), `http/` (routes only, one route table), `agent` (runtime:
+HTTP server, check runners, leaf renewal, session TTL timers). It takes from `proxy/` only
+the level-0 modules (`errors`, `identity`, `addr`, `counter`, `goflags`) and nothing from
+`listeners/`: it is a separate program that ships in the same package.
 
 Differences from a real Consul agent (what it leaves out or does differently):
 
@@ -19,9 +19,10 @@ Differences from a real Consul agent (what it leaves out or does differently):
   gone when the agent stops. `?stale`/`?consistent` are accepted and change nothing; a `dc`
   other than the agent's gets 500 `No path to datacenter`.
 - Only the endpoints a Connect proxy, `connect envoy` and the tests use (listed in the
-  README); anything else is 404 `404 page not found`. No KV, sessions, events, snapshots,
-  DNS, UI, gRPC or xDS server. `/v1/agent/self` reports `ports.grpc` (default 8502) as the
-  xDS port so `connect envoy -bootstrap` can render a bootstrap, but nothing listens there.
+  README); anything else is 404 `404 page not found`. No transactions (`/v1/txn`),
+  snapshots, DNS, UI, gRPC or xDS server. `/v1/agent/self` reports `ports.grpc` (default
+  8502) as the xDS port so `connect envoy -bootstrap` can render a bootstrap, but nothing
+  listens there.
 - Namespaces and partitions are always `default`; peering, sameness groups, L7 intention
   permissions beyond "an L7 intention denies at L4", JWT and `?filter=` are not implemented.
 - Health checks: TTL, TCP, HTTP and alias checks run for real (intervals below 1 s are
@@ -38,6 +39,13 @@ Differences from a real Consul agent (what it leaves out or does differently):
   Consul's 1 h minimum are accepted so tests can watch renewals; renewal is at a random
   point between 60 % and 90 % of the lifetime, as in Consul.
 - The leaf cache is keyed by service name only (Consul also keys by token).
+- KV, sessions, events: a session's node must be this agent's node (any other is Consul's
+  "Missing node registration"); `serfHealth` is always passing. An event fired here is
+  received only by this agent, at once (no gossip); `/v1/event/list` ignores `?node=`,
+  `?service=` and `?tag=` as Consul's agent does (only `?name=` filters). Filters are
+  Python regular expressions (Consul's are Go RE2), so a bad pattern's error text differs
+  after "error parsing regexp: ". KV tombstones are kept for the last 10,000 deletes
+  (Consul reaps them after `tombstone_ttl`).
 - ACLs: management tokens, service and node identities, and policies with `service`,
   `node`, `agent`, `query`, `key`, `session`, `event` rules (exact and `_prefix`), plus
   single-word `operator`/`acl`/`mesh` rules. No roles, auth methods, token expiry,

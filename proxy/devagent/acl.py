@@ -273,6 +273,23 @@ class Authorizer:
             return granted_plain != "deny" and _RANK[granted_plain] >= _RANK[level]
         return self.default_allow
 
+    def allowed_prefix(self, resource: str, prefix: str, level: Level) -> bool:
+        """`level` on `prefix` and on every name under it, as Consul's `KeyWritePrefix`.
+
+        A rule on any name under `prefix` (exact or prefix) that grants less than `level`
+        refuses; otherwise the rule that applies to `prefix` itself decides, then the
+        default.
+        """
+        if not self.enabled or self.management:
+            return True
+        for table in (self.rules.exact.get(resource, {}), self.rules.prefix.get(resource, {})):
+            for name, rule in table.items():
+                if name.startswith(prefix) and (
+                    rule.level == "deny" or _RANK[rule.level] < _RANK[level]
+                ):
+                    return False
+        return self.allowed(resource, prefix, level)
+
     def require(self, resource: str, name: str, level: Level) -> None:
         """Raise PermissionDenied unless the token has `level` on `resource` `name`."""
         if not self.allowed(resource, name, level):

@@ -1,7 +1,9 @@
 """`DevAgent`: the embedded agent as a running thing on the current event loop.
 
-Owns the HTTP server, the health-check runners (TTL expiry, TCP and HTTP probes), and the
-leaf renewal timers. Every task it starts is tracked and cancelled by `close()`.
+Owns the HTTP server, the health-check runners (TTL expiry, TCP and HTTP probes), the leaf
+renewal timers, and the session TTL timers (a session is invalidated TTL x 2 after its
+create or last renew, as Consul's servers do). Every task it starts is tracked and
+cancelled by `close()`.
 
 Rule 1: state changes go through `State`; this module only schedules and reports.
 Rule 2: probes only ever dial the addresses written in the checks the user registered.
@@ -29,6 +31,7 @@ from proxy.devagent.config import AgentConfig
 from proxy.devagent.http import Settings, create_app
 from proxy.devagent.state import CRITICAL, PASSING, WARNING, LeafEntry, State
 from proxy.devagent.state.registration import CheckSpec
+from proxy.devagent.state.sessions import TTL_MULTIPLIER
 
 log = logging.getLogger("devagent")
 
@@ -74,6 +77,7 @@ class DevAgent:
             default_intention_policy=config.default_intention_policy,
             sidecar_port_range=(config.sidecar_min_port, config.sidecar_max_port),
             sidecar_check_interval=config.sidecar_check_interval,
+            session_ttl_min=config.session_ttl_min,
         )
         self.bind_address = "127.0.0.1"
         self.http_host = config.http_host
@@ -82,11 +86,13 @@ class DevAgent:
         self._probes: dict[str, asyncio.Task[None]] = {}
         self._ttl_timers: dict[str, asyncio.TimerHandle] = {}
         self._leaf_timers: dict[str, asyncio.TimerHandle] = {}
+        self._session_timers: dict[str, asyncio.TimerHandle] = {}
         self._http_clients: dict[bool, httpx.AsyncClient] = {}
         self._started = False
         self._closed = False
         self.state.checks.listeners.append(self._checks_changed)
         self.state.connect_ca.listeners.append(self._leaf_issued)
+        self.state.sessions.listeners.append(self._session_ttl)
 
     # -- lifecycle -----------------------------------------------------------------------
 
@@ -155,10 +161,12 @@ class DevAgent:
             return
         self._closed = True
         self.state.notifier.close()
-        for handle in [*self._ttl_timers.values(), *self._leaf_timers.values()]:
-            handle.cancel()
-        self._ttl_timers.clear()
-        self._leaf_timers.clear()
+        self.state.events.close()
+        timers = [self._ttl_timers, self._leaf_timers, self._session_timers]
+        for table in timers:
+            for handle in table.values():
+                handle.cancel()
+            table.clear()
         probes = list(self._probes.values())
         self._probes.clear()
         for task in probes:
@@ -287,6 +295,27 @@ class DevAgent:
         if response.status_code == 429:
             return WARNING, output
         return CRITICAL, output
+
+    # -- session TTLs --------------------------------------------------------------------
+
+    def _session_ttl(self, session_id: str, ttl: float | None) -> None:
+        old = self._session_timers.pop(session_id, None)
+        if old is not None:
+            old.cancel()
+        if ttl is None or self._closed:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:
+            return
+        self._session_timers[session_id] = loop.call_later(
+            ttl * TTL_MULTIPLIER, self._session_expired, session_id
+        )
+
+    def _session_expired(self, session_id: str) -> None:
+        self._session_timers.pop(session_id, None)
+        if self.state.sessions.invalidate(session_id):
+            log.info("session %s expired: its TTL passed twice without a renew", session_id)
 
     # -- leaf renewal --------------------------------------------------------------------
 

@@ -3,8 +3,9 @@
 Owns: the `AgentConfig` value and the mapping from Consul's config-file keys onto it. Reads
 the keys a Connect dev setup uses (`service`, `services`, `config_entries.bootstrap`,
 `datacenter`, `node_name`, `ports`, `addresses`, `client_addr`, `acl`, `connect.ca_config`,
-`default_intention_policy`); other Consul keys are reported as ignored, and an unknown key
-inside a service definition is an error naming it, as Consul's own loader does.
+`default_intention_policy`, `session_ttl_min`); other Consul keys are reported as ignored,
+and an unknown key inside a service definition is an error naming it, as Consul's own
+loader does.
 
 Rule 1: pure apart from reading the named files. Returns a valid object or raises ConfigError.
 """
@@ -86,6 +87,9 @@ class AgentConfig:
     sidecar_min_port: int = 21000
     sidecar_max_port: int = 21255
     sidecar_check_interval: float = 10.0
+    # Consul's `session_ttl_min`: the shortest session TTL the agent accepts (tests lower it
+    # so a session expires in a fraction of a second).
+    session_ttl_min: float = 10.0
     # Act like Consul 1.2, which had no /v1/agent/service/:id (proxies then read the
     # managed-proxy endpoint). A dev-agent option for testing that fallback.
     emulate_consul_1_2: bool = False
@@ -112,6 +116,8 @@ class AgentConfig:
             raise ConfigError("connect.ca_config.leaf_cert_ttl must be a positive duration")
         if self.sidecar_check_interval <= 0:
             raise ConfigError("sidecar check interval must be a positive duration")
+        if self.session_ttl_min < 0:
+            raise ConfigError("session_ttl_min must not be negative")
 
 
 def parse_file(path: str | Path) -> dict[str, Any]:
@@ -254,6 +260,7 @@ _KEYS: dict[str, _Key | dict[str, _Key]] = {
     "node_id": _Key("node_id", _str),
     "client_addr": _Key("http_host", _host),
     "default_intention_policy": _Key("default_intention_policy", _str),
+    "session_ttl_min": _Key("session_ttl_min", _duration),
     "addresses": {"http": _Key("http_host", _host, skip_null=True)},
     "ports": {
         "http": _Key("http_port", _int),

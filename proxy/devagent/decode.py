@@ -430,6 +430,24 @@ CA_CONFIG = Schema(
 )
 
 
+SERVICE_CHECK = Schema("ServiceCheck", {"ID": "str", "Namespace": "str"})
+
+SESSION = Schema(
+    "Session",
+    {
+        "ID": "str",
+        "Name": "str",
+        "Node": "str",
+        "LockDelay": "any",
+        "Behavior": "str",
+        "TTL": "str",
+        "NodeChecks": ListOf("str"),
+        "ServiceChecks": ListOf(SERVICE_CHECK),
+        "Checks": ListOf("str"),
+    },
+)
+
+
 def duration_seconds(value: object, field: str) -> float:
     """A duration field of a definition: a Go duration string, or nanoseconds as a number.
 

@@ -7,6 +7,8 @@
     connect     CA roots and configuration, leaves, authorize, legacy managed proxy
     intentions  /v1/connect/intentions/*, /v1/config/*
     acl         /v1/acl/*
+    kv          /v1/kv/*
+    session     /v1/session/*, /v1/event/*
 
 Rule 1: no business logic here; a handler reads the request, calls the state table that
 owns the data, and renders. Decisions, ACL filtering and indexes belong to the tables.

@@ -14,7 +14,7 @@ from aiohttp import web
 from proxy.devagent import decode
 from proxy.devagent.acl import ACLNotFound, PermissionDenied, PolicyError
 from proxy.devagent.ca import CAError
-from proxy.devagent.http import acl, agent, catalog, connect, intentions, wire
+from proxy.devagent.http import acl, agent, catalog, connect, intentions, kv, session, wire
 from proxy.devagent.http.wire import Handler, Settings
 from proxy.devagent.state import State, StateError
 
@@ -61,6 +61,15 @@ ROUTES: list[tuple[tuple[str, ...], str, Handler]] = [
     (_GET, "/v1/acl/token/self", acl.acl_token_self),
     (_PUT, "/v1/acl/token", acl.acl_token_create),
     (_PUT, "/v1/acl/policy", acl.acl_policy_create),
+    (("GET", "PUT", "DELETE"), "/v1/kv/{key:.*}", kv.kv_item),
+    (_PUT, "/v1/session/create", session.session_create),
+    (_PUT, "/v1/session/destroy/{id:.*}", session.session_destroy),
+    (_PUT, "/v1/session/renew/{id:.*}", session.session_renew),
+    (_GET, "/v1/session/info/{id:.*}", session.session_info),
+    (_GET, "/v1/session/node/{node:.*}", session.session_node),
+    (_GET, "/v1/session/list", session.session_list),
+    (_PUT, "/v1/event/fire/{name:.*}", session.event_fire),
+    (_GET, "/v1/event/list", session.event_list),
 ]
 
 

@@ -98,6 +98,39 @@ def answer(
     return response
 
 
+def meta_headers(index: int) -> dict[str, str]:
+    """The blocking-query headers Consul's `setMeta` writes, also on a 404."""
+    return {
+        "X-Consul-Index": str(max(index, 1)),
+        "X-Consul-KnownLeader": "true",
+        "X-Consul-LastContact": "0",
+    }
+
+
+def empty(status: int, headers: Mapping[str, str] | None = None) -> web.Response:
+    """A response without a body (Consul's bare `WriteHeader`)."""
+    return web.Response(status=status, headers=headers)
+
+
+def filtered_header(request: web.Request, filtered: bool) -> dict[str, str]:
+    """`X-Consul-Results-Filtered-By-ACLs`, sent only to a request that presented a token."""
+    return {"X-Consul-Results-Filtered-By-ACLs": "true"} if secret(request) and filtered else {}
+
+
+def parse_uint(raw: str) -> int:
+    """Go's `strconv.ParseUint(raw, 10, 64)`.
+
+    Raises:
+        StateError: Go's error text, which Consul answers with a 500.
+    """
+    if not raw or not raw.isascii() or not raw.isdigit():
+        raise StateError(f'strconv.ParseUint: parsing "{raw}": invalid syntax')
+    value = int(raw)
+    if value >= 1 << 64:
+        raise StateError(f'strconv.ParseUint: parsing "{raw}": value out of range')
+    return value
+
+
 def secret(request: web.Request) -> str:
     # Consul's order: ?token=, then X-Consul-Token, then Authorization: Bearer.
     if request.query.get("token"):

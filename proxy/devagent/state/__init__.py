@@ -8,6 +8,9 @@
     queries        prepared queries
     connect_ca     roots, CA configuration, the leaf cache
     acl_tokens     ACL tokens and policies made through the API
+    kv             the key/value store, check-and-set, session locks
+    sessions       sessions: checks, TTLs, invalidation (releases or deletes their keys)
+    events         user events: the ring of recent events, in-process subscribers
     blocking       Index, Notifier, Watch, content hashes      (no tables)
     registration   service/check definitions -> records        (pure)
     render         records -> Consul's JSON shapes             (pure)
@@ -19,7 +22,7 @@ blocking queries watching those topics. A read that a blocking query makes comes
 `*_watch()` method returning a `Watch` (topics plus the current index or hash), and reads
 filter by the request's ACL `Authorizer` here, not in the HTTP layer.
 
-How a new table plugs in (KV, sessions, events, peering): write `state/<table>.py` with one
+How a new table plugs in (peering, ...): write `state/<table>.py` with one
 class whose constructor takes the `Index` (and any table it reads, which must be built
 before it), name its topics after the table (`kv:<key>`, `sessions`, ...), raise
 `StateError`s for refusals, and render with plain functions (in `render` or beside the

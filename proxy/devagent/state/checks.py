@@ -8,6 +8,8 @@ Rule 1: nothing here runs a check or a timer. The agent's runners subscribe to `
 (which checks were added or removed) and report back through `update_check`.
 Rule 2: the services are the catalog's; this table only reads them (a check names its
 service by ID, an alias check names the service it mirrors).
+Rule 3: tables that depend on the health of checks (sessions) subscribe to
+`health_listeners`, called after any check is added, removed or changes status.
 """
 
 from __future__ import annotations
@@ -49,6 +51,8 @@ class Checks:
         self.specs: dict[str, CheckSpec] = {}
         # The agent subscribes here to start and stop check runners: (added, removed) IDs.
         self.listeners: list[Callable[[set[str], set[str]], None]] = []
+        # Called with no arguments after checks were added, removed or changed status.
+        self.health_listeners: list[Callable[[], None]] = []
 
     # -- writes that the catalog makes with a service ----------------------------------
 
@@ -107,6 +111,11 @@ class Checks:
         """Tell the agent's runners which checks to start (or restart) and stop."""
         for listener in self.listeners:
             listener(added, removed)
+        self._health_changed()
+
+    def _health_changed(self) -> None:
+        for listener in list(self.health_listeners):
+            listener()
 
     # -- the check endpoints -----------------------------------------------------------
 
@@ -178,6 +187,7 @@ class Checks:
         check["Status"], check["Output"] = status, output
         check["ModifyIndex"] = self._index.bump(self._topics(check))
         self.refresh_aliases()
+        self._health_changed()
         return True
 
     def agent_checks(self, authz: Authorizer) -> dict[str, dict[str, Any]]:
@@ -226,6 +236,7 @@ class Checks:
                     changed = True
             if not changed:
                 return
+            self._health_changed()
 
     def _alias_result(self, check_id: str, service_id: str) -> tuple[str, str]:
         if service_id not in self._services:

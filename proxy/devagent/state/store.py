@@ -19,9 +19,12 @@ from proxy.devagent.state.catalog import Catalog
 from proxy.devagent.state.checks import Checks
 from proxy.devagent.state.config_entries import ConfigEntries
 from proxy.devagent.state.connect_ca import ConnectCA, LeafEntry
+from proxy.devagent.state.events import Events
 from proxy.devagent.state.intentions import Intentions
+from proxy.devagent.state.kv import KV
 from proxy.devagent.state.queries import Queries
 from proxy.devagent.state.records import Node
+from proxy.devagent.state.sessions import Session, Sessions
 
 
 class State:
@@ -39,6 +42,7 @@ class State:
         default_intention_policy: str | None = None,
         sidecar_port_range: tuple[int, int] = (21000, 21255),
         sidecar_check_interval: float = 10.0,
+        session_ttl_min: float = 10.0,
     ) -> None:
         self.notifier = Notifier()
         self.index = Index(self.notifier)
@@ -72,6 +76,14 @@ class State:
         )
         self.queries = Queries(self.index, self.catalog, datacenter)
         self.acl = ACLTokens(self.index, acl)
+        # The sessions table owns the sessions; the KV table reads them (a lock names its
+        # session), and invalidating a session releases or deletes its keys through KV.
+        sessions: dict[str, Session] = {}
+        self.kv = KV(self.index, sessions)
+        self.sessions = Sessions(
+            self.index, self.node, self.checks, self.kv, sessions, ttl_min=session_ttl_min
+        )
+        self.events = Events(self.notifier, self.node, services)
         self.index.bump(("services", "checks", "roots", "nodes"))
 
     # -- blocking queries ------------------------------------------------------------------
