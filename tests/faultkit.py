@@ -320,6 +320,7 @@ class Relay:
         self.requests = 0
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
+        self._handlers: set[asyncio.Task[Any]] = set()
         self._client = httpx.AsyncClient(base_url=f"http://{upstream}", timeout=None)
         self.addr = ""
 
@@ -334,12 +335,19 @@ class Relay:
 
     async def close(self) -> None:
         self.set_mode("pass")
+        for handler in self._handlers:
+            handler.cancel()  # a forwarded blocking query would wait for minutes
+        await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             self._server.close()
             await self._server.wait_closed()
         await self._client.aclose()
 
     async def _serve(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        handler = asyncio.current_task()
+        assert handler is not None
+        self._handlers.add(handler)
+        handler.add_done_callback(self._handlers.discard)
         self._writers.add(writer)
         conn = h11.Connection(h11.SERVER)
         try:
