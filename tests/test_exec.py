@@ -412,3 +412,24 @@ def test_job_spec_is_gos_json_and_targeted_lines() -> None:
     )
     assert targeted("n1", "a\nb\n", arrow=False) == "    n1: a\n    n1: b\n    n1:"
     assert targeted("n1", "done", arrow=True) == "==> n1: done"
+
+
+async def test_session_is_renewed_while_the_job_runs(
+    agent: DevAgent, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    # In-process (the 5 s interval is lowered here), over real HTTP to the dev agent.
+    from proxy.rexec import command
+
+    monkeypatch.setattr(command, "RENEW_INTERVAL", 0.1)
+    renewals: list[str] = []
+    agent.state.sessions.listeners.append(lambda sid, ttl: renewals.append(sid) if ttl else None)
+    options = command.parse_exec_args(
+        ["-http-addr", agent.http_addr, "-wait", "300ms", "-wait-repl", "0s", "sleep 0.6"],
+        {},
+        lambda: b"",
+    )
+    assert await command.run_exec(options) == 0
+    assert len(renewals) >= 3  # the create, then renewals every 0.1 s while it ran
+    assert len(set(renewals)) == 1
+    assert "1 / 1 node(s) completed / acknowledged" in capsys.readouterr().out
+    assert_clean(agent)
