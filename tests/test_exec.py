@@ -288,9 +288,14 @@ async def test_bad_exit_value_is_reported_and_the_node_stays_unfinished(
 
 
 async def test_session_expired_mid_run(agent: DevAgent) -> None:
-    proc = await spawn(agent.http_addr, "-wait", "300ms", "sleep 2; echo late")
+    proc = await spawn(agent.http_addr, "-wait", "300ms", "-verbose", "sleep 2; echo late")
     session = await job_session(agent)
-    await wait_until(lambda: f"_rexec/{session}/{NODE}/ack" in agent.state.kv.entries)
+    assert proc.stdout is not None
+    seen: list[bytes] = []
+    async with asyncio.timeout(DEADLINE):  # the CLI has seen the ack before it goes
+        while not seen or b"acknowledged" not in seen[-1]:
+            seen.append(await proc.stdout.readline())
+            assert seen[-1], b"".join(seen)
     assert agent.state.sessions.invalidate(session)  # as its TTL timer would
     run = await finish(proc)
     assert run.code == 2
