@@ -169,3 +169,17 @@ def error(line: str) -> None:
 def dump(text: str) -> None:
     """A block of text to stderr as it is (the metrics on SIGUSR1)."""
     _print(text.rstrip("\n"), sys.stderr)
+
+
+def say(text: str, *, error: bool = False) -> None:
+    """One message as it is, then a newline (mitchellh/cli's `Info`/`Output`, or `Error` to
+    stderr). Bytes that are not UTF-8, decoded with `surrogateescape`, go out unchanged."""
+    stream = sys.stderr if error else sys.stdout
+    with contextlib.suppress(OSError, ValueError):
+        stream.flush()
+        buffer = getattr(stream, "buffer", None)
+        if buffer is None:
+            stream.write(text + "\n")
+        else:
+            buffer.write((text + "\n").encode("utf-8", "surrogateescape"))
+            buffer.flush()

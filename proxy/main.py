@@ -1,7 +1,7 @@
 """The `connect-proxy` console script and `python -m proxy`: argv[0] picks the command.
 
-`connect-proxy [flags]` is the proxy (`consul connect proxy`); `dev-agent`, `envoy`, `demo`
-and `version` are the other commands. Each command module owns its flags, output and exit
+`connect-proxy [flags]` is the proxy (`consul connect proxy`); `dev-agent`, `envoy`, `exec`,
+`demo` and `version` are the other commands. Each command module owns its flags, output and exit
 codes; this module only dispatches.
 
 Rule 1: nothing imports this module. Each command is imported only when it is run, so
@@ -31,6 +31,12 @@ def _envoy(args: Sequence[str]) -> int:
     return envoy_main(args, os.environ)
 
 
+def _exec(args: Sequence[str]) -> int:
+    from proxy.rexec.command import exec_main
+
+    return exec_main(args, os.environ)
+
+
 def _demo(args: Sequence[str]) -> int:
     from proxy.demo import demo_main
 
@@ -54,6 +60,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     commands = {
         "dev-agent": _dev_agent,
         "envoy": _envoy,
+        "exec": _exec,
         "demo": _demo,
         "version": _version,
         "-version": _version,

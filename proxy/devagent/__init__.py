@@ -45,7 +45,9 @@ Differences from a real Consul agent (what it leaves out or does differently):
   `?service=` and `?tag=` as Consul's agent does (only `?name=` filters). Filters are
   Python regular expressions (Consul's are Go RE2), so a bad pattern's error text differs
   after "error parsing regexp: ". KV tombstones are kept for the last 10,000 deletes
-  (Consul reaps them after `tombstone_ttl`).
+  (Consul reaps them after `tombstone_ttl`). Remote exec (`_rexec` events, off unless
+  `disable_remote_exec = false`) runs at most 64 jobs at once and raises a job `Wait` below
+  50 ms to 50 ms (Consul would write heartbeats in a busy loop).
 - ACLs: management tokens, service and node identities, and policies with `service`,
   `node`, `agent`, `query`, `key`, `session`, `event` rules (exact and `_prefix`), plus
   single-word `operator`/`acl`/`mesh` rules. No roles, auth methods, token expiry,

@@ -1,9 +1,9 @@
 """`DevAgent`: the embedded agent as a running thing on the current event loop.
 
 Owns the HTTP server, the health-check runners (TTL expiry, TCP and HTTP probes), the leaf
-renewal timers, and the session TTL timers (a session is invalidated TTL x 2 after its
-create or last renew, as Consul's servers do). Every task it starts is tracked and
-cancelled by `close()`.
+renewal timers, the session TTL timers (a session is invalidated TTL x 2 after its
+create or last renew, as Consul's servers do), and the remote-exec side (`remote_exec`).
+Every task it starts is tracked and cancelled by `close()`.
 
 Rule 1: state changes go through `State`; this module only schedules and reports.
 Rule 2: probes only ever dial the addresses written in the checks the user registered.
@@ -29,6 +29,7 @@ from proxy.devagent.acl import ACLStore, Authorizer
 from proxy.devagent.ca import CertificateAuthority
 from proxy.devagent.config import AgentConfig
 from proxy.devagent.http import Settings, create_app
+from proxy.devagent.remote_exec import RemoteExec
 from proxy.devagent.state import CRITICAL, PASSING, WARNING, LeafEntry, State
 from proxy.devagent.state.registration import CheckSpec
 from proxy.devagent.state.sessions import TTL_MULTIPLIER
@@ -78,6 +79,10 @@ class DevAgent:
             sidecar_port_range=(config.sidecar_min_port, config.sidecar_max_port),
             sidecar_check_interval=config.sidecar_check_interval,
             session_ttl_min=config.session_ttl_min,
+        )
+        # The agent's own token for its remote-exec writes (empty: the default token).
+        self.remote_exec = RemoteExec(
+            self.state, enabled=not config.disable_remote_exec, token=config.acl_agent_token
         )
         self.bind_address = "127.0.0.1"
         self.http_host = config.http_host
@@ -153,6 +158,7 @@ class DevAgent:
             raise
         sockname = self._runner.addresses[0]
         self.http_host, self.http_port = str(sockname[0]), int(sockname[1])
+        self.remote_exec.start()
         log.info("dev agent serving the HTTP API on %s", self.url)
 
     async def close(self) -> None:
@@ -160,6 +166,7 @@ class DevAgent:
         if self._closed:
             return
         self._closed = True
+        await self.remote_exec.close()
         self.state.notifier.close()
         self.state.events.close()
         timers = [self._ttl_timers, self._leaf_timers, self._session_timers]

@@ -3,9 +3,9 @@
 Owns: the `AgentConfig` value and the mapping from Consul's config-file keys onto it. Reads
 the keys a Connect dev setup uses (`service`, `services`, `config_entries.bootstrap`,
 `datacenter`, `node_name`, `ports`, `addresses`, `client_addr`, `acl`, `connect.ca_config`,
-`default_intention_policy`, `session_ttl_min`); other Consul keys are reported as ignored,
-and an unknown key inside a service definition is an error naming it, as Consul's own
-loader does.
+`default_intention_policy`, `session_ttl_min`, `disable_remote_exec`); other Consul keys
+are reported as ignored, and an unknown key inside a service definition is an error naming
+it, as Consul's own loader does.
 
 Rule 1: pure apart from reading the named files. Returns a valid object or raises ConfigError.
 """
@@ -93,6 +93,9 @@ class AgentConfig:
     # Act like Consul 1.2, which had no /v1/agent/service/:id (proxies then read the
     # managed-proxy endpoint). A dev-agent option for testing that fallback.
     emulate_consul_1_2: bool = False
+    # Consul's `disable_remote_exec`: true (its default) makes the agent ignore `_rexec`
+    # events; only `false` lets `exec` run commands here (see `devagent/remote_exec.py`).
+    disable_remote_exec: bool = True
     services: tuple[Mapping[str, Any], ...] = ()
     config_entries: tuple[Mapping[str, Any], ...] = ()
     ignored_keys: tuple[str, ...] = ()
@@ -261,6 +264,7 @@ _KEYS: dict[str, _Key | dict[str, _Key]] = {
     "client_addr": _Key("http_host", _host),
     "default_intention_policy": _Key("default_intention_policy", _str),
     "session_ttl_min": _Key("session_ttl_min", _duration),
+    "disable_remote_exec": _Key("disable_remote_exec", _bool),
     "addresses": {"http": _Key("http_host", _host, skip_null=True)},
     "ports": {
         "http": _Key("http_port", _int),
