@@ -24,18 +24,19 @@ def pytest_asyncio_loop_factories(
 ) -> Mapping[str, Callable[[], asyncio.AbstractEventLoop]]:
     """Every async test runs on plain asyncio and, where installed, on uvloop.
 
-    CONNECT_PROXY_TEST_LOOPS=asyncio (or =uvloop) narrows it to one loop; tests marked
-    `one_loop` (whose subject runs in child processes) run on asyncio only.
+    CONNECT_PROXY_TEST_LOOPS=asyncio (or =uvloop) narrows it to one loop. Tests marked
+    `one_loop` run on the commands' own loop only (uvloop where installed): their subject is
+    a child process, or the dev agent, a separate program that runs on that loop.
     """
     loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
-    if item.get_closest_marker("one_loop") is not None:
-        return loops
     try:
         import uvloop
     except ImportError:
         pass
     else:
         loops["uvloop"] = uvloop.new_event_loop
+        if item.get_closest_marker("one_loop") is not None:
+            return {"uvloop": uvloop.new_event_loop}
     wanted = os.environ.get("CONNECT_PROXY_TEST_LOOPS")
     if wanted:
         loops = {k: v for k, v in loops.items() if k in wanted.split(",")} or loops
@@ -45,8 +46,8 @@ def pytest_asyncio_loop_factories(
 def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
-        "one_loop: the test's own event loop does not matter (its subject is a child "
-        "process): run it on asyncio only",
+        "one_loop: run on the commands' own loop only (uvloop where installed): the "
+        "subject is a child process or the dev agent",
     )
     config.addinivalue_line(
         "markers",

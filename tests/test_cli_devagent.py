@@ -16,6 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 START_DEADLINE = 20.0
 EXIT_DEADLINE = 10.0
 RUNNING = "==> Consul dev agent running!"

@@ -11,6 +11,8 @@ import pytest
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.devagent.acl import ANONYMOUS_ACCESSOR, PolicyError, parse_rules
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 ROOT = "root-secret-0123"
 
 

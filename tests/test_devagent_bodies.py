@@ -17,6 +17,8 @@ from proxy.devagent import AgentConfig, DevAgent
 from proxy.devagent.acl import PolicyError, parse_rules
 from proxy.devagent.http.wire import MAX_DEPTH
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 AUTHORIZE = "/v1/agent/connect/authorize"
 ROOT = "root-secret"
 

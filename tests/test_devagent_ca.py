@@ -15,6 +15,8 @@ from proxy.devagent.ca import CAError, CertificateAuthority, key_id
 from proxy.identity import colon_hex, encode_serial
 from tests.certs import CLUSTER, client_context, handshake, server_context
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 
 def _pem_certs(bundle: str) -> list[x509.Certificate]:
     return x509.load_pem_x509_certificates(bundle.encode())

@@ -17,6 +17,8 @@ from aiohttp import web
 from proxy.devagent import DevAgent
 from tests.conftest import register, wait_until
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 UNKNOWN_CHECK = 'Unknown check ID "{}". Ensure that the check ID is passed, not the check name.'
 
 

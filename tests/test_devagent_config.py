@@ -13,6 +13,8 @@ from proxy.devagent import DevAgent
 from proxy.devagent.config import AgentConfig, apply_file, load_files, parse_file
 from proxy.errors import ConfigError
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 SNAKE_SERVICE: dict[str, Any] = {
     "name": "web",
     "id": "web",

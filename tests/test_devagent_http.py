@@ -14,6 +14,8 @@ from proxy.devagent import AgentConfig, DevAgent
 from proxy.identity import encode_serial
 from tests.conftest import register
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 RFC3339 = re.compile(r"^\d{4}-\d\d-\d\dT\d\d:\d\d:\d\dZ$")
 COLON_HEX = re.compile(r"^[0-9a-f]{2}(:[0-9a-f]{2})*$")
 

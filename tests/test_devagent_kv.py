@@ -12,6 +12,8 @@ import pytest
 
 from proxy.devagent import AgentConfig, DevAgent
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 ROOT = "root-secret-kv"
 
 

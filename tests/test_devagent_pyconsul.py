@@ -14,6 +14,8 @@ import pytest
 
 from proxy.devagent import AgentConfig, DevAgent
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 
 @pytest.fixture
 def agent_config() -> AgentConfig:

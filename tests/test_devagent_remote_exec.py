@@ -19,6 +19,8 @@ from proxy.devagent.config import load_files
 from proxy.devagent.remote_exec import OUTPUT_SIZE, decode_job
 from tests.conftest import wait_until
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 MGMT = "root-token"
 
 

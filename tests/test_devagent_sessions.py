@@ -19,6 +19,8 @@ from proxy.devagent.state.events import (
 )
 from tests.conftest import register
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 ROOT = "root-secret-sessions"
 
 

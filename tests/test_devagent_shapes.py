@@ -18,6 +18,8 @@ import pytest
 
 from proxy.devagent import AgentConfig, DevAgent
 
+pytestmark = pytest.mark.one_loop  # the dev agent, or a child process: one loop is enough
+
 T = TypeVar("T")
 ROOT = "root-secret"
 AUTHORIZE = "/v1/agent/connect/authorize"

@@ -23,6 +23,8 @@ from proxy.envoy.command import envoy_argv, parse_envoy_args, prepare
 from proxy.errors import ConfigError
 from tests.proxyfix import client_ctx, echo_app, tls_exchange
 
+pytestmark = pytest.mark.one_loop  # the command runs on its own loop, envoy is a child process
+
 FIXTURES = Path(__file__).parent / "fixtures"
 TOKEN = "c9a52720-bf6c-4aa6-b8bc-66881a5ade95"
 

@@ -7,11 +7,14 @@ import json
 import signal
 
 import httpx
+import pytest
 
 from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
 from tests.proxyfix import EchoApp, client_ctx, echo_app
 from tests.test_scenario_process import SECRET, Proc, spawn
+
+pytestmark = pytest.mark.one_loop  # the subject is a child process
 
 
 def inbound_args(agent: DevAgent, port: int, app: EchoApp, *extra: str) -> list[str]:

@@ -20,6 +20,8 @@ from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
 from tests.proxyfix import client_ctx, echo_app
 
+pytestmark = pytest.mark.one_loop  # the subject is a child process
+
 SECRET = "s3cret-token-3f9a"
 
 
