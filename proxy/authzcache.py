@@ -13,8 +13,10 @@ fetched before a change and arriving after it serves its own connection, which a
 the change, and is dropped); a new generation empties the cache before the next look-up.
 Rule 2: no generation (the watch has not answered yet, or is failing): every look-up is a
 call (`bypasses`), and the first of a run of them is logged, once.
-Rule 3: only decisions are kept, allows and denials alike; an error (`AgentError`: the agent
-unreachable, a non-200, a bad body) is raised to the caller and never stored.
+Rule 3: only decisions are kept, allows and denials alike, and only those the watched
+intentions support (`Freshness.vouches`: an agent still answering from older intentions is
+not trusted twice); an error (`AgentError`: the agent unreachable, a non-200, a bad body) is
+raised to the caller and never stored.
 Rule 4: bounded: at most `size` identities, the least recently used goes first. Look-ups of
 one identity made while its call is in flight share that call (`shared`): a burst of
 connections from one client, or a re-check pass, costs one call.
@@ -41,6 +43,10 @@ class Freshness(Protocol):
         """The state decisions are made from now, or None when it cannot be vouched for."""
         ...
 
+    def vouches(self, client_uri: str, allowed: bool) -> bool:
+        """Whether the state behind the current generation supports this answer."""
+        ...
+
 
 @dataclass(slots=True)
 class CacheCounts:
@@ -51,6 +57,7 @@ class CacheCounts:
     misses: int = 0  # a call of its own, then stored if still current
     bypasses: int = 0  # a call: no current generation (the watch not answering)
     discarded: int = 0  # answers that arrived after a change, not stored
+    disagreed: int = 0  # answers the watched intentions do not support, not stored
     entries: int = 0  # identities held now
 
     def as_dict(self) -> dict[str, int]:
@@ -60,6 +67,7 @@ class CacheCounts:
             "misses": self.misses,
             "bypasses": self.bypasses,
             "discarded": self.discarded,
+            "disagreed": self.disagreed,
             "entries": self.entries,
         }
 
@@ -145,6 +153,11 @@ class DecisionCache:
         result = await fetch()
         if self.freshness.generation() != generation:
             self.counts.discarded += 1  # asked before a change: it serves only its callers
+            return result
+        if not self.freshness.vouches(uri, result.allowed):
+            # The agent answered from intentions older than the watch's (its own cache not
+            # refreshed yet): right for these callers as a call would be, not kept.
+            self.counts.disagreed += 1
             return result
         entries = self._entries
         entries[uri] = result

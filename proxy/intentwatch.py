@@ -15,6 +15,11 @@ first failed fetch until the next answer. A failure moves the generation too: wh
 while the watch was down is unknown, so nothing cached before it is reused after it.
 Rule 2: the state moves in the same step as the answer arrives (no `await` in between), so
 no look-up can see the new answer's health with the old generation.
+Rule 3: `vouches` checks an authorize answer against the watched rules: where a rule matches
+the client, the answer must be that rule's action. Consul's agent answers authorize from its
+own cache of the same intentions, refreshed apart from this watch, so just after a change
+it may still answer from the old ones; such an answer is used but not kept. Where no rule
+matches (the default policy decides, which the watch does not show) the answer stands.
 """
 
 from __future__ import annotations
@@ -25,6 +30,8 @@ import logging
 from proxy.agent import AgentClient
 from proxy.answers import IntentionRule
 from proxy.counter import Counter
+from proxy.errors import IdentityError
+from proxy.identity import SpiffeIDService, parse_spiffe_id
 from proxy.tlsstore import TLSStore
 from proxy.watch import BACKOFF_BASE, INDEX, changes
 
@@ -64,6 +71,22 @@ class IntentionsFollower:
         if not self.healthy:
             return None
         return self._intentions, self.tls.rotations.value
+
+    def vouches(self, client_uri: str, allowed: bool) -> bool:
+        """Whether the watched rules support the agent's answer `allowed` for `client_uri`."""
+        try:
+            ident = parse_spiffe_id(client_uri)
+        except IdentityError:
+            return False
+        if not isinstance(ident, SpiffeIDService):
+            return False
+        names = {"*", "*/*", f"{ident.namespace}/*", f"{ident.namespace}/{ident.service}"}
+        if ident.namespace == "default":
+            names.add(ident.service)  # a rule without SourceNS
+        for rule in sorted(self.rules, key=lambda r: -r.precedence):
+            if rule.source in names:
+                return allowed == (rule.action == "allow")
+        return True
 
     async def run(self) -> None:
         async def fetch(index: int) -> tuple[tuple[IntentionRule, ...], int]:

@@ -297,9 +297,12 @@ def _cache_series(counts: dict[str, int] | None) -> list[Metric]:
     lookups.add_metric(["bypass"], counts["bypasses"])
     discarded = CounterMetricFamily(
         "connect_proxy_authorize_cache_discarded",
-        "Answers not kept: asked before an intentions or roots change, arrived after it.",
+        "Answers used once and not kept: asked before an intentions or roots change and "
+        "arrived after it (changed), or not what the watched intentions say (disagreed).",
+        labels=["reason"],
     )
-    discarded.add_metric([], counts["discarded"])
+    discarded.add_metric(["changed"], counts["discarded"])
+    discarded.add_metric(["disagreed"], counts["disagreed"])
     entries = GaugeMetricFamily(
         "connect_proxy_authorize_cache_entries", "Client identities whose decision is cached."
     )

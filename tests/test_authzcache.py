@@ -238,6 +238,27 @@ async def test_a_decision_fetched_before_a_change_is_not_stored(agent: DevAgent)
         assert uri in cache and cache.counts.misses == 2
 
 
+async def test_an_answer_the_watched_intentions_contradict_is_not_stored(agent: DevAgent) -> None:
+    await _intention(agent, "deny")  # web -> db denied, before the watch starts
+    async with _follower(agent) as (follower, client):
+        assert [r.action for r in follower.rules] == ["deny"]
+        cache = DecisionCache(follower)
+        domain = await _trust_domain(agent)
+        web, api = _uri(domain, "web"), _uri(domain, "api")
+        # An allow for web, as an agent answering from intentions older than the watch's
+        # would give (here: the agent's real answer for api, allowed by default).
+        stale = await cache.decide(web, lambda: client.authorize("db", api, "01"))
+        assert stale.allowed and web not in cache
+        assert cache.counts.disagreed == 1
+        # The agent's own answer for web agrees with the rules: kept.
+        assert not (await cache.decide(web, lambda: client.authorize("db", web, "01"))).allowed
+        assert web in cache
+        # No rule for api: the default decides, which the watch does not show: kept.
+        assert (await cache.decide(api, lambda: client.authorize("db", api, "01"))).allowed
+        assert api in cache
+        assert follower.vouches("not a uri", True) is False
+
+
 async def test_errors_are_not_cached_and_lru_is_bounded(agent: DevAgent) -> None:
     async with _follower(agent) as (follower, client):
         cache = DecisionCache(follower, size=2)
