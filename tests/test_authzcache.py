@@ -77,8 +77,11 @@ async def test_second_connection_of_an_identity_is_a_hit(agent: DevAgent) -> Non
         assert (_counts(db)["misses"], _counts(db)["entries"]) == (2, 2)
         assert metrics.registry.get_sample_value(LOOKUPS, {"result": "hit"}) == 2
         assert metrics.registry.get_sample_value(LOOKUPS, {"result": "miss"}) == 2
-        assert db.authorize_status()["cache"] is True
-        assert db.authorize_status()["reauthorize"] is True  # implied by the cache
+        status = db.authorize_status()
+        assert status["cache"] is True
+        assert status["reauthorize"] is True  # implied by the cache
+        assert status["intentions_watch"] == {"current": True, "failures": 0}
+        assert status["cache_counts"] == _counts(db)
 
 
 async def test_deny_refuses_the_next_connection_and_closes_the_open_one(agent: DevAgent) -> None:
