@@ -5,7 +5,9 @@
 The dev agent runs as its own process on the second CPU (an intention web -> db allow is
 created); this process, pinned to the first CPU, makes the same authorize calls the proxy
 makes, first through an `httpx.AsyncClient` (the proxy's client before the pool), then
-through `AgentClient` (its `KeepAlivePool`), sequentially and C at a time. Reported: the
+through `AgentClient` (its `KeepAlivePool`), then through the `-authorize-cache` look-up
+(`DecisionCache` on a live intentions watch: every call after the first is a hit),
+sequentially and C at a time. Reported: the
 caller's CPU µs per call (`time.process_time`), the wall time per call, and the agent's
 CPU per call. Nothing is asserted; compare figures of one run.
 """
@@ -30,7 +32,10 @@ import httpx  # noqa: E402
 import uvloop  # noqa: E402
 
 from proxy.agent import AgentClient  # noqa: E402
+from proxy.authzcache import DecisionCache  # noqa: E402
 from proxy.httpflags import HTTPOptions  # noqa: E402
+from proxy.intentwatch import IntentionsFollower  # noqa: E402
+from proxy.tlsstore import TLSStore  # noqa: E402
 
 URI = "spiffe://{td}/ns/default/dc/dc1/svc/web"
 
@@ -96,11 +101,26 @@ async def run(calls: int, concurrency: int, addr: str, agent_pid: int) -> list[d
             answer = await agent.authorize("db", body["ClientCertURI"], "01")
             assert answer.allowed is True
 
+        follower = IntentionsFollower(agent, "db", TLSStore())
+        watching = asyncio.create_task(follower.run())
+        cache = DecisionCache(follower)
+
+        async def via_cache() -> None:
+            answer = await cache.decide(
+                body["ClientCertURI"], lambda: agent.authorize("db", body["ClientCertURI"], "01")
+            )
+            assert answer.allowed is True
+
         try:
+            async with asyncio.timeout(10):
+                await follower.changes.reached(1)
             for c in (1, concurrency):
                 results.append(await _measure("httpx", via_httpx, calls, c, agent_pid))
                 results.append(await _measure("pool", via_pool, calls, c, agent_pid))
+                results.append(await _measure("cache", via_cache, calls, c, agent_pid))
+            assert cache.counts.misses == 1, cache.counts
         finally:
+            watching.cancel()
             await agent.aclose()
     return results
 

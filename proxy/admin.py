@@ -361,6 +361,7 @@ class AdminServer:
                 ),
                 "upstreams": [asdict(u) for u in config.upstreams],
                 "telemetry": dict(config.telemetry),
+                "authorize": proxy.authorize_status(),
             }
         return _Response(200, _json(redact({"settings": self.settings, "proxy": current})), _JSON)
 

@@ -8,12 +8,16 @@ colon-hex serial; any failure denies.
 Rule 1: fail closed. A transport error, a non-200 answer or an unreadable body is a denial
 with a reason, never an exception and never an allow.
 Rule 2: the decision is a value (`Decision`); logging it is the listener's job.
+Rule 3: with a `DecisionCache` (`-authorize-cache`), the agent's answer for a client URI is
+reused while the intentions watch says nothing has changed (`proxy.authzcache`); every local
+check above still runs per connection, and an error is never reused.
 """
 
 from __future__ import annotations
 
 from listeners.events import Refusal
 from proxy.agent import AgentClient
+from proxy.authzcache import DecisionCache
 from proxy.errors import AgentError, IdentityError
 from proxy.identity import Decision, SpiffeIDService, encode_serial, parse_spiffe_id, peer_identity
 
@@ -25,9 +29,10 @@ class AgentAuthorizer:
     `proxy.devagent.acl.Authorizer`).
     """
 
-    def __init__(self, agent: AgentClient, target: str) -> None:
+    def __init__(self, agent: AgentClient, target: str, cache: DecisionCache | None = None) -> None:
         self.agent = agent
         self.target = target
+        self.cache = cache
 
     async def authorize(self, peer_der: bytes | None) -> Decision:
         if not peer_der:
@@ -45,10 +50,15 @@ class AgentAuthorizer:
             ident = None
         if not isinstance(ident, SpiffeIDService):
             return Decision(False, "connect: invalid leaf certificate URI", Refusal.NOT_SPIFFE, uri)
+        client_uri = ident.uri()
+        serial = encode_serial(peer.serial)
         try:
-            result = await self.agent.authorize(
-                self.target, ident.uri(), encode_serial(peer.serial)
-            )
+            if self.cache is None:
+                result = await self.agent.authorize(self.target, client_uri, serial)
+            else:
+                result = await self.cache.decide(
+                    client_uri, lambda: self.agent.authorize(self.target, client_uri, serial)
+                )
         except AgentError as exc:
             # An answer without a boolean `Authorized` reads "unexpected answer from the agent".
             return Decision(

@@ -158,6 +158,7 @@ async def serve(
             observe=options.metrics,
             max_inbound_connections=options.max_inbound_connections,
             reauthorize=options.reauthorize,
+            authorize_cache=options.authorize_cache,
         )
         try:
             await run(

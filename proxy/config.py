@@ -65,8 +65,8 @@ def max_inbound_connections(value: Any) -> int | None:
     return number
 
 
-def reauthorize(value: Any) -> bool | None:
-    """`reauthorize` of a proxy's Config: None when absent.
+def switch(value: Any, name: str) -> bool | None:
+    """A true/false key of a proxy's Config (`reauthorize`, `authorize_cache`): None when absent.
 
     Raises:
         ConfigError: not a boolean (JSON true/false, or the strings "true"/"false").
@@ -75,7 +75,17 @@ def reauthorize(value: Any) -> bool | None:
         return value
     if isinstance(value, str) and value.strip().lower() in ("true", "false"):
         return value.strip().lower() == "true"
-    raise ConfigError(f"reauthorize must be true or false, got {value!r}")
+    raise ConfigError(f"{name} must be true or false, got {value!r}")
+
+
+def reauthorize(value: Any) -> bool | None:
+    """`reauthorize` of a proxy's Config: None when absent (see `switch`)."""
+    return switch(value, "reauthorize")
+
+
+def authorize_cache(value: Any) -> bool | None:
+    """`authorize_cache` of a proxy's Config: None when absent (see `switch`)."""
+    return switch(value, "authorize_cache")
 
 
 @dataclass(frozen=True, slots=True, kw_only=True)
@@ -94,6 +104,9 @@ class PublicListenerConfig:
     # `reauthorize` of Proxy.Config (not in Consul): re-check open connections when
     # intentions or roots change; None: not set, the -reauthorize flag applies.
     reauthorize: bool | None = None
+    # `authorize_cache` of Proxy.Config (not in Consul): reuse the agent's decision per client
+    # identity until intentions or roots change; None: not set, -authorize-cache applies.
+    authorize_cache: bool | None = None
 
     @property
     def local_service_address(self) -> str:
@@ -213,6 +226,7 @@ def load_agent_service(service: Mapping[str, Any]) -> ProxyConfig:
             ),
             max_inbound_connections=max_inbound_connections(config.get("max_inbound_connections")),
             reauthorize=reauthorize(config.get("reauthorize")),
+            authorize_cache=authorize_cache(config.get("authorize_cache")),
         )
     upstreams = tuple(load_upstream(u) for u in proxy.get("Upstreams") or [])
     return ProxyConfig(
@@ -363,6 +377,7 @@ def load_managed_proxy(body: Mapping[str, Any]) -> ProxyConfig:
             ),
             max_inbound_connections=max_inbound_connections(config.get("max_inbound_connections")),
             reauthorize=reauthorize(config.get("reauthorize")),
+            authorize_cache=authorize_cache(config.get("authorize_cache")),
         )
     raw_upstreams = body.get("Upstreams")
     if raw_upstreams is None:

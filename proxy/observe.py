@@ -118,6 +118,7 @@ class ProxyMetrics:
         self.handshake = {direction: _Histogram(_STEP_BUCKETS) for direction in (INBOUND, UPSTREAM)}
         self.authorize = _Histogram(_STEP_BUCKETS)
         self._leaf_not_after: Callable[[], float | None] = lambda: None
+        self.cache_counts: Callable[[], dict[str, int] | None] = lambda: None
         r = self.registry
         r.register(_Collector(self))
         leaf = Gauge(
@@ -140,6 +141,11 @@ class ProxyMetrics:
     def follow_leaf(self, not_after: Callable[[], float | None]) -> None:
         """Where the leaf's expiry time (POSIX seconds) is read at each scrape."""
         self._leaf_not_after = not_after
+
+    def follow_authorize_cache(self, counts: Callable[[], dict[str, int] | None]) -> None:
+        """Where the authorize cache's counts (`proxy.authzcache.CacheCounts`) are read at
+        each scrape; None: no cache, no series."""
+        self.cache_counts = counts
 
     def _leaf_expiry(self) -> float:
         expiry = self._leaf_not_after()
@@ -271,7 +277,37 @@ class _Collector:
             "Authorize calls to the agent for inbound connections.",
         )
         authorize.add_metric([], m.authorize.cumulative(), m.authorize.sum)
-        return [connections, refused, active, forwarded, handshake, authorize, dial, duration]
+        found: list[Metric] = [connections, refused, active, forwarded, handshake, authorize]
+        found += [dial, duration, *_cache_series(m.cache_counts())]
+        return found
+
+
+def _cache_series(counts: dict[str, int] | None) -> list[Metric]:
+    if counts is None:
+        return []
+    lookups = CounterMetricFamily(
+        "connect_proxy_authorize_cache_lookups",
+        "Inbound authorize decisions by how they were had: hit (the cache), shared (another "
+        "connection's call in flight), miss (a call, its answer kept), bypass (a call: the "
+        "intentions watch is not current).",
+        labels=["result"],
+    )
+    for result, key in (("hit", "hits"), ("shared", "shared"), ("miss", "misses")):
+        lookups.add_metric([result], counts[key])
+    lookups.add_metric(["bypass"], counts["bypasses"])
+    discarded = CounterMetricFamily(
+        "connect_proxy_authorize_cache_discarded",
+        "Answers used once and not kept: asked before an intentions or roots change and "
+        "arrived after it (changed), or not what the watched intentions say (disagreed).",
+        labels=["reason"],
+    )
+    discarded.add_metric(["changed"], counts["discarded"])
+    discarded.add_metric(["disagreed"], counts["disagreed"])
+    entries = GaugeMetricFamily(
+        "connect_proxy_authorize_cache_entries", "Client identities whose decision is cached."
+    )
+    entries.add_metric([], counts["entries"])
+    return [lookups, discarded, entries]
 
 
 class ListenerObserver:

@@ -83,6 +83,7 @@ class ProxyOptions:
     workers: int = 1
     max_inbound_connections: int | None = None  # -max-inbound-connections (not in Consul)
     reauthorize: bool = False  # -reauthorize (not in Consul)
+    authorize_cache: bool = False  # -authorize-cache (not in Consul)
     worker_child: bool = False  # one of the -workers processes started by the first
     tls_engine: str = DEFAULT_TLS_ENGINE  # CONNECT_PROXY_TLS_ENGINE (not in Consul)
     admin_bind: str = ""  # -admin-bind / CONNECT_PROXY_ADMIN_BIND (not in Consul)
@@ -168,6 +169,13 @@ def flag_set(
         False,
         "Re-check open inbound connections when intentions or CA roots change, and close "
         "those no longer allowed. Proxy.Config's reauthorize wins when set (not in Consul).",
+    )
+    fs.boolean(
+        "authorize-cache",
+        False,
+        "Reuse the agent's authorize decision per client identity until intentions or CA "
+        "roots change; open connections are re-checked on each change as with -reauthorize. "
+        "Proxy.Config's authorize_cache wins when set (not in Consul).",
     )
     fs.string("workers", "1", "Processes sharing each listener with SO_REUSEPORT (not in Consul).")
     fs.string(
@@ -268,6 +276,7 @@ def parse_proxy_args(args: Sequence[str], env: Mapping[str, str]) -> ProxyOption
         workers=workers,
         max_inbound_connections=max_inbound,
         reauthorize=values.get("reauthorize") is True,
+        authorize_cache=values.get("authorize-cache") is True,
         worker_child=env.get("CONNECT_PROXY_WORKER") == "1",
         tls_engine=load_tls_engine(env),
         admin_bind=admin_bind,

@@ -1,10 +1,12 @@
 """Live re-authorization: close open inbound connections that are no longer allowed.
 
 Owns two follow-ups of the public listener's forwarded connections (`PublicListener.forwarding()`):
-- intentions: one blocking watch (`watch.changes`) on the intentions that match the proxied
-  service as destination; on each change (and on the first answer, which may be newer than
-  a connection's handshake) every open connection is authorized again through the same
-  authorizer as at accept, with the same client URI and serial;
+- intentions: the proxy's one watch of the intentions that match the proxied service as
+  destination (`proxy.intentwatch.IntentionsFollower`, shared with the authorize cache); on
+  each change (and on the first answer, which may be newer than a connection's handshake)
+  every open connection is authorized again through the same authorizer as at accept, with
+  the same client URI and serial (with the cache on, one call per distinct client identity:
+  the change has emptied the cache);
 - roots: after each rotation of the TLS store, a connection whose client chain ends in a root
   that is gone, and in no current root, is closed. The chain is the one the client sent
   (leaf, then intermediates or cross-signed roots), read from the live TLS connection only
@@ -38,10 +40,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from listeners.events import Connection, Refusal
 from listeners.public import InboundAuthorizer, PublicListener
-from proxy.agent import AgentClient
-from proxy.answers import IntentionRule
+from proxy.intentwatch import IntentionsFollower
 from proxy.tlsstore import TLSStore
-from proxy.watch import BACKOFF_BASE, INDEX, changes
 
 log = logging.getLogger("proxy.reauth")
 
@@ -136,8 +136,7 @@ class Reauthorizer:
     """Re-checks one public listener's open connections; `run()` until cancelled.
 
     Args:
-        agent: the agent client (the intentions watch).
-        service: the proxied service (the intentions' destination).
+        follower: the intentions watch (run by its owner, the supervisor).
         listener: the public listener whose connections it checks.
         authorizer: the listener's authorizer (`proxy.authorize.AgentAuthorizer`).
         tls: the proxy's TLS store (its `rotations` and roots).
@@ -146,24 +145,20 @@ class Reauthorizer:
 
     def __init__(
         self,
-        agent: AgentClient,
-        service: str,
+        follower: IntentionsFollower,
         listener: PublicListener,
         authorizer: InboundAuthorizer,
         tls: TLSStore,
         *,
         concurrency: int = DEFAULT_CONCURRENCY,
-        backoff_base: float = BACKOFF_BASE,
     ) -> None:
         if concurrency < 1:
             raise ValueError(f"concurrency must be at least 1, got {concurrency}")
-        self.agent = agent
-        self.service = service
+        self.follower = follower
         self.listener = listener
         self.authorizer = authorizer
         self.tls = tls
         self.concurrency = concurrency
-        self.backoff_base = backoff_base
         self.passes = 0  # intention passes completed
         self.revoked = 0  # connections closed by a denial
         self.root_removed = 0  # connections closed by a roots rotation
@@ -177,21 +172,12 @@ class Reauthorizer:
             group.create_task(self._follow_roots())
 
     async def _follow_intentions(self) -> None:
-        async def fetch(index: int) -> tuple[tuple[IntentionRule, ...], int]:
-            match = await self.agent.intentions_match(self.service, index)
-            return match.rules, match.index
-
-        values = changes(
-            "connect_intentions",
-            fetch,
-            INDEX,
-            log=log,
-            backoff_base=self.backoff_base,
-            service=self.service,
-        )
-        async with contextlib.aclosing(values):
-            async for _ in values:
-                await self.reauthorize()
+        changed = self.follower.changes
+        seen = 0
+        while True:
+            await changed.reached(seen + 1)
+            seen = changed.value  # changes during a pass are all checked by the next one
+            await self.reauthorize()
 
     async def reauthorize(self) -> int:
         """Authorize every open connection again; close the denied ones. Returns how many."""

@@ -27,6 +27,7 @@ from listeners.public import PublicListener
 from listeners.upstream import UpstreamListener
 from proxy.agent import AgentClient
 from proxy.authorize import AgentAuthorizer
+from proxy.authzcache import CacheCounts, DecisionCache
 from proxy.config import (
     DEFAULT_TLS_ENGINE,
     ProxyConfig,
@@ -34,6 +35,7 @@ from proxy.config import (
     plan_upstreams,
     upstream_key,
 )
+from proxy.intentwatch import IntentionsFollower
 from proxy.observe import ListenerObserver, ProxyMetrics
 from proxy.reauth import Reauthorizer
 from proxy.resolve import AgentResolver, WatchingResolver
@@ -58,6 +60,9 @@ class ProxySettings:
     # -reauthorize: re-check open inbound connections (`proxy.reauth`) when the Config does
     # not say (its `reauthorize` wins when set, as for max_inbound_connections).
     reauthorize: bool = False
+    # -authorize-cache: reuse the agent's decision per client identity while the intentions
+    # watch is current (`proxy.authzcache`); implies re-checks on changes. Config wins.
+    authorize_cache: bool = False
 
 
 @dataclass(slots=True)
@@ -102,7 +107,11 @@ class Proxy:
         self._public_task: asyncio.Task[None] | None = None
         self._public_error: BaseException | None = None
         self.reauthorizer: Reauthorizer | None = None
-        self._reauth_task: asyncio.Task[None] | None = None
+        self.follower: IntentionsFollower | None = None
+        self.authorize_cache: DecisionCache | None = None
+        self.cache_counts = CacheCounts()  # across the public listener's restarts
+        self.metrics.follow_authorize_cache(self._cache_counts)
+        self._reauth_tasks: list[asyncio.Task[None]] = []
         self._started = False
         self._closed = False
 
@@ -147,6 +156,21 @@ class Proxy:
         if public is not None and (self.public is None or not self.public.ready.is_set()):
             missing.append(f"public listener {public.bind_address}:{public.bind_port}")
         return missing
+
+    def _cache_counts(self) -> dict[str, int] | None:
+        return self.cache_counts.as_dict() if self.authorize_cache is not None else None
+
+    def authorize_status(self) -> dict[str, object]:
+        """The authorize cache and live re-authorization, for the admin endpoint."""
+        follower = self.follower
+        return {
+            "cache": self.authorize_cache is not None,
+            "reauthorize": self.reauthorizer is not None,
+            "intentions_watch": None
+            if follower is None
+            else {"current": follower.generation() is not None, "failures": follower.failures},
+            "cache_counts": self.cache_counts.as_dict(),
+        }
 
     def _leaf_not_after(self) -> float | None:
         material = self.tls.material
@@ -318,9 +342,10 @@ class Proxy:
 
     async def _restart_public(self, *, strict: bool = False) -> None:
         await self._stop_public_bind()
-        if self._reauth_task is not None:
-            self._reauth_task.cancel()
-            self._reauth_task, self.reauthorizer = None, None
+        for task in self._reauth_tasks:
+            task.cancel()
+        self._reauth_tasks = []
+        self.reauthorizer = self.follower = self.authorize_cache = None
         self._public_error = None
         if self.public is not None:
             old_public, self.public = self.public, None
@@ -330,7 +355,18 @@ class Proxy:
         cfg = self.config.public_listener
         if cfg is None:
             return
-        authorizer = AgentAuthorizer(self.agent, self.config.service)
+        cache = cfg.authorize_cache
+        if cache is None:
+            cache = self.settings.authorize_cache
+        reauth = cfg.reauthorize if cfg.reauthorize is not None else self.settings.reauthorize
+        if cache or reauth:
+            self.follower = IntentionsFollower(
+                self.agent, self.config.service, self.tls, backoff_base=self.settings.watch_backoff
+            )
+            self._spawn_reauth(self.follower.run(), "intentions watch")
+        if cache and self.follower is not None:
+            self.authorize_cache = DecisionCache(self.follower, counts=self.cache_counts)
+        authorizer = AgentAuthorizer(self.agent, self.config.service, self.authorize_cache)
         self.public = PublicListener(
             bind_host=cfg.bind_address,
             bind_port=cfg.bind_port,
@@ -353,22 +389,17 @@ class Proxy:
         self._public_task = self._tasks.create_task(
             self._bind_public(self.public, report=not strict), name="public listener"
         )
-        wanted = cfg.reauthorize if cfg.reauthorize is not None else self.settings.reauthorize
-        if wanted:
-            self.reauthorizer = Reauthorizer(
-                self.agent,
-                self.config.service,
-                self.public,
-                authorizer,
-                self.tls,
-                backoff_base=self.settings.watch_backoff,
-            )
-            task = self._tasks.create_task(
-                _logged(self.reauthorizer.run(), "reauthorize"), name="reauthorize"
-            )
-            self._background.add(task)
-            task.add_done_callback(self._background.discard)
-            self._reauth_task = task
+        # The cache implies live re-authorization: the change that empties it re-checks the
+        # open connections too (a decision never outlives a change, cached or in use).
+        if self.follower is not None:
+            self.reauthorizer = Reauthorizer(self.follower, self.public, authorizer, self.tls)
+            self._spawn_reauth(self.reauthorizer.run(), "reauthorize")
+
+    def _spawn_reauth(self, coro: Coroutine[Any, Any, None], name: str) -> None:
+        task = self._tasks.create_task(_logged(coro, name), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        self._reauth_tasks.append(task)
 
     async def _bind_public(self, listener: PublicListener, *, report: bool) -> None:
         """Bind once the certificates are ready; a failure is kept for `wait_ready()`."""

@@ -310,12 +310,14 @@ class Relay:
     `500 Internal Server Error`; "garbage" answers 200 with a body that is not JSON;
     "foreign-leaf" forwards everything but answers leaf requests with `foreign_leaf`.
     A mode change drops every open connection, as an agent going bad drops its blocking
-    queries, so the proxy's next request meets the new mode.
+    queries, so the proxy's next request meets the new mode. With `only` set, the mode
+    applies to requests whose target starts with it; the others are forwarded.
     """
 
     def __init__(self, upstream: str) -> None:
         self.upstream = upstream
         self.mode = "pass"
+        self.only = ""
         self.foreign_leaf: dict[str, Any] | None = None
         self.requests = 0
         self._server: asyncio.Server | None = None
@@ -397,8 +399,8 @@ class Relay:
     async def _answer(
         self, request: h11.Request, body: bytes
     ) -> tuple[int, list[tuple[str, str]], bytes]:
-        mode = self.mode
         target = request.target.decode()
+        mode = self.mode if target.startswith(self.only) else "pass"
         if mode == "hang":
             await asyncio.Event().wait()  # until the connection is dropped
         if mode == "500":

@@ -226,6 +226,20 @@ async def test_config_redacts_tokens_in_settings_and_telemetry(agent: DevAgent) 
     assert proxy["telemetry"] == {"circonus_api_token": REDACTED, "metrics_prefix": "consul"}
     assert proxy["public_listener"]["local_service_port"] == app.port
     assert [u["destination_name"] for u in proxy["upstreams"]] == ["cache"]
+    assert proxy["authorize"] == {
+        "cache": False,
+        "reauthorize": False,
+        "intentions_watch": None,
+        "cache_counts": {
+            "hits": 0,
+            "shared": 0,
+            "misses": 0,
+            "bypasses": 0,
+            "discarded": 0,
+            "disagreed": 0,
+            "entries": 0,
+        },
+    }
 
 
 @pytest.mark.parametrize(
