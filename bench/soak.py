@@ -107,7 +107,8 @@ async def exhaustion(base: Path) -> list[tuple[str, str, str]]:
         (
             "descriptor exhaustion: `ulimit -n 256`, 600 connections, cap set above it",
             "accepting pauses with a backoff (one log line per outage), then resumes",
-            f"paused: {f['paused']}, {f['pause lines']} pause line(s); served again "
+            f"paused: {f['paused']} ({f['accept pauses counted']:g} pauses counted), "
+            f"{f['pause lines']} pause line(s); served again "
             f"{f['recovered after attackers left, s']} s after the attackers left; "
             f"process alive: {f['alive']}",
         )

@@ -121,11 +121,17 @@ class Observer(Protocol):
     def finished(self, conn: Connection) -> None:
         """The connection is over: forwarded and closed, refused, or closed by the client."""
 
+    def accept_paused(self) -> None:
+        """Accepting paused for want of descriptors (once per pause of the backoff)."""
+
 
 class NullObserver:
     """Sees nothing (a listener made without an observer)."""
 
     def forwarding(self, conn: Connection) -> None:
+        pass
+
+    def accept_paused(self) -> None:
         pass
 
     def finished(self, conn: Connection) -> None:

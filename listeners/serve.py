@@ -337,6 +337,7 @@ class Listener:
     def _pause(self, loop: asyncio.AbstractEventLoop, exc: OSError) -> None:
         """Out of descriptors: stop watching the sockets, watch again after a backoff."""
         self.accept_pauses += 1
+        self.observer.accept_paused()
         if not self._backoff:
             self.log.warning(
                 "listener paused accepting: %s listener=%s open_connections=%d "

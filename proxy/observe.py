@@ -82,9 +82,10 @@ class _Histogram:
 class _Totals:
     """Everything counted for one (direction, listener), across the listeners' lives."""
 
-    __slots__ = ("active", "bytes", "dial", "duration", "outcomes", "refusals")
+    __slots__ = ("accept_pauses", "active", "bytes", "dial", "duration", "outcomes", "refusals")
 
     def __init__(self) -> None:
+        self.accept_pauses = 0
         self.outcomes = dict.fromkeys(Outcome, 0)
         self.refusals: dict[str, int] = {}
         self.active = 0
@@ -255,7 +256,14 @@ class _Collector:
             "Lifetimes of forwarded connections.",
             labels=pair,
         )
+        pauses = CounterMetricFamily(
+            "connect_proxy_accept_pauses",
+            "Times accepting paused for want of descriptors (EMFILE, ENFILE), each pause of a "
+            "backoff counted.",
+            labels=pair,
+        )
         for (direction, listener), t in sorted(m.totals.items()):
+            pauses.add_metric([direction, listener], t.accept_pauses)
             for outcome, count in t.outcomes.items():
                 connections.add_metric([direction, listener, outcome.value], count)
             for reason, count in sorted(t.refusals.items()):
@@ -278,7 +286,7 @@ class _Collector:
         )
         authorize.add_metric([], m.authorize.cumulative(), m.authorize.sum)
         found: list[Metric] = [connections, refused, active, forwarded, handshake, authorize]
-        found += [dial, duration, *_cache_series(m.cache_counts())]
+        found += [dial, duration, pauses, *_cache_series(m.cache_counts())]
         return found
 
 
@@ -339,6 +347,9 @@ class ListenerObserver:
         self.totals.active += 1
         if (telemetry := self.metrics.telemetry) is not None:
             telemetry.set_gauge(self._conns_key, len(self.live), self.consul_labels)
+
+    def accept_paused(self) -> None:
+        self.totals.accept_pauses += 1
 
     def finished(self, conn: Connection) -> None:
         try:

@@ -273,6 +273,10 @@ async def descriptor_exhaustion(rig: Rig, attackers: int = 200) -> Figures:
     figures["recovered after attackers left, s"] = (
         None if recovery is None else round(time.monotonic() - released, 2)
     )
+    metrics = await rig.db_proxy.metrics()
+    figures["accept pauses counted"] = sum(
+        v for (name, _), v in metrics.items() if name == "connect_proxy_accept_pauses_total"
+    )
     figures["pause lines"] = sum(
         "paused accepting" in line for line in rig.db_proxy.process.lines[mark:]
     )

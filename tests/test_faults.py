@@ -84,6 +84,7 @@ async def test_descriptor_exhaustion_pauses_then_serves_again(tmp_path: Path) ->
         f = await fs.descriptor_exhaustion(r, attackers=200)
         assert f["paused"], f.values
         assert f["pause lines"] <= 4  # one per outage, not one per failed accept
+        assert f["accept pauses counted"] >= 1, f.values
         assert f["recovered after attackers left, s"] is not None
         assert f["recovered after attackers left, s"] < 5
         assert f["alive"]
