@@ -34,23 +34,13 @@ from typing import Any
 import h11
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from listeners.events import Connection
-from listeners.serve import Listener
 from proxy.addr import join_host_port
-from proxy.admin_page import (
-    InstanceRow,
-    ListenerRow,
-    RefusalRow,
-    StatusView,
-    UpstreamInstances,
-    render_status,
-    rfc3339,
-)
+from proxy.admin_page import render_status, rfc3339
+from proxy.admin_view import gather_view, open_connections
 from proxy.agent import AgentClient
 from proxy.identity import encode_serial
 from proxy.observe import ProxyMetrics, access_fields
 from proxy.runner import RunState
-from proxy.supervisor import Proxy
 
 log = logging.getLogger("proxy.admin")
 
@@ -367,7 +357,7 @@ class AdminServer:
 
     async def _connections(self) -> _Response:
         rows = []
-        for conn in _open_connections(self.state.proxy):
+        for conn in open_connections(self.state.proxy):
             fields = access_fields(conn)
             fields["age_seconds"] = round(conn.age(), 3)
             rows.append(fields)
@@ -377,124 +367,8 @@ class AdminServer:
         return _Response(200, self.metrics.exposition(), CONTENT_TYPE_LATEST)
 
     async def _status_page(self) -> _Response:
-        view = await self._view()
+        view = await gather_view(
+            self.state, self.metrics, agent=self.agent, agent_timeout=self.agent_timeout
+        )
         page = render_status(view).encode()
         return _Response(200, page, _HTML, (("Content-Security-Policy", _PAGE_POLICY),))
-
-    # -- the status page's view ------------------------------------------------------------
-
-    async def _view(self) -> StatusView:
-        proxy = self.state.proxy
-        refusals = tuple(_refusal_row(conn) for conn in self.metrics.recent_refusals)
-        if proxy is None:
-            return StatusView(now=time.time(), ready=self.state.not_ready(), refusals=refusals)
-        material = proxy.tls.material
-        return StatusView(
-            now=time.time(),
-            service=proxy.config.service,
-            ready=self.state.not_ready(),
-            spiffe_id=(material.leaf.uri or "") if material is not None else "",
-            serial=encode_serial(material.leaf.serial) if material is not None else "",
-            not_after=material.not_after if material is not None else None,
-            root_ids=material.root_ids if material is not None else (),
-            listeners=_listener_rows(proxy),
-            upstreams=await self._instances(proxy),
-            refusals=refusals,
-        )
-
-    async def _instances(self, proxy: Proxy) -> tuple[UpstreamInstances, ...]:
-        """Each upstream's instances with their health, asked of the agent concurrently
-        under one short deadline; an upstream the agent did not answer for says so."""
-        agent = self.agent or proxy.agent
-        records = proxy.upstream_records()
-
-        async def one(name: str, kind: str, datacenter: str) -> UpstreamInstances:
-            if kind == "prepared_query":
-                return UpstreamInstances(name, note="prepared query: resolved per connection")
-            try:
-                async with asyncio.timeout(self.agent_timeout):
-                    found = await agent.health_instances(
-                        name, datacenter=datacenter, timeout=self.agent_timeout
-                    )
-            except Exception as exc:  # any failure to ask: the page still renders
-                return UpstreamInstances(name, error=f"agent unreachable: {exc}".rstrip(": "))
-            rows = tuple(
-                InstanceRow(i.node, i.service_id, i.address, i.status) for i in found.instances
-            )
-            return UpstreamInstances(name, rows)
-
-        return tuple(
-            await asyncio.gather(
-                *(
-                    one(cfg.destination_name, cfg.destination_type, cfg.datacenter)
-                    for cfg, _, _ in records
-                )
-            )
-        )
-
-
-def _listeners(proxy: Proxy | None) -> list[Listener]:
-    if proxy is None:
-        return []
-    found: list[Listener] = [listener for _, listener, _ in proxy.upstream_records()]
-    if proxy.public is not None:
-        found.insert(0, proxy.public)
-    return found
-
-
-def _open_connections(proxy: Proxy | None) -> list[Connection]:
-    conns = [conn for listener in _listeners(proxy) for conn in list(listener.connections)]
-    return sorted(conns, key=lambda c: c.started)
-
-
-def _listener_rows(proxy: Proxy) -> tuple[ListenerRow, ...]:
-    rows = []
-    public = proxy.config.public_listener
-    if public is not None:
-        listener = proxy.public
-        bound = listener is not None and listener.ready.is_set()
-        address = (
-            listener.address
-            if bound and listener is not None
-            else join_host_port(public.bind_address, public.bind_port)
-        )
-        rows.append(
-            ListenerRow(
-                kind="public",
-                name="public_listener",
-                address=address,
-                bound=bound,
-                open_connections=len(listener.connections) if listener is not None else 0,
-                target=public.local_service_address,
-            )
-        )
-    running = {cfg: listener for cfg, listener, _ in proxy.upstream_records()}
-    for cfg in proxy.config.upstreams:
-        up = running.get(cfg)
-        rows.append(
-            ListenerRow(
-                kind="upstream",
-                name=cfg.destination_name,
-                address=(
-                    up.address
-                    if up is not None
-                    else join_host_port(cfg.local_bind_address, cfg.local_bind_port)
-                ),
-                bound=up is not None and up.ready.is_set(),
-                open_connections=len(up.connections) if up is not None else 0,
-                target=cfg.label.partition("->")[2],  # type:partition/namespace/name
-            )
-        )
-    return tuple(rows)
-
-
-def _refusal_row(conn: Connection) -> RefusalRow:
-    return RefusalRow(
-        at=conn.started_at,
-        direction=conn.direction,
-        listener=conn.listener,
-        source=conn.source,
-        peer=conn.peer_id,
-        reason=conn.refusal.value if conn.refusal is not None else "",
-        detail=conn.detail,
-    )
