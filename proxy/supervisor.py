@@ -216,12 +216,31 @@ class Proxy:
             leaf = await self.agent.leaf(service, index)
             return (leaf.cert_pem, leaf.key_pem), leaf.index
 
+        nudging: list[asyncio.Task[None]] = []
+
+        async def fetch_leaf_now() -> None:
+            try:
+                leaf = await self.agent.leaf(service, 0)
+            except Exception as exc:  # the leaf watch retries on its own
+                log.debug("leaf fetch after new roots failed: %s", exc)
+                return
+            self.tls.set_leaf(leaf.cert_pem, leaf.key_pem)
+
+        def on_roots(pems: tuple[str, ...]) -> None:
+            # New roots that our leaf does not chain to (a new CA, or a restarted agent
+            # whose indexes started over): the agent has a new leaf for them, which the
+            # leaf watch may only ask for after its backoff. Ask once, now.
+            if self.tls.set_roots(pems) or self.tls.material is None:
+                return
+            if not nudging or nudging[-1].done():
+                nudging[:] = [self._tasks.create_task(fetch_leaf_now(), name="leaf now")]
+
         self._watches = [
             self._tasks.create_task(
                 watch(
                     "connect_roots",
                     fetch_roots,
-                    self.tls.set_roots,
+                    on_roots,
                     log=log,
                     backoff_base=self.settings.watch_backoff,
                 ),
