@@ -74,6 +74,7 @@ class Connection:
     peer_id: str = ""
     destination: str = ""  # host:port dialled (the app, or the upstream instance)
     handshake: float | None = None
+    resumed: bool | None = None  # once a TLS handshake completed: whether it resumed a session
     authorize: float | None = None
     dial: float | None = None
     duration: float | None = None  # set when finished

@@ -183,6 +183,7 @@ class PublicListener(Listener):
                 conn.refuse(_handshake_refusal(exc, text), text)
                 return
             conn.handshake = now() - started
+            conn.resumed = tls.session_reused
             if slot is not None:
                 # Through the handshake: this connection no longer counts against the
                 # handshake budget (test_budget's slowloris test fails if it does).

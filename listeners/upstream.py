@@ -234,6 +234,7 @@ class UpstreamListener(Listener):
                 tls.session_reused,
             )
             self.resumed += tls.session_reused
+            conn.resumed = tls.session_reused
             return tls, (host, port)
         reason = (
             Refusal.WRONG_SERVER_IDENTITY

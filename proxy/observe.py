@@ -117,6 +117,8 @@ class ProxyMetrics:
         self.observers: list[ListenerObserver] = []
         self.totals: dict[tuple[str, str], _Totals] = {}
         self.handshake = {direction: _Histogram(_STEP_BUCKETS) for direction in (INBOUND, UPSTREAM)}
+        # Completed TLS handshakes by direction: [full, resumed].
+        self.sessions = {direction: [0, 0] for direction in (INBOUND, UPSTREAM)}
         self.authorize = _Histogram(_STEP_BUCKETS)
         self._leaf_not_after: Callable[[], float | None] = lambda: None
         self.cache_counts: Callable[[], dict[str, int] | None] = lambda: None
@@ -280,12 +282,22 @@ class _Collector:
         )
         for direction, h in m.handshake.items():
             handshake.add_metric([direction], h.cumulative(), h.sum)
+        completed = CounterMetricFamily(
+            "connect_proxy_tls_handshakes_completed",
+            "TLS handshakes completed, by whether they resumed a session (inbound: a client "
+            "of ours that dialled this proxy before; upstream: a session kept per instance).",
+            labels=["direction", "resumed"],
+        )
+        for direction, (full, resumed) in m.sessions.items():
+            completed.add_metric([direction, "false"], full)
+            completed.add_metric([direction, "true"], resumed)
         authorize = HistogramMetricFamily(
             "connect_proxy_authorize_seconds",
             "Authorize calls to the agent for inbound connections.",
         )
         authorize.add_metric([], m.authorize.cumulative(), m.authorize.sum)
-        found: list[Metric] = [connections, refused, active, forwarded, handshake, authorize]
+        found: list[Metric] = [connections, refused, active, forwarded, handshake, completed]
+        found.append(authorize)
         found += [dial, duration, pauses, *_cache_series(m.cache_counts())]
         return found
 
@@ -364,6 +376,8 @@ class ListenerObserver:
         totals.outcomes[outcome] += 1
         if conn.handshake is not None:
             self._handshake.observe(conn.handshake)
+        if conn.resumed is not None:
+            metrics.sessions[self.direction][conn.resumed] += 1
         if conn.authorize is not None:
             metrics.authorize.observe(conn.authorize)
         if conn.dial is not None:

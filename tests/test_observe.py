@@ -109,6 +109,31 @@ async def test_one_11_byte_echo_counts_exactly(agent: DevAgent) -> None:
     assert not any(name == "connect_proxy_refused_connections_total" for name, _ in rows)
 
 
+@pytest.mark.tls_engines()
+async def test_resumed_handshakes_are_counted_on_both_sides_of_a_chain(agent: DevAgent) -> None:
+    """Our upstream resumes its sessions with our public listener, and both count it."""
+    metrics = ProxyMetrics()
+    async with echo_app() as app, mesh(agent, app, metrics) as (web, db):
+        for _ in range(6):
+            reader, writer = await asyncio.open_connection("127.0.0.1", local_port(web))
+            writer.write(b"x")
+            assert await reader.readexactly(1) == b"x"
+            writer.close()
+            await _idle(web)
+            await _idle(db)
+    rows = scraped(metrics)
+
+    def completed(direction: str, resumed: str) -> float:
+        labels = (("direction", direction), ("resumed", resumed))
+        return rows[("connect_proxy_tls_handshakes_completed_total", labels)]
+
+    for direction in ("inbound", "upstream"):
+        assert completed(direction, "false") + completed(direction, "true") == 6
+        assert completed(direction, "true") >= 1, rows  # a session ticket came and was used
+    # What the client side resumed, the server side saw resumed: the same connections.
+    assert completed("inbound", "true") == completed("upstream", "true")
+
+
 async def test_leaf_expiry_gauge_follows_the_leaf_in_use(agent: DevAgent) -> None:
     metrics = ProxyMetrics()
     assert sample(metrics, "connect_proxy_leaf_expiry_seconds") != sample(
