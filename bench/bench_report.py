@@ -17,6 +17,7 @@ from bench_figures import (
     Outcome,
     View,
     figures,
+    headline,
     kind_of,
     metrics,
     targets,
@@ -387,6 +388,7 @@ def _blank_without_rows(v: View) -> list[str]:
 
 
 SECTIONS: tuple[Callable[[View], list[str]], ...] = (
+    headline,
     figures,
     vs_baselines,
     vs_references,
@@ -423,7 +425,7 @@ def heading(info: dict[str, Any]) -> str:
     return (
         f"\nconnect-proxy benchmark, {info['date']}, Python {info['python']}, {info['openssl']}, "
         f"uvloop {info['uvloop']}, proxy on CPU {info['proxy_cpu']}, "
-        f"load on CPU {info['load_cpu']}, "
+        f"load on CPU {info['load_cpu']} ({info.get('load', 'python')}), "
         f"{'quick' if info['quick'] else 'full'} run in {info['elapsed_s']:g}s, "
         f"code at {sources.get('git_head')}"
         f"{' + local changes' if sources.get('git_changed') else ''}\n"
