@@ -157,7 +157,12 @@ class Stage:
         self.db = self.api.material("db")
         self.trust_domain = str(self.api.get("/v1/agent/connect/ca/roots")[0]["TrustDomain"])
         log("starting the backend")
-        self.backend, self.plain_port, self.tls_port = self.procs.backend(self.agent_addr)
+        if self.goload is not None:  # the far end of the load side, compiled as well
+            self.backend, self.plain_port, self.tls_port = self.procs.gobackend(
+                self.goload.binary, self.db
+            )
+        else:
+            self.backend, self.plain_port, self.tls_port = self.procs.backend(self.agent_addr)
         if self.goload is None:
             self.pool = multiprocessing.get_context("spawn").Pool(self.params.clients)
         roles = Roles(agent=self.agent, backend=self.backend)

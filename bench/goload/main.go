@@ -13,6 +13,12 @@
 //	throughput: one established connection; -bytes bytes one way to the backend's sink
 //	            (`S` + 8-byte big-endian length, then the bytes; the far end answers the
 //	            count), or with -echo the same bytes echoed back while they are sent.
+//	backend:    the far end of the load side, as bench_backend.py: one plain and one mTLS
+//	            listener on 127.0.0.1 (the mTLS one presents the leaf from standard input and
+//	            requires a client leaf from its roots); per connection the first byte
+//	            decides: `S` + 8-byte length is the counting sink, anything else is echoed.
+//	            Prints `READY plain=<port> tls=<port>` and serves until SIGTERM or SIGINT
+//	            (no GO line).
 //
 // The server's certificate chain is verified against the roots, without a host name (as
 // the Python load side does: Connect certificates carry a SPIFFE URI, not the address).
@@ -38,6 +44,7 @@ import (
 	"io"
 	"net"
 	"os"
+	"os/signal"
 	"runtime"
 	"runtime/debug"
 	"sort"
@@ -72,7 +79,7 @@ type options struct {
 
 func main() {
 	var o options
-	flag.StringVar(&o.mode, "mode", "", "connrate, rtt or throughput")
+	flag.StringVar(&o.mode, "mode", "", "connrate, rtt, throughput or backend")
 	flag.StringVar(&o.addr, "addr", "", "host:port to connect to")
 	flag.BoolVar(&o.tls, "tls", false, "mTLS with the leaf from standard input (else plain TCP)")
 	flag.BoolVar(&o.resume, "resume", false, "resume TLS sessions (default: a full handshake every time)")
@@ -99,10 +106,10 @@ func main() {
 
 func check(o options) error {
 	switch {
-	case o.addr == "":
+	case o.mode != "connrate" && o.mode != "rtt" && o.mode != "throughput" && o.mode != "backend":
+		return fmt.Errorf("-mode must be connrate, rtt, throughput or backend, got %q", o.mode)
+	case o.addr == "" && o.mode != "backend":
 		return errors.New("-addr is required")
-	case o.mode != "connrate" && o.mode != "rtt" && o.mode != "throughput":
-		return fmt.Errorf("-mode must be connrate, rtt or throughput, got %q", o.mode)
 	case o.concurrency < 1 || o.concurrency > 10000:
 		return fmt.Errorf("-concurrency must be 1..10000, got %d", o.concurrency)
 	case o.duration <= 0 || o.duration > maxDuration:
@@ -127,6 +134,9 @@ func run(o options) error {
 	line, err := readLine(in, 1<<20)
 	if err != nil {
 		return fmt.Errorf("reading the key material line from stdin: %w", err)
+	}
+	if o.mode == "backend" {
+		return serveBackend(line)
 	}
 	var cfg *tls.Config
 	if o.tls {
@@ -176,6 +186,9 @@ func readLine(r *bufio.Reader, max int) ([]byte, error) {
 		}
 		if err == nil {
 			return buf[:len(buf)-1], nil
+		}
+		if errors.Is(err, io.EOF) && len(buf) > 0 {
+			return buf, nil // a last line without its newline
 		}
 		if !errors.Is(err, bufio.ErrBufferFull) {
 			return nil, err
@@ -643,4 +656,110 @@ func (c *client) echo(conn net.Conn, block []byte) (int64, error) {
 		return got, err
 	}
 	return got, nil
+}
+
+// -- backend ------------------------------------------------------------------------------
+
+func serveBackend(line []byte) error {
+	var m material
+	if err := json.Unmarshal(line, &m); err != nil {
+		return fmt.Errorf("key material on stdin is not JSON: %w", err)
+	}
+	cert, err := tls.X509KeyPair([]byte(m.CertPEM), []byte(m.PrivateKeyPEM))
+	if err != nil {
+		return fmt.Errorf("leaf (CertPEM, PrivateKeyPEM): %w", err)
+	}
+	roots := x509.NewCertPool()
+	if !roots.AppendCertsFromPEM([]byte(m.RootsPEM)) {
+		return errors.New("roots: no certificate in RootsPEM")
+	}
+	cfg := &tls.Config{
+		Certificates: []tls.Certificate{cert},
+		MinVersion:   tls.VersionTLS12,
+		ClientAuth:   tls.RequireAndVerifyClientCert, // a client leaf from the roots
+		ClientCAs:    roots,
+	}
+	plain, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	secure, err := net.Listen("tcp", "127.0.0.1:0")
+	if err != nil {
+		return err
+	}
+	stop := make(chan os.Signal, 1)
+	signal.Notify(stop, syscall.SIGTERM, syscall.SIGINT)
+	go accept(plain, nil)
+	go accept(secure, cfg)
+	fmt.Printf("READY plain=%d tls=%d\n",
+		plain.Addr().(*net.TCPAddr).Port, secure.Addr().(*net.TCPAddr).Port)
+	<-stop
+	plain.Close()
+	secure.Close()
+	return nil
+}
+
+func accept(ln net.Listener, cfg *tls.Config) {
+	for {
+		conn, err := ln.Accept()
+		if err != nil {
+			if errors.Is(err, net.ErrClosed) {
+				return
+			}
+			fmt.Fprintf(os.Stderr, "[WARN] goload: accept: %v\n", err)
+			time.Sleep(10 * time.Millisecond) // out of descriptors: no hot loop
+			continue
+		}
+		go echoOrSink(conn, cfg)
+	}
+}
+
+// echoOrSink serves one connection: the counting sink when it starts with `S` and an
+// 8-byte length (the count is answered once that many bytes have arrived), else an echo.
+// It ends when the client closes (idle echo connections are kept as long as the client
+// keeps them: the idle-memory window needs that).
+func echoOrSink(conn net.Conn, cfg *tls.Config) {
+	defer conn.Close()
+	if cfg != nil {
+		_ = conn.SetDeadline(time.Now().Add(10 * time.Second))
+		tc := tls.Server(conn, cfg)
+		if err := tc.Handshake(); err != nil {
+			return
+		}
+		_ = conn.SetDeadline(time.Time{})
+		conn = tc
+	}
+	buf := make([]byte, 64<<10)
+	n, _ := conn.Read(buf)
+	if n == 0 {
+		return
+	}
+	if buf[0] != 'S' {
+		if _, err := conn.Write(buf[:n]); err != nil {
+			return
+		}
+		_, _ = io.CopyBuffer(conn, conn, buf) // echo until EOF
+		return
+	}
+	for n < 9 {
+		m, err := conn.Read(buf[n:])
+		n += m
+		if err != nil {
+			return
+		}
+	}
+	need, got := binary.BigEndian.Uint64(buf[1:9]), uint64(n-9)
+	for got < need {
+		m, err := conn.Read(buf)
+		got += uint64(m)
+		if err != nil {
+			return
+		}
+	}
+	answer := make([]byte, 8)
+	binary.BigEndian.PutUint64(answer, got)
+	if _, err := conn.Write(answer); err != nil {
+		return
+	}
+	_, _ = io.Copy(io.Discard, conn) // until the client closes
 }
