@@ -7,7 +7,9 @@ process, started by the harness on the load CPU (it inherits the harness's pinni
 the client leaf as one JSON line on its standard input, never a file. The process sets up
 (TLS configuration, or the connection for RTT and throughput), prints `READY ...`, and
 starts when the harness writes `GO`: the harness takes its CPU readings at that instant.
-Its result is one line `RESULT <json>`.
+Its result is one line `RESULT <json>`. goload's `backend` mode (the far end of the load side,
+with the service leaf on its standard input) is a long-lived process like the Python backend:
+`bench_procs.Processes.gobackend` starts it.
 
 Rule 1: every process started here is stopped by PID (`GoRun.close`: SIGTERM, then
 SIGKILL), and every read of its output has a deadline.
