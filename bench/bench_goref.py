@@ -61,18 +61,26 @@ def build(workdir: Path) -> tuple[Path | None, str]:
     Returns:
         (path of the binary, "") on success; (None, one line saying why) otherwise.
     """
+    return build_module(SOURCE, workdir, "inbound-go, outbound-go, chain-go", "Go reference proxy")
+
+
+def build_module(source: Path, workdir: Path, skips: str, what: str) -> tuple[Path | None, str]:
+    """Build the Go module in `source` (standard library only) into `workdir`, offline.
+
+    `skips` names what is skipped without it, `what` the program (for the line saying why).
+
+    Returns:
+        (path of the binary, "") on success; (None, one line saying why) otherwise.
+    """
     go = shutil.which("go")
     if go is None:
-        return (
-            None,
-            "inbound-go, outbound-go, chain-go: `go` not on PATH, Go reference proxy skipped",
-        )
-    out = workdir / "goref"
+        return None, f"{skips}: `go` not on PATH, {what} skipped"
+    out = workdir / source.name
     try:
         res = subprocess.run(
             [go, "build", "-trimpath", "-buildvcs=false", "-o", str(out), "."],
             check=False,
-            cwd=SOURCE,
+            cwd=source,
             env=go_env(workdir),
             stdin=subprocess.DEVNULL,
             capture_output=True,
@@ -80,10 +88,10 @@ def build(workdir: Path) -> tuple[Path | None, str]:
             timeout=BUILD_TIMEOUT,
         )
     except (OSError, subprocess.SubprocessError) as exc:
-        return None, f"inbound-go, outbound-go, chain-go: `go build` failed ({exc}); skipped"
+        return None, f"{skips}: `go build` failed ({exc}); skipped"
     if res.returncode != 0 or not out.exists():
         why = " | ".join((res.stderr or res.stdout).strip().splitlines()[:3])
-        return None, f"inbound-go, outbound-go, chain-go: `go build` failed ({why}); skipped"
+        return None, f"{skips}: `go build` failed ({why}); skipped"
     return out, ""
 
 

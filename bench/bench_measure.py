@@ -3,7 +3,9 @@ one scenario, each with the CPU every process used and the other load on the mac
 
 Rule 1: a window starts only once the machine is quiet (within the run's quiet budget), and
 one disturbed by other load is retried; the least disturbed attempt is kept.
-Rule 2: nothing here starts or stops a process: `Bench` measures the processes it is given.
+Rule 2: nothing here starts or stops a process but the load generator's: `Bench` measures
+the processes it is given, with the load side of the run (the compiled `goload`, one
+process per window, or the Python pool).
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 import bench_profile
+from bench_goload import GoLoad
 from bench_load import Target, close_all, conn_rate_worker, latency, open_idle, rtt, throughput
 from bench_procs import Pid, Proc
 from bench_util import (
@@ -136,11 +139,13 @@ class Bench:
     def __init__(
         self,
         params: Params,
-        pool: multiprocessing.pool.Pool,
+        pool: multiprocessing.pool.Pool | None,
         roles: Roles,
+        goload: GoLoad | None = None,
     ) -> None:
         self.p = params
         self.pool = pool
+        self.goload = goload
         self.roles = roles
         self.quiet_left = params.quiet_budget
         self.waited = 0.0
@@ -225,17 +230,27 @@ class Bench:
         """One conn/s window: `concurrency` connect/echo/close loops over the pool's clients,
         all starting at one monotonic instant, for `duration` (the run's by default)."""
         dur = self.p.rate_duration if duration is None else duration
-        start_at = time.monotonic() + 0.6
-        pending = [
-            self.pool.apply_async(conn_rate_worker, (target, c, start_at, dur))
-            for c in _split(concurrency, self.p.clients)
-            if c
-        ]
-        time.sleep(max(0.0, start_at - time.monotonic()))
-        a = self._mark(proxies)
-        time.sleep(max(0.0, start_at + dur - time.monotonic()))
-        b = self._mark(proxies)
-        outs = [r.get(timeout=dur + 60) for r in pending]
+        if self.goload is not None:
+            with self.goload.conn_rate(target, concurrency, dur) as run:
+                a = self._mark(proxies)
+                run.go()
+                start_at = time.monotonic()
+                time.sleep(max(0.0, start_at + dur - time.monotonic()))
+                b = self._mark(proxies)
+                outs = [run.result(timeout=dur + 60)]
+        else:
+            assert self.pool is not None, "a Python load side needs its pool"
+            start_at = time.monotonic() + 0.6
+            pending = [
+                self.pool.apply_async(conn_rate_worker, (target, c, start_at, dur))
+                for c in _split(concurrency, self.p.clients)
+                if c
+            ]
+            time.sleep(max(0.0, start_at - time.monotonic()))
+            a = self._mark(proxies)
+            time.sleep(max(0.0, start_at + dur - time.monotonic()))
+            b = self._mark(proxies)
+            outs = [r.get(timeout=dur + 60) for r in pending]
         res = self._rate_figures(concurrency, outs, a, b, dur)
         if proxies:
             res.update(_proxy_cpu_figures(proxies, a, b, dur, res["connections"]))
@@ -250,8 +265,9 @@ class Bench:
         proxy_cpu = sum(b.each) - sum(a.each)
         lg_cpu = sum(o["cpu_s"] for o in outs)
         others = sum(b.others.values()) - sum(a.others.values())
-        return {
+        res = {
             "concurrency": concurrency,
+            "load": "python" if self.goload is None else "go",
             "clients": len(outs),
             "connections": count,
             "conn_per_s": count / dur,
@@ -262,6 +278,26 @@ class Bench:
             "other_cpu_frac": {k: (b.others[k] - a.others[k]) / dur for k in b.others},
             "foreign_cpu_frac": self._foreign(busy, proxy_cpu + lg_cpu + others, dur),
         }
+        if self.goload is not None:  # one process: its own figures of the window
+            go = outs[0]
+            res["errors_by_kind"] = go.get("errors_by_kind", {})
+            res["loadgen"] = {
+                k: go.get(k)
+                for k in ("conn_latency_ms", "resumed", "full_handshakes", "tls", "gomaxprocs")
+            }
+        return res
+
+    def rtt(self, target: Target) -> dict[str, Any]:
+        """One RTT window: the run's round trips of 64 bytes on one connection."""
+        count = self.p.rtt_count
+        if self.goload is None:
+            samples = rtt(target, count)
+            return {**summary(samples, 1e6), "over_1ms": sum(x > 1e-3 for x in samples)}
+        with self.goload.rtt(target, count) as run:
+            run.go()
+            res = run.result(timeout=count * 0.1 + 60)
+        keys = ("n", "p50", "p90", "p99", "max", "over_1ms")
+        return {**{k: res.get(k) for k in keys}, "load": "go", "loadgen_cpu_s": res.get("cpu_s")}
 
     def run_suite(self, name: str, target: Target, proxies: Procs) -> dict[str, Any]:
         """Every figure of one scenario: latency, RTT, idle RSS (through a proxy only), conn/s
@@ -274,8 +310,7 @@ class Bench:
             return {**summary(samples, 1e3), "loadgen_cpu_ms_per_conn": cpu / len(samples) * 1e3}
 
         def rt() -> dict[str, Any]:
-            samples = rtt(target, p.rtt_count)
-            return {**summary(samples, 1e6), "over_1ms": sum(x > 1e-3 for x in samples)}
+            return self.rtt(target)
 
         log(f"{name}: latency ({p.latency_conns} sequential connections)")
         out["latency_ms"] = self.measured(proxies, lambda: self.windowed(proxies, lat))
@@ -301,7 +336,11 @@ class Bench:
                     proxies, functools.partial(self.conn_rate, target, proxies, concurrency)
                 )
             )
-        return _median(runs, "conn_per_s", "all_conn_per_s")
+        median = _median(runs, "conn_per_s", "all_conn_per_s")
+        shares = [r["proxy_cpu_frac"] for r in runs if r.get("proxy_cpu_frac") is not None]
+        if shares:  # every repetition's share of its core: each must reach the goal
+            median["all_proxy_cpu_frac"] = [round(x, 3) for x in shares]
+        return median
 
     def _throughputs(self, name: str, target: Target, proxies: Procs) -> dict[str, Any]:
         """The median of the run's repetitions of the throughput window."""
@@ -345,12 +384,20 @@ class Bench:
             marks["others"] = self._others()
             marks["busy"] = cpu_times()
 
-        counted, secs, lg_cpu = throughput(target, nbytes, on_start)
+        if self.goload is None:
+            counted, secs, lg_cpu = throughput(target, nbytes, on_start)
+        else:
+            with self.goload.throughput(target, nbytes) as run:
+                on_start()
+                run.go()
+                go = run.result(timeout=nbytes / MiB + 60)
+            counted, secs, lg_cpu = go["bytes_counted_far_end"], go["seconds"], go["cpu_s"]
         cpu = _cpu(proxies) - marks["cpu"]
         others = self._others()
         busy = cpu_busy(marks["busy"], cpu_times())
         ours = cpu + sum(others.values()) - sum(marks["others"].values())
         res: dict[str, Any] = {
+            "load": "python" if self.goload is None else "go",
             "bytes_sent": nbytes,
             "bytes_counted_far_end": counted,
             "seconds": secs,

@@ -336,6 +336,18 @@ class Processes:
         m = proc.wait_for(r"READY plain=(\d+) tls=(\d+)", 60)
         return proc, int(m.group(1)), int(m.group(2))
 
+    def gobackend(self, binary: Path, material: TLSMaterial) -> tuple[Proc, int, int]:
+        """Start goload's backend mode (the same echo-or-sink servers, compiled), with the
+        service leaf on its standard input; returns it, its plain port and its mTLS port."""
+        proc = self.start(
+            "backend",
+            [str(binary), "-mode", "backend"],
+            self.load_cpu,
+            stdin_data=bench_goref.stdin_material(material) + "\n",
+        )
+        m = proc.wait_for(r"READY plain=(\d+) tls=(\d+)", 60)
+        return proc, int(m.group(1)), int(m.group(2))
+
     # the proxies
 
     def proxy(

@@ -17,6 +17,7 @@ from bench_figures import (
     Outcome,
     View,
     figures,
+    headline,
     kind_of,
     metrics,
     targets,
@@ -27,11 +28,14 @@ from bench_table import NW, SCENARIO, Column, Row, fmt, get, num, table, text
 
 
 def bottleneck(m: dict[str, Any], proxy_cpu: int | None, load_cpu: int | None) -> str:
-    """What held a run back: the proxy (≥ 90 % of its core) or the load CPU (≥ 95 % busy)."""
+    """What held a run back: the proxy (≥ 90 % of its core), other programs on the machine
+    (≥ 0.25 of a core of other load) or the load CPU (≥ 95 % busy)."""
     load_busy = m["busy64"].get(str(load_cpu)) if load_cpu is not None else None
-    proxy = m["proxy64"]
+    proxy, foreign = m["proxy64"], m.get("foreign64")
     if proxy is not None and proxy >= 0.9:
         return "proxy (CPU-bound)"
+    if foreign is not None and foreign >= 0.25:
+        return f"other load on the machine ({foreign:.2f} core)"
     if load_busy is not None and load_busy >= 0.95:
         return f"load side (CPU {load_cpu} full)"
     return "neither core full"
@@ -387,6 +391,7 @@ def _blank_without_rows(v: View) -> list[str]:
 
 
 SECTIONS: tuple[Callable[[View], list[str]], ...] = (
+    headline,
     figures,
     vs_baselines,
     vs_references,
@@ -423,7 +428,7 @@ def heading(info: dict[str, Any]) -> str:
     return (
         f"\nconnect-proxy benchmark, {info['date']}, Python {info['python']}, {info['openssl']}, "
         f"uvloop {info['uvloop']}, proxy on CPU {info['proxy_cpu']}, "
-        f"load on CPU {info['load_cpu']}, "
+        f"load on CPU {info['load_cpu']} ({info.get('load', 'python')}), "
         f"{'quick' if info['quick'] else 'full'} run in {info['elapsed_s']:g}s, "
         f"code at {sources.get('git_head')}"
         f"{' + local changes' if sources.get('git_changed') else ''}\n"

@@ -42,7 +42,8 @@ class Harness(Stage):
     def run(self) -> None:
         t0 = time.monotonic()
         try:
-            self.go.build()  # before setup() pins us: the build may use every CPU
+            self.go.build()  # before setup() pins us: the builds may use every CPU
+            self.build_load()
             self.setup()
             self.direct()
             for engine in self.engines:

@@ -17,16 +17,28 @@ import functools
 import multiprocessing
 import multiprocessing.pool
 import os
+import shutil
 import time
 from collections.abc import Iterator, Sequence
 from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+import bench_goload
+import bench_goref
+from bench_goload import GoLoad
 from bench_load import Target, tls_info
 from bench_measure import FULL, QUICK, Bench, Params, Roles
 from bench_procs import Pid, Proc, Processes, Scene
 from bench_util import AgentHTTP, cpu_busy, cpu_times, free_port, log, source_state
+
+
+def load_side(args: argparse.Namespace) -> str:
+    """`--load`: go or python; without it go when `go` is on PATH, else python."""
+    chosen = getattr(args, "load", None)
+    if chosen:
+        return str(chosen)
+    return "go" if shutil.which("go") else "python"
 
 
 def params_of(args: argparse.Namespace) -> Params:
@@ -65,6 +77,8 @@ class Stage:
         self.sources: dict[str, Any] = {}
         self.versions: dict[str, str | None] = {}
         self.trust_domain = ""
+        self.load = load_side(args)
+        self.goload: GoLoad | None = None
 
     @property
     def logs(self) -> dict[str, Any]:
@@ -100,6 +114,22 @@ class Stage:
 
     # set-up
 
+    def build_load(self) -> None:
+        """With `--load go`, build the compiled load generator (before pinning: the build
+        may use every CPU); when it cannot be built, the Python one is used, said in one
+        line."""
+        if self.load != "go":
+            return
+        self.versions["go"] = bench_goref.version()
+        log(f"building the load generator ({self.versions['go']})")
+        binary, why = bench_goload.build(Path(self.procs.tmpdir("bench-goload-")))
+        if binary is None:
+            log(why)
+            self.skipped.append(why)
+            self.load = "python"
+            return
+        self.goload = GoLoad(binary)
+
     def setup(self) -> None:
         """Pin ourselves, start the dev agent, the backend and the load-generator pool."""
         if self.load_cpu is not None:
@@ -127,9 +157,16 @@ class Stage:
         self.db = self.api.material("db")
         self.trust_domain = str(self.api.get("/v1/agent/connect/ca/roots")[0]["TrustDomain"])
         log("starting the backend")
-        self.backend, self.plain_port, self.tls_port = self.procs.backend(self.agent_addr)
-        self.pool = multiprocessing.get_context("spawn").Pool(self.params.clients)
-        self.bench = Bench(self.params, self.pool, Roles(agent=self.agent, backend=self.backend))
+        if self.goload is not None:  # the far end of the load side, compiled as well
+            self.backend, self.plain_port, self.tls_port = self.procs.gobackend(
+                self.goload.binary, self.db
+            )
+        else:
+            self.backend, self.plain_port, self.tls_port = self.procs.backend(self.agent_addr)
+        if self.goload is None:
+            self.pool = multiprocessing.get_context("spawn").Pool(self.params.clients)
+        roles = Roles(agent=self.agent, backend=self.backend)
+        self.bench = Bench(self.params, self.pool, roles, self.goload)
         profile = getattr(self.args, "profile", None)
         self.bench.profile_dir = Path(profile) if profile else None
 

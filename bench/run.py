@@ -21,6 +21,7 @@ import datetime as dt
 import json
 import platform
 import re
+import shutil
 import ssl
 import sys
 from collections.abc import Sequence
@@ -66,6 +67,7 @@ def meta(h: Harness) -> dict[str, Any]:
         "sources": h.sources,
         "engines": h.engines,
         "versions": h.versions,
+        "load": h.load,
     }
 
 
@@ -84,6 +86,14 @@ def parser() -> argparse.ArgumentParser:
     parser.add_argument("--json", metavar="FILE", help="also write every figure as JSON")
     parser.add_argument(
         "--clients", type=int, default=0, help="load-generator processes (default 2)"
+    )
+    parser.add_argument(
+        "--load",
+        choices=("go", "python"),
+        default=None,
+        help="the load side of the conn/s, RTT and throughput windows: go (bench/goload, "
+        "compiled at run time; the default when `go` is on PATH) or python (a multiprocessing "
+        "pool of uvloop clients)",
     )
     parser.add_argument(
         "--quiet-budget",
@@ -153,6 +163,8 @@ def parser() -> argparse.ArgumentParser:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parser().parse_args(argv)
+    if args.load == "go" and shutil.which("go") is None:
+        parser().error("--load go needs `go` on PATH (apt-get install golang-go)")
     h = Harness(args)
     try:
         h.run()

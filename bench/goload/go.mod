@@ -1,0 +1,3 @@
+module connectproxy.bench/goload
+
+go 1.19
