@@ -613,3 +613,109 @@ async def test_exported_services_entry_validation(dc1: Side) -> None:
     assert stored["Services"] == [
         {"Name": "db", "Namespace": "default", "Consumers": [{"Peer": "a"}]}
     ]
+
+
+# -- py-consul, a real Consul client -----------------------------------------------------------
+
+
+async def test_py_consul_exports_and_reads_imports_with_blocking(dc1: Side, dc2: Side) -> None:
+    import asyncio
+    import warnings
+
+    import consul.aio
+
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", "ssl_context is deprecated", DeprecationWarning)
+        c1 = consul.aio.Consul(host=dc1.agent.http_host, port=dc1.agent.http_port)
+        c2 = consul.aio.Consul(host=dc2.agent.http_host, port=dc2.agent.http_port)
+    try:
+        await _peered(dc1, dc2)
+        await c2.agent.service.register("db", port=5432)
+        index, entries = await c1.health.service("db", peer="dc2")
+        assert entries == []
+        waiter = asyncio.create_task(c1.health.service("db", peer="dc2", index=index, wait="5s"))
+        assert await c2.config.set(
+            "exported-services",
+            "default",
+            {"Services": [{"Name": "db", "Consumers": [{"Peer": "dc1"}]}]},
+        )
+        new_index, entries = await waiter
+        assert int(new_index) > int(index)
+        assert [(e["Service"]["Service"], e["Service"]["PeerName"]) for e in entries] == [
+            ("db", "dc2")
+        ]
+    finally:
+        await c1.close()
+        await c2.close()
+
+
+# -- hostile bytes on the peering port ----------------------------------------------------------
+
+
+async def test_hostile_bytes_on_the_peering_port_break_nothing(dc1: Side, dc2: Side) -> None:
+    import asyncio
+    import ssl
+
+    link = dc2.agent.peering
+    assert link is not None
+    # Plain garbage (not TLS).
+    reader, writer = await asyncio.open_connection("127.0.0.1", link.port)
+    writer.write(b"\x00\xff" * 1000 + b"GET / HTTP/1.1\r\n\r\n")
+    await writer.drain()
+    assert await asyncio.wait_for(reader.read(), 10) == b""
+    writer.close()
+    # TLS, then a line that is not JSON, and an open with a made-up secret.
+    token = _decode(await dc2.token("dc1"))[1]
+    ctx = ssl.create_default_context(cadata="".join(token["CA"]))
+    for line in (b"{not json\n", b"[1,2]\n", b'{"Op":"open","PeerID":"x","StreamSecretID":"y"}\n'):
+        reader, writer = await asyncio.open_connection(
+            "127.0.0.1", link.port, ssl=ctx, server_hostname=token["ServerName"]
+        )
+        writer.write(line)
+        await writer.drain()
+        answer = await asyncio.wait_for(reader.read(), 10)
+        assert answer in (
+            b"",
+            b'{"Error":{"Code":"PermissionDenied","Message":"invalid peering stream secret"}}\n',
+        )
+        writer.close()
+    # The real thing still works afterwards.
+    r = await dc1.establish("dc2", await dc2.token("dc1"))
+    assert r.status_code == 200, r.text
+    await wait_until(lambda: _both_active(dc1, dc2))
+
+
+async def test_a_stream_without_the_dialers_certificate_is_refused(dc1: Side, dc2: Side) -> None:
+    import asyncio
+    import ssl
+
+    await _peered(dc1, dc2)
+    dialer = dc1.agent.state.peerings.peerings["dc2"]
+    ctx = ssl.create_default_context(cadata="".join(dialer.peer_ca_pems))
+    link = dc2.agent.peering
+    assert link is not None
+    reader, writer = await asyncio.open_connection(
+        "127.0.0.1", link.port, ssl=ctx, server_hostname=dialer.peer_server_name
+    )
+    # The right IDs and secret, but no client certificate: refused.
+    writer.write(
+        json.dumps(
+            {"Op": "open", "PeerID": dialer.peer_id, "StreamSecretID": dialer.stream_secret}
+        ).encode()
+        + b"\n"
+    )
+    await writer.drain()
+    answer = await asyncio.wait_for(reader.read(), 10)
+    assert b"the stream's client certificate is not the peer's" in answer
+    writer.close()
+    assert await dc2.state("dc1") == "ACTIVE"
+
+
+async def test_config_file_keys(tmp_path: Any) -> None:
+    from proxy.devagent import load_files
+
+    path = tmp_path / "agent.hcl"
+    path.write_text("ports { grpc_tls = 0 }\npeering { enabled = false }\n")
+    config = load_files([path])
+    assert (config.grpc_tls_port, config.peering_enabled) == (0, False)
+    assert "peering" not in config.ignored_keys
