@@ -341,7 +341,7 @@ async def test_peer_down_during_establish_times_out(dc1: Side, dc2: Side) -> Non
     assert "error" in r.text and "occurred:" in r.text
     assert f'failed to exchange peering secret through address "127.0.0.1:{port}": ' in r.text
     assert "connection refused" in r.text
-    assert 2.5 < took < 4.5, took
+    assert 2.5 < took < 8.0, took  # 3 s overall, plus the HTTP round trip under load
     assert (await dc1.http.get("/v1/peering/dc2")).status_code == 404
 
 
