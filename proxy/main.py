@@ -1,8 +1,8 @@
 """The `connect-proxy` console script and `python -m proxy`: argv[0] picks the command.
 
 `connect-proxy [flags]` is the proxy (`consul connect proxy`); `dev-agent`, `envoy`, `exec`,
-`demo` and `version` are the other commands. Each command module owns its flags, output and exit
-codes; this module only dispatches.
+`peering`, `demo` and `version` are the other commands. Each command module owns its flags,
+output and exit codes; this module only dispatches.
 
 Rule 1: nothing imports this module. Each command is imported only when it is run, so
 starting the proxy (and each of its -workers processes) does not pay for the dev agent's
@@ -37,6 +37,12 @@ def _exec(args: Sequence[str]) -> int:
     return exec_main(args, os.environ)
 
 
+def _peering(args: Sequence[str]) -> int:
+    from proxy.peering.command import peering_main
+
+    return peering_main(args, os.environ)
+
+
 def _demo(args: Sequence[str]) -> int:
     from proxy.demo import demo_main
 
@@ -61,6 +67,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "dev-agent": _dev_agent,
         "envoy": _envoy,
         "exec": _exec,
+        "peering": _peering,
         "demo": _demo,
         "version": _version,
         "-version": _version,

@@ -23,7 +23,9 @@ Differences from a real Consul agent (what it leaves out or does differently):
   snapshots, DNS, UI, gRPC or xDS server. `/v1/agent/self` reports `ports.grpc` (default
   8502) as the xDS port so `connect envoy -bootstrap` can render a bootstrap, but nothing
   listens there.
-- Namespaces and partitions are always `default`; peering, sameness groups, L7 intention
+- Peering works between two dev agents only (their own NDJSON-over-mTLS channel on the
+  peering port, not Consul's gRPC; see `peerlink`), without mesh gateways.
+- Namespaces and partitions are always `default`; sameness groups, L7 intention
   permissions beyond "an L7 intention denies at L4", JWT and `?filter=` are not implemented.
 - Health checks: TTL, TCP, HTTP and alias checks run for real (intervals below 1 s are
   raised to 1 s, as in Consul). Script checks are refused as

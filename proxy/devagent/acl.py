@@ -268,6 +268,9 @@ class Authorizer:
             rule = self.rules.lookup(resource, name)
             if rule is not None:
                 return rule.level != "deny" and _RANK[rule.level] >= _RANK[level]
+        if resource == "peering" and resource not in self.rules.plain:
+            # Consul's PeeringRead/PeeringWrite fall back to the operator rule.
+            resource = "operator"
         if resource in self.rules.plain:
             granted_plain = self.rules.plain[resource]
             return granted_plain != "deny" and _RANK[granted_plain] >= _RANK[level]
@@ -293,7 +296,7 @@ class Authorizer:
     def require(self, resource: str, name: str, level: Level) -> None:
         """Raise PermissionDenied unless the token has `level` on `resource` `name`."""
         if not self.allowed(resource, name, level):
-            shown = None if resource in ("operator", "acl", "mesh") else name
+            shown = None if resource in ("operator", "acl", "mesh", "peering") else name
             raise PermissionDenied(self.accessor, resource, level, shown)
 
     @property

@@ -1,6 +1,7 @@
 """`DevAgent`: the embedded agent as a running thing on the current event loop.
 
-Owns the HTTP server, the health-check runners (TTL expiry, TCP and HTTP probes), the leaf
+Owns the HTTP server, the peering port (`peerlink`, when `ports.grpc_tls` is set), the
+health-check runners (TTL expiry, TCP and HTTP probes), the leaf
 renewal timers, the session TTL timers (a session is invalidated TTL x 2 after its
 create or last renew, as Consul's servers do), and the remote-exec side (`remote_exec`).
 Every task it starts is tracked and cancelled by `close()`.
@@ -29,6 +30,7 @@ from proxy.devagent.acl import ACLStore, Authorizer
 from proxy.devagent.ca import CertificateAuthority
 from proxy.devagent.config import AgentConfig
 from proxy.devagent.http import Settings, create_app
+from proxy.devagent.peerlink import PeerLink
 from proxy.devagent.remote_exec import RemoteExec
 from proxy.devagent.state import CRITICAL, PASSING, WARNING, LeafEntry, State
 from proxy.devagent.state.registration import CheckSpec
@@ -85,6 +87,15 @@ class DevAgent:
             self.state, enabled=not config.disable_remote_exec, token=config.acl_agent_token
         )
         self.bind_address = "127.0.0.1"
+        self.state.peerings.enabled = config.peering_enabled
+        self.peering: PeerLink | None = None
+        if config.peering_enabled and config.grpc_tls_port >= 0:
+            self.peering = PeerLink(
+                self.state,
+                host=config.http_host,
+                port=config.grpc_tls_port,
+                heartbeat=config.peering_heartbeat,
+            )
         self.http_host = config.http_host
         self.http_port = config.http_port
         self._runner: web.AppRunner | None = None
@@ -139,6 +150,7 @@ class DevAgent:
                 emulate_consul_1_2=self.config.emulate_consul_1_2,
                 bind_address=self.bind_address,
             ),
+            self.peering,
         )
         # Access logs are off: request lines can carry ?token= and must never be logged.
         self._runner = web.AppRunner(
@@ -153,6 +165,8 @@ class DevAgent:
         )
         try:
             await site.start()
+            if self.peering is not None:
+                await self.peering.start()
         except BaseException:
             await self.close()
             raise
@@ -167,6 +181,8 @@ class DevAgent:
             return
         self._closed = True
         await self.remote_exec.close()
+        if self.peering is not None:
+            await self.peering.close()
         self.state.notifier.close()
         self.state.events.close()
         timers = [self._ttl_timers, self._leaf_timers, self._session_timers]

@@ -291,6 +291,10 @@ class CertificateAuthority:
         self._serial += 1
         return self._serial
 
+    def allocate_serial(self) -> int:
+        """The next serial of the shared counter, for a certificate signed outside this class."""
+        return self._next_serial()
+
     def _new_root(self, key: PrivateKey, index: int) -> Root:
         now = dt.datetime.now(dt.UTC)
         serial = self._next_serial()

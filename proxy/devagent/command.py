@@ -59,6 +59,11 @@ def _flag_set(config_files: list[str], config_dirs: list[str]) -> FlagSet:
     fs.boolean("dev", False, "Accepted for familiarity; always on.")
     fs.string("sidecar-check-interval", "", "Interval of sidecar TCP checks (dev agent only).")
     fs.boolean("ca-intermediate", False, "Sign leaves through an intermediate CA.")
+    fs.string(
+        "grpc-tls-port",
+        "",
+        "The peering port (Consul's gRPC TLS port; 0 picks a free one). Unset: no peering port.",
+    )
     return fs
 
 
@@ -92,6 +97,11 @@ def _load_config(
         overrides["node_name"] = text("node")
     if values.get("ca-intermediate") is True:
         overrides["use_intermediate"] = True
+    if text("grpc-tls-port"):
+        raw = text("grpc-tls-port")
+        if not raw.lstrip("-").isdigit() or not -1 <= int(raw) < 65536:
+            raise ConfigError(f"-grpc-tls-port: not a port: {raw}")
+        overrides["grpc_tls_port"] = int(raw)
     if text("sidecar-check-interval"):
         try:
             overrides["sidecar_check_interval"] = parse_duration(text("sidecar-check-interval"))
@@ -121,6 +131,10 @@ async def _run(config: AgentConfig) -> int:
         ("Node name", f"'{agent.state.node_name}'"),
         ("HTTP API address", agent.http_addr),
         ("Trust domain", agent.state.ca.trust_domain),
+        (
+            "Peering port",
+            str(agent.peering.port) if agent.peering is not None else "none (-grpc-tls-port)",
+        ),
         ("Services", str(len(agent.state.services))),
     ):
         print(f"{label:>20}: {value}")

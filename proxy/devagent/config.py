@@ -2,7 +2,8 @@
 
 Owns: the `AgentConfig` value and the mapping from Consul's config-file keys onto it. Reads
 the keys a Connect dev setup uses (`service`, `services`, `config_entries.bootstrap`,
-`datacenter`, `node_name`, `ports`, `addresses`, `client_addr`, `acl`, `connect.ca_config`,
+`datacenter`, `node_name`, `ports` (with `grpc_tls`, the peering port), `addresses`,
+`client_addr`, `acl`, `connect.ca_config`, `peering.enabled`,
 `default_intention_policy`, `session_ttl_min`, `disable_remote_exec`); other Consul keys
 are reported as ignored, and an unknown key inside a service definition is an error naming
 it, as Consul's own loader does.
@@ -57,7 +58,6 @@ _IGNORED_TOP = {
     "auto_encrypt",
     "auto_config",
     "license_path",
-    "peering",
     "node_meta",
 }
 
@@ -72,6 +72,13 @@ class AgentConfig:
     http_host: str = "127.0.0.1"
     http_port: int = 8500
     grpc_port: int = 8502
+    # Consul's `ports.grpc_tls`: the peering port (-1: none, so no tokens and no
+    # establishing; 0: any free port). The dev agent speaks its own channel there.
+    grpc_tls_port: int = -1
+    # Consul's `peering { enabled = true }` (its default).
+    peering_enabled: bool = True
+    # Seconds between peering-stream heartbeats (Consul: 15 s); a dev-agent option.
+    peering_heartbeat: float = 15.0
     acl_enabled: bool = False
     acl_default_policy: str = "allow"
     acl_initial_management: str = ""
@@ -119,6 +126,10 @@ class AgentConfig:
             raise ConfigError("connect.ca_config.leaf_cert_ttl must be a positive duration")
         if self.sidecar_check_interval <= 0:
             raise ConfigError("sidecar check interval must be a positive duration")
+        if not -1 <= self.grpc_tls_port < 65536:
+            raise ConfigError(f"ports.grpc_tls must be -1 or a port, got {self.grpc_tls_port}")
+        if self.peering_heartbeat <= 0:
+            raise ConfigError("the peering heartbeat must be a positive duration")
         if self.session_ttl_min < 0:
             raise ConfigError("session_ttl_min must not be negative")
 
@@ -221,7 +232,13 @@ def _bootstrap_entries(block: Mapping[str, Any]) -> list[Mapping[str, Any]]:
         entry, unknown = _decode_object(raw, decode.CONFIG_ENTRY, f"config_entries.bootstrap[{n}]")
         if entry.get("Kind") == "service-intentions" and unknown:
             raise ConfigError(f"invalid config key {unknown[0]}")
-        if entry.get("Kind") != "service-intentions":
+        if entry.get("Kind") == "exported-services":
+            entry, unknown = _decode_object(
+                raw, decode.EXPORTED_SERVICES, f"config_entries.bootstrap[{n}]"
+            )
+            if unknown:
+                raise ConfigError(f"invalid config key {unknown[0]}")
+        elif entry.get("Kind") != "service-intentions":
             entry = {**raw, "Kind": entry.get("Kind"), "Name": entry.get("Name")}
         out.append(entry)
     return out
@@ -269,6 +286,7 @@ _KEYS: dict[str, _Key | dict[str, _Key]] = {
     "ports": {
         "http": _Key("http_port", _int),
         "grpc": _Key("grpc_port", _int),
+        "grpc_tls": _Key("grpc_tls_port", _int),
         "sidecar_min_port": _Key("sidecar_min_port", _int),
         "sidecar_max_port": _Key("sidecar_max_port", _int),
     },
@@ -280,6 +298,7 @@ _KEYS: dict[str, _Key | dict[str, _Key]] = {
         "tokens.default": _Key("acl_default_token", _str),
         "tokens.agent": _Key("acl_agent_token", _str),
     },
+    "peering": {"enabled": _Key("peering_enabled", _bool)},
     "connect": {
         "ca_config.leaf_cert_ttl": _Key("leaf_cert_ttl", _duration),
         "ca_config.private_key_type": _Key("private_key_type", _str),

@@ -338,6 +338,27 @@ CONFIG_ENTRY = Schema(
     },
 )
 
+EXPORTED_CONSUMER = Schema(
+    "ServiceConsumer",
+    {"Peer": "str", "PeerName": "str", "Partition": "str", "SamenessGroup": "str"},
+)
+
+EXPORTED_SERVICE = Schema(
+    "ExportedService",
+    {"Name": "str", "Namespace": "str", "Consumers": ListOf(EXPORTED_CONSUMER)},
+)
+
+EXPORTED_SERVICES = Schema(
+    "ExportedServicesConfigEntry",
+    {
+        "Kind": "str",
+        "Name": "str",
+        "Partition": "str",
+        "Meta": "strmap",
+        "Services": ListOf(EXPORTED_SERVICE),
+    },
+)
+
 INTENTION = Schema(
     "Intention",
     {

@@ -43,7 +43,7 @@ def _go_method(method: str) -> str:
     return method[:1] + method[1:].lower()
 
 
-def _transport_text(method: str, url: str, exc: httpx.TransportError) -> str:
+def transport_text(method: str, url: str, exc: httpx.TransportError) -> str:
     """Go's `*url.Error` text for a request that never got an answer."""
     errnos: list[int] = []
     cause: BaseException | None = exc
@@ -97,7 +97,7 @@ class ExecClient:
         try:
             return await self._client.send(request)
         except httpx.TransportError as exc:
-            raise ExecAPIError(_transport_text(method, str(request.url), exc)) from None
+            raise ExecAPIError(transport_text(method, str(request.url), exc)) from None
 
     @staticmethod
     def _require_ok(response: httpx.Response) -> httpx.Response:

@@ -14,7 +14,17 @@ from aiohttp import web
 from proxy.devagent import decode
 from proxy.devagent.acl import ACLNotFound, PermissionDenied, PolicyError
 from proxy.devagent.ca import CAError
-from proxy.devagent.http import acl, agent, catalog, connect, intentions, kv, session, wire
+from proxy.devagent.http import (
+    acl,
+    agent,
+    catalog,
+    connect,
+    intentions,
+    kv,
+    peering,
+    session,
+    wire,
+)
 from proxy.devagent.http.wire import Handler, Settings
 from proxy.devagent.state import State, StateError
 
@@ -70,6 +80,11 @@ ROUTES: list[tuple[tuple[str, ...], str, Handler]] = [
     (_GET, "/v1/session/list", session.session_list),
     (_PUT, "/v1/event/fire/{name:.*}", session.event_fire),
     (_GET, "/v1/event/list", session.event_list),
+    (_POST, "/v1/peering/token", peering.peering_token),
+    (_POST, "/v1/peering/establish", peering.peering_establish),
+    (_GET, "/v1/peerings", peering.peering_list),
+    (("GET", "DELETE"), "/v1/peering/{name}", peering.peering_item),
+    (_GET, "/v1/internal/connect-proxy/peering/trust-bundle/{peer}", peering.trust_bundle),
 ]
 
 
@@ -125,16 +140,24 @@ def _route(app: web.Application, methods: tuple[str, ...], path: str, handler: H
     app.router.add_route("*", path, dispatch)
 
 
-def create_app(state: State, settings: Settings | None = None) -> web.Application:
+def create_app(
+    state: State,
+    settings: Settings | None = None,
+    peering_runtime: peering.PeeringRuntime | None = None,
+) -> web.Application:
     """The aiohttp application serving `state` over Consul's HTTP API.
 
     Args:
         state: the tables the routes read and write.
         settings: what the routes know of the agent besides its state (defaults if None).
+        peering_runtime: the agent's peering listener and streams (None: no peering port,
+            so tokens cannot be generated nor peerings established).
     """
     app = web.Application(middlewares=[_errors], client_max_size=wire.MAX_BODY)
     app[wire.STATE_KEY] = state
     app[wire.SETTINGS_KEY] = settings or Settings()
+    if peering_runtime is not None:
+        app[peering.RUNTIME_KEY] = peering_runtime
     for methods, path, handler in ROUTES:
         _route(app, methods, path, handler)
     return app

@@ -6,6 +6,8 @@ renders its answer (see `wire`).
 
 from __future__ import annotations
 
+from typing import Any
+
 from aiohttp import web
 
 from proxy.devagent import decode
@@ -20,9 +22,23 @@ async def _health(request: web.Request, connect: bool) -> web.StreamResponse:
     passing = wire.flag(request, "passing")
     tags = request.query.getall("tag", [])
     authz = wire.authz(request)
-    watch = state.catalog.service_watch(name, connect=connect)
+    peer = request.query.get("peer", "")
+    if peer:
+        watch = state.peerings.imports_watch(peer, name, connect=connect)
+    else:
+        watch = state.catalog.service_watch(name, connect=connect)
     await state.block_on_index(watch, wire.index(request), wire.wait(request, wire.DEFAULT_WAIT))
-    entries = state.catalog.health_entries(name, authz, connect=connect, passing=passing, tags=tags)
+    if peer:
+        entries = [
+            e
+            for e in state.peerings.imported_entries(peer, name, authz, connect=connect)
+            if all(t in (e["Service"].get("Tags") or []) for t in tags)
+            and not (passing and any(c["Status"] != "passing" for c in e["Checks"]))
+        ]
+    else:
+        entries = state.catalog.health_entries(
+            name, authz, connect=connect, passing=passing, tags=tags
+        )
     return wire.answer(request, entries, index=watch.current())
 
 
@@ -41,10 +57,50 @@ async def _catalog(request: web.Request, connect: bool) -> web.StreamResponse:
     name = request.match_info["service"]
     authz = wire.authz(request)
     tags = request.query.getall("tag", [])
-    watch = state.catalog.service_watch(name, connect=connect)
+    peer = request.query.get("peer", "")
+    if peer:
+        watch = state.peerings.imports_watch(peer, name, connect=connect)
+    else:
+        watch = state.catalog.service_watch(name, connect=connect)
     await state.block_on_index(watch, wire.index(request), wire.wait(request, wire.DEFAULT_WAIT))
-    entries = state.catalog.catalog_entries(name, authz, connect=connect, tags=tags)
+    if peer:
+        entries = [
+            _catalog_of(e)
+            for e in state.peerings.imported_entries(peer, name, authz, connect=connect)
+            if all(t in (e["Service"].get("Tags") or []) for t in tags)
+        ]
+    else:
+        entries = state.catalog.catalog_entries(name, authz, connect=connect, tags=tags)
     return wire.answer(request, entries, index=watch.current())
+
+
+def _catalog_of(entry: dict[str, Any]) -> dict[str, Any]:
+    """An imported health entry as a flat `/v1/catalog/service` entry (`ServiceNode`)."""
+    node, svc = entry["Node"], entry["Service"]
+    return {
+        "ID": node.get("ID", ""),
+        "Node": node.get("Node", ""),
+        "Address": node.get("Address", ""),
+        "Datacenter": node.get("Datacenter", ""),
+        "TaggedAddresses": node.get("TaggedAddresses"),
+        "NodeMeta": node.get("Meta"),
+        "ServiceKind": svc.get("Kind", ""),
+        "ServiceID": svc.get("ID", ""),
+        "ServiceName": svc.get("Service", ""),
+        "ServiceTags": svc.get("Tags"),
+        "ServiceAddress": svc.get("Address", ""),
+        "ServiceTaggedAddresses": svc.get("TaggedAddresses"),
+        "ServiceWeights": svc.get("Weights"),
+        "ServiceMeta": svc.get("Meta"),
+        "ServicePort": svc.get("Port", 0),
+        "ServiceSocketPath": svc.get("SocketPath", ""),
+        "ServiceEnableTagOverride": svc.get("EnableTagOverride", False),
+        "ServiceProxy": svc.get("Proxy", {"MeshGateway": {}, "Expose": {}}),
+        "ServiceConnect": svc.get("Connect", {}),
+        "PeerName": svc.get("PeerName", ""),
+        "CreateIndex": svc.get("CreateIndex", 0),
+        "ModifyIndex": svc.get("ModifyIndex", 0),
+    }
 
 
 async def catalog_service(request: web.Request) -> web.StreamResponse:

@@ -89,9 +89,12 @@ async def intention_item(request: web.Request) -> web.StreamResponse:
 
 async def config_put(request: web.Request) -> web.StreamResponse:
     raw = await wire.body(request)
+    kind = str(raw.get("Kind") or raw.get("kind"))
     entry = (
         decode.decode(raw, decode.CONFIG_ENTRY)
-        if str(raw.get("Kind") or raw.get("kind")) == "service-intentions"
+        if kind == "service-intentions"
+        else decode.decode(raw, decode.EXPORTED_SERVICES)
+        if kind == "exported-services"
         else {
             **raw,
             "Kind": raw.get("Kind") or raw.get("kind"),

@@ -19,6 +19,7 @@ from proxy.devagent.state.blocking import Index
 from proxy.devagent.state.records import BadRequest, NotFound, now_rfc3339
 
 INTENTIONS_KIND = "service-intentions"
+EXPORTED_KIND = "exported-services"
 
 
 def precedence(source: str, destination: str) -> int:
@@ -47,8 +48,71 @@ def check_source(src: dict[str, Any], destination: str) -> None:
         raise BadRequest(f"Sources[].Action must be set to 'allow' or 'deny' for \"{src['Name']}\"")
     if (src.get("Type") or "consul") != "consul":
         raise BadRequest(f"Sources[].Type must be set to 'consul' for \"{src['Name']}\"")
+    peer = src.get("Peer") or ""
+    if not isinstance(peer, str):
+        raise BadRequest(f'Sources[].Peer must be a string for "{src["Name"]}"')
+    if peer and (src.get("Partition") or "") not in ("", "default"):
+        raise BadRequest("Sources[].Peer cannot be set with Sources[].Partition")
     src["Type"] = "consul"
     src["Precedence"] = precedence(src["Name"], destination)
+
+
+def check_exported(entry: dict[str, Any]) -> None:
+    """Validate an `exported-services` entry as Consul's `ExportedServicesConfigEntry`.
+
+    Consumers name a `Peer` (Consul also reads `PeerName`, stored here as `Peer`); the dev
+    agent has one partition, so a `Partition` consumer or a `SamenessGroup` is refused.
+    """
+    if entry.get("Name") != "default":
+        raise BadRequest('exported-services Name must be "default"')
+    services = entry.get("Services") or []
+    if not isinstance(services, list):
+        raise BadRequest("Services must be a list")
+    out = []
+    for i, svc in enumerate(services):
+        if not isinstance(svc, dict):
+            raise BadRequest(f"Services[{i}] must be an object")
+        svc = dict(svc)
+        name = svc.get("Name") or ""
+        if not name:
+            raise BadRequest(f"Services[{i}]: service name cannot be empty")
+        if name != "*" and "*" in name:
+            raise BadRequest(
+                f"Services[{i}]: wildcard character '*' cannot be used with partial values"
+            )
+        if (svc.get("Namespace") or "default") not in ("default", "*"):
+            raise BadRequest(f"Services[{i}]: namespaces are a Consul Enterprise feature")
+        consumers = svc.get("Consumers") or []
+        if not isinstance(consumers, list) or not consumers:
+            raise BadRequest(f"Services[{i}]: must have at least one consumer")
+        fixed = []
+        for j, consumer in enumerate(consumers):
+            where = f"Services[{i}].Consumers[{j}]"
+            if not isinstance(consumer, dict):
+                raise BadRequest(f"{where} must be an object")
+            peer = consumer.get("Peer") or consumer.get("PeerName") or ""
+            partition = consumer.get("Partition") or ""
+            group = consumer.get("SamenessGroup") or ""
+            if sum(1 for v in (peer, partition, group) if v) > 1:
+                raise BadRequest(
+                    f"{where}: must define at most one of Peer, Partition, or SamenessGroup"
+                )
+            if not (peer or partition or group):
+                raise BadRequest(
+                    f"{where}: must define at least one of Peer, Partition, or SamenessGroup"
+                )
+            if peer == "*":
+                raise BadRequest(f"{where}: exporting to all peers (wildcard) is not supported")
+            if not peer:
+                raise BadRequest(
+                    f"{where}: the dev agent exports to peers only (one partition, no "
+                    "sameness groups)"
+                )
+            fixed.append({"Peer": peer})
+        svc["Namespace"] = svc.get("Namespace") or "default"
+        svc["Consumers"] = fixed
+        out.append(svc)
+    entry["Services"] = out
 
 
 def public(entry: Mapping[str, Any]) -> dict[str, Any]:
@@ -88,11 +152,14 @@ class ConfigEntries:
             seen = set()
             for src in sources:
                 check_source(src, name)
-                if src["Name"] in seen:
+                key = (src["Name"], src.get("Peer") or "")
+                if key in seen:
                     raise BadRequest(f'Sources[].Name "{src["Name"]}" is duplicated')
-                seen.add(src["Name"])
+                seen.add(key)
             stored["Sources"] = sources
         else:
+            if kind == EXPORTED_KIND:
+                check_exported(stored)
             authz.require("operator", "", "write")
         old = self.entries.get((kind, name))
         if cas is not None and cas != (old["ModifyIndex"] if old else 0):

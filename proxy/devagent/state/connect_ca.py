@@ -49,8 +49,8 @@ class ConnectCA:
         self.config_modify_index = 1
         # The agent subscribes here to schedule each issued leaf's renewal.
         self.listeners: list[Callable[[str, LeafEntry], None]] = []
-        # Trust domains besides our own whose identities authorize may accept. Empty today:
-        # the peering work adds each peer's trust domain here (lower-cased).
+        # Trust domains besides our own whose identities authorize may accept: the peering
+        # table keeps here the trust domain of each peer's bundle (lower-cased).
         self.peer_trust_domains: set[str] = set()
 
     # -- roots -------------------------------------------------------------------------

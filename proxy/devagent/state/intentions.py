@@ -50,6 +50,9 @@ class IntentionView:
     modify_index: int
     created_at: str
     updated_at: str
+    # The peer a source names (`Sources[].Peer`): it matches only clients from that peer's
+    # trust domain; an empty peer matches only our own clients.
+    peer: str = ""
 
     def describe(self) -> str:
         # Newer Consul: "default/web => default/db (ID: ..., Precedence: 9, Action: ALLOW)".
@@ -88,6 +91,8 @@ class IntentionView:
             out["Action"] = self.action
         if not self.id:
             del out["ID"]
+        if self.peer:
+            out["SourcePeer"] = self.peer
         return out
 
 
@@ -106,17 +111,20 @@ class Intentions:
         default_policy: str | None = None,
         *,
         trust_domains: Callable[[], Collection[str]],
+        peer_for: Callable[[str], str | None] = lambda _: None,
     ) -> None:
         """
         Args:
             trust_domains: the lower-case trust domains authorize accepts, read at each
-                call (`ConnectCA.trust_domains`: our roots' and, later, our peers').
+                call (`ConnectCA.trust_domains`: our roots' and our peers').
+            peer_for: the local peer name of a peer's trust domain (None: not a peer's).
         """
         if default_policy not in (None, "allow", "deny"):
             raise ValueError('default_intention_policy must be "allow" or "deny"')
         self._index = index
         self._entries = entries
         self._trust_domains = trust_domains
+        self._peer_for = peer_for
         self.default_policy = default_policy
 
     # -- reading -------------------------------------------------------------------------
@@ -142,6 +150,7 @@ class Intentions:
                         modify_index=entry["ModifyIndex"],
                         created_at=src.get("LegacyCreateTime") or entry["_created"],
                         updated_at=src.get("LegacyUpdateTime") or entry["_updated"],
+                        peer=src.get("Peer") or "",
                     )
                 )
         out.sort(key=lambda i: (-i.precedence, "default", i.source, "default", i.destination))
@@ -318,9 +327,10 @@ class Intentions:
         if ident.host.lower() not in trusted:
             # The reason quotes the host as the client wrote it (Go's URL parser keeps case).
             return False, f"Identity from an external trust domain: {urlsplit(client_uri).netloc}"
+        peer = self._peer_for(ident.host.lower()) or ""
         if ident.partition != "default":
             raise BadRequest(f'Mismatched partitions: "{ident.partition}" != "default"')
-        return self.decision(ident.service, target, authz)
+        return self.decision(ident.service, target, authz, peer=peer)
 
     def check(self, source: str, destination: str, authz: Authorizer) -> bool:
         """`GET /v1/connect/intentions/check`: would `source` be allowed to `destination`?"""
@@ -328,10 +338,15 @@ class Intentions:
         allowed, _ = self.decision(source, destination, authz)
         return allowed
 
-    def decision(self, source: str, destination: str, authz: Authorizer) -> tuple[bool, str]:
-        """The first matching intention in precedence order decides; else the default."""
+    def decision(
+        self, source: str, destination: str, authz: Authorizer, *, peer: str = ""
+    ) -> tuple[bool, str]:
+        """The first matching intention in precedence order decides; else the default.
+
+        A client from a peer (`peer`) matches only sources naming that peer.
+        """
         for ixn in self.matching(destination):
-            if ixn.source not in (source, "*"):
+            if ixn.source not in (source, "*") or ixn.peer != peer:
                 continue
             if ixn.permissions:
                 return False, f"Matched L7 intention: {ixn.describe()}"

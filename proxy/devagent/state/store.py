@@ -22,6 +22,7 @@ from proxy.devagent.state.connect_ca import ConnectCA, LeafEntry
 from proxy.devagent.state.events import Events
 from proxy.devagent.state.intentions import Intentions
 from proxy.devagent.state.kv import KV
+from proxy.devagent.state.peering import Peerings
 from proxy.devagent.state.queries import Queries
 from proxy.devagent.state.records import Node
 from proxy.devagent.state.sessions import Session, Sessions
@@ -68,11 +69,14 @@ class State:
         self.config_entries = ConfigEntries(self.index)
         # Built before the intentions: authorize reads the CA's trust domains.
         self.connect_ca = ConnectCA(self.index, ca, datacenter)
+        # Peers' bundles add their trust domains to the CA's; authorize asks which peer.
+        self.peerings = Peerings(self.index, self.connect_ca, datacenter)
         self.intentions = Intentions(
             self.index,
             self.config_entries,
             default_intention_policy,
             trust_domains=self.connect_ca.trust_domains,
+            peer_for=self.peerings.peer_for_trust_domain,
         )
         self.queries = Queries(self.index, self.catalog, datacenter)
         self.acl = ACLTokens(self.index, acl)

@@ -1,0 +1,154 @@
+"""The peering channel's pieces that need no agent: messages, TLS material, texts.
+
+A message is one JSON object on one line (at most `MAX_LINE` bytes). The agent's peering
+certificate (`sign_server`) names `server.<dc>.peering.<trust domain>` as its DNS SAN, as
+Consul's servers' gRPC TLS certificate does, and is signed by the Connect CA.
+
+Rule 1: pure apart from `load_chain`, which keeps the private key off every disk.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import datetime as dt
+import json
+import os
+import ssl
+import tempfile
+from collections.abc import Mapping
+from typing import Any
+
+from cryptography import x509
+from cryptography.hazmat.primitives import hashes, serialization
+from cryptography.hazmat.primitives.asymmetric import ec
+from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+
+from proxy.devagent.ca import BACKDATE, CertificateAuthority, key_id
+
+MAX_LINE = 8 << 20
+
+
+def sign_server(ca: CertificateAuthority, dns_name: str, *, datacenter: str) -> tuple[str, str]:
+    """A certificate for the agent's peering port, signed by `ca`'s active root's signer.
+
+    Also the dialer's client certificate on its stream (serverAuth and clientAuth).
+
+    Returns:
+        (certificate PEM followed by the active root's intermediates, private key PEM)
+    """
+    root = ca.active_root
+    signer = root.signer
+    key = ec.generate_private_key(ec.SECP256R1())
+    uri = f"spiffe://{ca.trust_domain}/agent/server/dc/{datacenter}"
+    now = dt.datetime.now(dt.UTC)
+    cert = (
+        x509.CertificateBuilder()
+        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
+        .issuer_name(signer.cert.subject)
+        .public_key(key.public_key())
+        .serial_number(ca.allocate_serial())
+        .not_valid_before(now - BACKDATE)
+        .not_valid_after(now + dt.timedelta(seconds=ca.leaf_ttl))
+        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
+        .add_extension(
+            x509.ExtendedKeyUsage(
+                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
+            ),
+            False,
+        )
+        .add_extension(
+            x509.SubjectAlternativeName(
+                [x509.DNSName(dns_name), x509.UniformResourceIdentifier(uri)]
+            ),
+            False,
+        )
+        .add_extension(x509.SubjectKeyIdentifier(key_id(key.public_key())), False)
+        .add_extension(
+            x509.AuthorityKeyIdentifier(
+                key_identifier=key_id(signer.key.public_key()),
+                authority_cert_issuer=None,
+                authority_cert_serial_number=None,
+            ),
+            False,
+        )
+        .sign(signer.key, hashes.SHA256())
+    )
+    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    key_pem = key.private_bytes(
+        serialization.Encoding.PEM,
+        serialization.PrivateFormat.PKCS8,
+        serialization.NoEncryption(),
+    ).decode()
+    return cert_pem + "".join(root.intermediates), key_pem
+
+
+def load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
+    # `load_cert_chain` reads only paths: a memfd on Linux keeps the key off every disk;
+    # elsewhere a 0600 file in a fresh 0700 directory, removed at once.
+    data = (cert_pem.strip() + "\n" + key_pem.strip() + "\n").encode()
+    if hasattr(os, "memfd_create"):
+        fd = os.memfd_create("devagent-peering", os.MFD_CLOEXEC)
+        try:
+            os.write(fd, data)
+            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+        finally:
+            os.close(fd)
+        return
+    directory = tempfile.mkdtemp(prefix="devagent-")
+    path = os.path.join(directory, "peering.pem")
+    try:
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+        finally:
+            os.close(fd)
+        ctx.load_cert_chain(path)
+    finally:
+        with contextlib.suppress(FileNotFoundError):
+            os.unlink(path)
+        os.rmdir(directory)
+
+
+def denied(message: str) -> bytes:
+    """The refusal of an exchange or a stream (Consul's gRPC PermissionDenied)."""
+    return line({"Error": {"Code": "PermissionDenied", "Message": message}})
+
+
+def line(message: Mapping[str, Any]) -> bytes:
+    return json.dumps(message, separators=(",", ":")).encode() + b"\n"
+
+
+async def read_message(reader: asyncio.StreamReader, timeout: float | None) -> dict[str, Any]:
+    """One JSON object line; EOF, an oversized line or anything else ends the stream."""
+    async with asyncio.timeout(timeout):
+        raw = await reader.readline()
+    if not raw:
+        raise ConnectionError("the peer closed the stream")
+    data = json.loads(raw)
+    if not isinstance(data, dict):
+        raise ValueError("a peering message must be a JSON object")
+    return data
+
+
+def uri_trust_domain(peercert: Mapping[str, Any] | None) -> str:
+    for kind, value in (peercert or {}).get("subjectAltName", ()):
+        if kind == "URI" and str(value).startswith("spiffe://"):
+            return str(value)[len("spiffe://") :].split("/", 1)[0].lower()
+    return ""
+
+
+def parses(pem: str) -> bool:
+    try:
+        x509.load_pem_x509_certificate(pem.encode())
+    except ValueError:
+        return False
+    return True
+
+
+def reason(exc: BaseException) -> str:
+    if isinstance(exc, ConnectionRefusedError) or getattr(exc, "errno", None) == 111:
+        return "connect: connection refused"
+    if isinstance(exc, ssl.SSLCertVerificationError):
+        return f"tls: {exc.verify_message}"
+    return str(exc) or type(exc).__name__
