@@ -20,7 +20,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
-from proxy.devagent import decode
+from proxy.devagent import decode, schemas
 from proxy.devagent.ca import DEFAULT_LEAF_TTL
 from proxy.errors import ConfigError
 
@@ -217,7 +217,7 @@ def _services(key: str, value: Any) -> list[Mapping[str, Any]]:
     out: list[Mapping[str, Any]] = []
     for n, raw in enumerate(_as_list(value)):
         where = f"{key}[{n}]" if key == "services" or isinstance(value, list) else key
-        svc, unknown = _decode_object(raw, decode.SERVICE, where)
+        svc, unknown = _decode_object(raw, schemas.SERVICE, where)
         if unknown:
             raise ConfigError(f"invalid config key {unknown[0]}")
         out.append(svc)
@@ -229,12 +229,12 @@ def _bootstrap_entries(block: Mapping[str, Any]) -> list[Mapping[str, Any]]:
     # unknown key is an error); other kinds are kept as written, with Kind and Name folded.
     out: list[Mapping[str, Any]] = []
     for n, raw in enumerate(_as_list(block.get("bootstrap"))):
-        entry, unknown = _decode_object(raw, decode.CONFIG_ENTRY, f"config_entries.bootstrap[{n}]")
+        entry, unknown = _decode_object(raw, schemas.CONFIG_ENTRY, f"config_entries.bootstrap[{n}]")
         if entry.get("Kind") == "service-intentions" and unknown:
             raise ConfigError(f"invalid config key {unknown[0]}")
         if entry.get("Kind") == "exported-services":
             entry, unknown = _decode_object(
-                raw, decode.EXPORTED_SERVICES, f"config_entries.bootstrap[{n}]"
+                raw, schemas.EXPORTED_SERVICES, f"config_entries.bootstrap[{n}]"
             )
             if unknown:
                 raise ConfigError(f"invalid config key {unknown[0]}")

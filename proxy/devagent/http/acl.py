@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.devagent import decode
+from proxy.devagent import schemas
 from proxy.devagent.http import wire
 
 
@@ -22,12 +22,12 @@ async def acl_token_self(request: web.Request) -> web.StreamResponse:
 async def acl_token_create(request: web.Request) -> web.StreamResponse:
     acl = wire.state_of(request).acl
     acl.require_enabled()
-    body = await wire.body(request, decode.ACL_TOKEN)
+    body = await wire.body(request, schemas.ACL_TOKEN)
     return wire.answer(request, acl.create_token(body, wire.authz(request)))
 
 
 async def acl_policy_create(request: web.Request) -> web.StreamResponse:
     acl = wire.state_of(request).acl
     acl.require_enabled()
-    body = await wire.body(request, decode.ACL_POLICY)
+    body = await wire.body(request, schemas.ACL_POLICY)
     return wire.answer(request, acl.create_policy(body, wire.authz(request)))

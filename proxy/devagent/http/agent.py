@@ -14,7 +14,7 @@ import sys
 from aiohttp import web
 
 from proxy.addr import join_host_port
-from proxy.devagent import decode
+from proxy.devagent import schemas
 from proxy.devagent.http import wire
 from proxy.devagent.state import CRITICAL, PASSING, WARNING, BadRequest
 
@@ -143,7 +143,7 @@ async def agent_service(request: web.Request) -> web.StreamResponse:
 
 
 async def agent_register(request: web.Request) -> web.StreamResponse:
-    body = await wire.body(request, decode.SERVICE)
+    body = await wire.body(request, schemas.SERVICE)
     replace = wire.flag(request, "replace-existing-checks")
     wire.state_of(request).catalog.register_service(
         body, wire.authz(request), replace_existing_checks=replace
@@ -162,7 +162,7 @@ async def agent_checks(request: web.Request) -> web.StreamResponse:
 
 
 async def agent_check_register(request: web.Request) -> web.StreamResponse:
-    body = await wire.body(request, decode.CHECK)
+    body = await wire.body(request, schemas.CHECK)
     wire.state_of(request).checks.register_check(body, wire.authz(request))
     return wire.text(200, "")
 

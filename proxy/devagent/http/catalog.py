@@ -10,7 +10,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.devagent import decode
+from proxy.devagent import schemas
 from proxy.devagent.http import wire
 
 
@@ -124,7 +124,7 @@ async def query_collection(request: web.Request) -> web.StreamResponse:
     queries = wire.state_of(request).queries
     wire.check_dc(request)
     if request.method == "POST":
-        body = await wire.body(request, decode.PREPARED_QUERY)
+        body = await wire.body(request, schemas.PREPARED_QUERY)
         return wire.answer(request, {"ID": queries.put(body, wire.authz(request))})
     return wire.answer(request, queries.readable(wire.authz(request)), index=queries.index())
 
@@ -137,7 +137,7 @@ async def query_item(request: web.Request) -> web.StreamResponse:
     if request.method == "GET":
         return wire.answer(request, [queries.get(query_id, authz)], index=queries.index())
     if request.method == "PUT":
-        body = await wire.body(request, decode.PREPARED_QUERY)
+        body = await wire.body(request, schemas.PREPARED_QUERY)
         queries.put(body, authz, query_id=query_id)
         return wire.text(200, "")
     queries.delete(query_id, authz)

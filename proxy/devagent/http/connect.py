@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.devagent import decode
+from proxy.devagent import schemas
 from proxy.devagent.http import wire
 
 
@@ -52,7 +52,7 @@ async def agent_leaf(request: web.Request) -> web.StreamResponse:
 
 
 async def agent_authorize(request: web.Request) -> web.StreamResponse:
-    body = await wire.body(request, decode.AUTHORIZE)
+    body = await wire.body(request, schemas.AUTHORIZE)
     allowed, reason = wire.state_of(request).intentions.authorize(
         body.get("Target") or "", body.get("ClientCertURI") or "", wire.authz(request)
     )
@@ -86,5 +86,5 @@ async def ca_configuration(request: web.Request) -> web.StreamResponse:
         wire.authz(request).require("operator", "", "read")
         return wire.answer(request, connect_ca.configuration())
     wire.authz(request).require("operator", "", "write")
-    connect_ca.update_configuration(await wire.body(request, decode.CA_CONFIG))
+    connect_ca.update_configuration(await wire.body(request, schemas.CA_CONFIG))
     return wire.answer(request, True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from aiohttp import web
 
-from proxy.devagent import decode
+from proxy.devagent import decode, schemas
 from proxy.devagent.http import wire
 from proxy.devagent.state import BadRequest
 
@@ -17,7 +17,7 @@ async def intentions_collection(request: web.Request) -> web.StreamResponse:
     state = wire.state_of(request)
     authz = wire.authz(request)
     if request.method == "POST":
-        body = await wire.body(request, decode.INTENTION)
+        body = await wire.body(request, schemas.INTENTION)
         return wire.answer(request, {"ID": state.intentions.create(body, authz)})
     watch = state.intentions.watch()
     await state.block_on_index(watch, wire.index(request), wire.wait(request, wire.DEFAULT_WAIT))
@@ -39,7 +39,7 @@ async def intentions_exact(request: web.Request) -> web.StreamResponse:
     authz = wire.authz(request)
     source, destination = _exact_names(request)
     if request.method == "PUT":
-        body = await wire.body(request, decode.INTENTION)
+        body = await wire.body(request, schemas.INTENTION)
         intentions.create(body, authz, exact=(source, destination))
         return wire.answer(request, True)
     if request.method == "DELETE":
@@ -80,7 +80,7 @@ async def intention_item(request: web.Request) -> web.StreamResponse:
         authz.require("intention", ixn.destination, "read")
         return wire.answer(request, ixn.to_api(), index=intentions.index())
     if request.method == "PUT":
-        body = await wire.body(request, decode.INTENTION)
+        body = await wire.body(request, schemas.INTENTION)
         intentions.update(intention_id, body, authz)
         return wire.text(200, "")
     intentions.delete(ixn.source, ixn.destination, authz)
@@ -91,9 +91,9 @@ async def config_put(request: web.Request) -> web.StreamResponse:
     raw = await wire.body(request)
     kind = str(raw.get("Kind") or raw.get("kind"))
     entry = (
-        decode.decode(raw, decode.CONFIG_ENTRY)
+        decode.decode(raw, schemas.CONFIG_ENTRY)
         if kind == "service-intentions"
-        else decode.decode(raw, decode.EXPORTED_SERVICES)
+        else decode.decode(raw, schemas.EXPORTED_SERVICES)
         if kind == "exported-services"
         else {
             **raw,

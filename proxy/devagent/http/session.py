@@ -17,7 +17,7 @@ from typing import Any
 
 from aiohttp import web
 
-from proxy.devagent import decode
+from proxy.devagent import schemas
 from proxy.devagent.acl import Authorizer
 from proxy.devagent.http import wire
 from proxy.devagent.state import BadRequest
@@ -38,7 +38,7 @@ def _required(request: web.Request, name: str, missing: str) -> str:
 async def session_create(request: web.Request) -> web.StreamResponse:
     wire.check_dc(request)
     # As Consul, a body is read only when the request announces one.
-    body = await wire.body(request, decode.SESSION) if request.content_length else None
+    body = await wire.body(request, schemas.SESSION) if request.content_length else None
     session_id = wire.state_of(request).sessions.create(body, wire.authz(request))
     return wire.answer(request, {"ID": session_id})
 
