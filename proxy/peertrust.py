@@ -33,6 +33,7 @@ from typing import Any
 from listeners.tls.contexts import build_contexts
 from listeners.tls.engine import TLSContext
 from proxy.agent import AgentClient
+from proxy.counter import Counter
 from proxy.errors import AgentResponseError, TLSMaterialError
 from proxy.peeranswers import TrustBundle
 from proxy.tlsstore import TLSMaterial, TLSStore
@@ -100,7 +101,15 @@ class PeerTrust:
         self._server: tuple[TLSMaterial, TLSContext] | None = None
         self._exports_task: asyncio.Task[None] | None = None
         self.server_rotations = 0
+        # Every change of what is trusted (a peer's context, the exported-to peers, either
+        # way): readers wait on it for a condition instead of polling.
+        self.changes = Counter()
         store.on_swap.append(self._rebuild_all)
+
+    async def until(self, condition: Callable[[], bool]) -> None:
+        """Return once `condition()` holds, re-checked after each change (bound it)."""
+        while not condition():
+            await self.changes.reached(self.changes.value + 1)
 
     # -- peered upstreams ----------------------------------------------------------------
 
@@ -112,6 +121,11 @@ class PeerTrust:
             record.task = self.spawn(self._follow(record), f"watch trust bundle {peer}")
         record.users += 1
         return PeerClientContexts(self, peer)
+
+    def client_ready(self, peer: str) -> bool:
+        """Whether upstreams of `peer` have a client context (its bundle arrived and built)."""
+        record = self.peers.get(peer)
+        return record is not None and record.client is not None
 
     def release(self, peer: str) -> None:
         """One upstream of `peer` stopped; the last one stops its bundle watch."""
@@ -138,6 +152,7 @@ class PeerTrust:
                 )
                 record.client = None
                 record.bundle = None
+                self.changes.add()
             record.answered.set()
 
         await watch(
@@ -164,6 +179,7 @@ class PeerTrust:
                 return
             record.client = client
             record.rotations += 1
+            self.changes.add()
             log.info(
                 "trust bundle of peer %s in use trust_domain=%s roots=%d",
                 record.name,
@@ -214,11 +230,13 @@ class PeerTrust:
         if not bundles:
             self.exported, self._server = (), None
             self.server_rotations += 1
+            self.changes.add()
             log.info("public listener trusts our roots only (no peer imports the service)")
             return
         if material is not None and not self._build_server(bundles, material):
             return
         self.exported = bundles
+        self.changes.add()
 
     def _build_server(self, bundles: tuple[TrustBundle, ...], material: TLSMaterial) -> bool:
         roots = [*material.roots, *(pem for b in bundles for pem in b.root_pems)]
