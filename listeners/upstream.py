@@ -7,7 +7,10 @@ Per connection (Consul's `connect/service.go` `Dial`, `connect/resolver.go`, and
   TLS handshake and the identity check, all within the connect timeout (Go tries one);
 - the server's chain is verified by OpenSSL against the current roots, then its first URI
   SAN against the expected service identity (trust domain ignored, case-insensitive); a
-  mismatch closes that connection before one byte of application data is sent.
+  mismatch closes that connection before one byte of application data is sent;
+- a peered upstream (`destination_peer`) gets contexts that trust the peer's roots only;
+  each instance sends its `PeerMeta.SNI` and must show one of its `PeerMeta.SpiffeID`s
+  exactly (the exporter's trust domain and datacenter included).
 
 Rule 1: the local client's bytes are not read until the upstream connection is verified.
 Rule 2: this module takes from `proxy/` only level-0 modules (`proxy.addr`, `proxy.errors`,
@@ -28,7 +31,7 @@ from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
 from proxy.errors import IdentityError, ProxyError
-from proxy.identity import Endpoint, matches_expected, peer_identity
+from proxy.identity import Endpoint, PeerTarget, peer_identity, server_matches
 
 log = logging.getLogger("proxy.upstream")
 
@@ -198,10 +201,15 @@ class UpstreamListener(Listener):
         last: Exception | None = None
         for host, port, expected in endpoints:
             context = self.contexts.client_context()
-            assert context is not None
+            if context is None:  # a peered upstream whose peer's bundle is gone or refused
+                raise _DialFailed(
+                    Refusal.UPSTREAM_DIAL_FAILED,
+                    f"no trust bundle for peer {getattr(expected, 'peer', '?')}",
+                )
             known = self._sessions.get((host, port))
             session = known[1] if known is not None and known[0] is context else None
-            tls = TLSTransport(context, server_side=False, session=session)
+            sni = expected.sni if isinstance(expected, PeerTarget) else None
+            tls = TLSTransport(context, server_side=False, session=session, server_name=sni)
             addr = join_host_port(host, port)
             conn.destination = addr
             try:
@@ -212,7 +220,7 @@ class UpstreamListener(Listener):
                 conn.handshake = now() - started
                 peer = peer_identity(tls.peer_certificate() or b"")
                 conn.peer_id = peer.uri or ""
-                if peer.uri is None or not matches_expected(peer.uri, expected):
+                if peer.uri is None or not server_matches(peer.uri, expected):
                     raise IdentityError(
                         f"peer certificate mismatch got {peer.uri}, want {expected.uri()}"
                     )

@@ -61,13 +61,13 @@ async def _instances(
     under one short deadline; an upstream the agent did not answer for says so."""
     records = proxy.upstream_records()
 
-    async def one(name: str, kind: str, datacenter: str) -> UpstreamInstances:
+    async def one(name: str, kind: str, datacenter: str, peer: str) -> UpstreamInstances:
         if kind == "prepared_query":
             return UpstreamInstances(name, note="prepared query: resolved per connection")
         try:
             async with asyncio.timeout(agent_timeout):
                 found = await agent.health_instances(
-                    name, datacenter=datacenter, timeout=agent_timeout
+                    name, datacenter=datacenter, timeout=agent_timeout, peer=peer
                 )
         except Exception as exc:  # any failure to ask: the page still renders
             return UpstreamInstances(name, error=f"agent unreachable: {exc}".rstrip(": "))
@@ -79,7 +79,9 @@ async def _instances(
     return tuple(
         await asyncio.gather(
             *(
-                one(cfg.destination_name, cfg.destination_type, cfg.datacenter)
+                one(
+                    cfg.destination_name, cfg.destination_type, cfg.datacenter, cfg.destination_peer
+                )
                 for cfg, _, _ in records
             )
         )

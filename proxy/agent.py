@@ -51,6 +51,12 @@ from proxy.answers import (
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 from proxy.httpflags import HTTPOptions
 from proxy.identity import Endpoint
+from proxy.peeranswers import (
+    TrustBundle,
+    peered_health_endpoints,
+    trust_bundle_from,
+    trust_bundles_from,
+)
 
 # Watches block for this long per request; the agent adds up to wait/16 of jitter.
 DEFAULT_WAIT = 300.0
@@ -279,25 +285,53 @@ class AgentClient:
         answer = await self._request("GET", path, params=params, timeout=timeout)
         return intention_match(path, name, answer)
 
-    def _discovery_params(self, datacenter: str) -> dict[str, str]:
+    def _discovery_params(self, datacenter: str, peer: str = "") -> dict[str, str]:
         params = {"stale": ""}
+        if peer:  # a peer's imports: no datacenter (Consul refuses both)
+            params["peer"] = peer
+            return params
         dc = datacenter or self.datacenter
         if dc:
             params["dc"] = dc
         return params
 
     async def health_connect(
-        self, service: str, *, datacenter: str = "", index: int = 0
+        self, service: str, *, datacenter: str = "", index: int = 0, peer: str = ""
     ) -> Endpoints:
-        """`GET /v1/health/connect/:service?passing&stale`: healthy Connect endpoints."""
+        """`GET /v1/health/connect/:service?passing&stale`: healthy Connect endpoints.
+
+        With `peer`, `?peer=<name>`: the instances imported from that peer, each expected to
+        show one of its `Connect.PeerMeta` identities (`proxy.peeranswers`).
+        """
         path = f"/v1/health/connect/{service}"
-        params, timeout = self._blocking(index, self._discovery_params(datacenter))
+        params, timeout = self._blocking(index, self._discovery_params(datacenter, peer))
         params["passing"] = "1"
         answer = await self._request("GET", path, params=params, timeout=timeout)
+        if peer:
+            return peered_health_endpoints(path, peer, answer)
         return health_endpoints(path, answer)
 
+    async def trust_bundle(self, peer: str, index: int = 0) -> TrustBundle:
+        """The dev agent's `GET /v1/internal/connect-proxy/peering/trust-bundle/:peer`
+        (Consul serves bundles over gRPC only), blocking when `index` > 0."""
+        path = f"/v1/internal/connect-proxy/peering/trust-bundle/{peer}"
+        params, timeout = self._blocking(index)
+        answer = await self._request("GET", path, params=params, timeout=timeout)
+        return trust_bundle_from(path, answer)
+
+    async def service_trust_bundles(
+        self, service: str, index: int = 0
+    ) -> tuple[tuple[TrustBundle, ...], int]:
+        """The dev agent's `GET /v1/internal/connect-proxy/peering/trust-bundles?service=`:
+        the bundles of the peers `service` is exported to (Consul's gRPC
+        `TrustBundleListByService`), blocking when `index` > 0."""
+        path = "/v1/internal/connect-proxy/peering/trust-bundles"
+        params, timeout = self._blocking(index, {"service": service})
+        answer = await self._request("GET", path, params=params, timeout=timeout)
+        return trust_bundles_from(path, answer)
+
     async def health_instances(
-        self, service: str, *, datacenter: str = "", timeout: float | None = None
+        self, service: str, *, datacenter: str = "", timeout: float | None = None, peer: str = ""
     ) -> Instances:
         """`GET /v1/health/connect/:service?stale`: every instance, with its health.
 
@@ -305,7 +339,7 @@ class AgentClient:
         instances are listed too. `timeout`: seconds for this call (default: the client's).
         """
         path = f"/v1/health/connect/{service}"
-        params = self._discovery_params(datacenter)
+        params = self._discovery_params(datacenter, peer)
         answer = await self._request("GET", path, params=params, timeout=timeout)
         return health_instances(path, answer)
 

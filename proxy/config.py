@@ -11,6 +11,7 @@ int, a float or a numeric string (Go honours only ints for `connect_timeout_ms`,
 from __future__ import annotations
 
 import math
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from typing import Any
@@ -127,15 +128,43 @@ class UpstreamConfig:
     local_bind_address: str = "127.0.0.1"
     connect_timeout: float = 10.0
     config: Mapping[str, Any] = field(default_factory=dict, compare=True, hash=False)
+    # `DestinationPeer`: the local name of the peer that exports the service ("" : local).
+    destination_peer: str = ""
 
     @property
     def label(self) -> str:
-        """`<addr>:<port>-><type>:<partition>/<ns>/<name>`, as Consul's proxy logs it."""
+        """`<addr>:<port>-><type>:<partition>/<ns>/<name>`, as Consul's proxy logs it, with
+        `@<peer>` after the name for a peered upstream."""
+        peer = f"@{self.destination_peer}" if self.destination_peer else ""
         return (
             f"{join_host_port(self.local_bind_address, self.local_bind_port)}->"
             f"{self.destination_type}:{self.destination_partition}/"
-            f"{self.destination_namespace}/{self.destination_name}"
+            f"{self.destination_namespace}/{self.destination_name}{peer}"
         )
+
+
+# Consul's peer names (`agent/rpc/peering/validate.go`).
+_PEER_NAME = re.compile(r"^[a-z0-9]([a-z0-9\-]{0,61}[a-z0-9])?$")
+
+
+def destination_peer(value: Any, where: str, *, dtype: str, datacenter: str) -> str:
+    """An upstream's `DestinationPeer`: "" when absent.
+
+    Raises:
+        ConfigError: not a valid peer name, or given with a prepared query or a datacenter.
+    """
+    if value is None or value == "":
+        return ""
+    if not isinstance(value, str) or not _PEER_NAME.match(value):
+        raise ConfigError(
+            f"{where}: destination_peer {value!r} is not a valid peer name: lower case "
+            "alphanumeric characters or '-', starting and ending with an alphanumeric character"
+        )
+    if dtype == "prepared_query":
+        raise ConfigError(f"{where}: destination_peer cannot be used with a prepared query")
+    if datacenter:
+        raise ConfigError(f"{where}: destination_peer and datacenter cannot both be set")
+    return value
 
 
 @dataclass(frozen=True, slots=True)
@@ -175,18 +204,21 @@ def load_upstream(raw: Mapping[str, Any], where: str = "upstream") -> UpstreamCo
     config = raw.get("Config") or {}
     if not isinstance(config, Mapping):
         raise ConfigError(f"{where}: Config must be an object")
+    datacenter = raw.get("Datacenter") or ""
+    peer = destination_peer(raw.get("DestinationPeer"), where, dtype=dtype, datacenter=datacenter)
     return UpstreamConfig(
         destination_name=name,
         local_bind_port=port,
         destination_type=dtype,
         destination_namespace=raw.get("DestinationNamespace") or "default",
         destination_partition=raw.get("DestinationPartition") or "default",
-        datacenter=raw.get("Datacenter") or "",
+        datacenter=datacenter,
         local_bind_address=raw.get("LocalBindAddress") or "127.0.0.1",
         connect_timeout=timeout_ms(
             config.get("connect_timeout_ms"), f"{where}: connect_timeout_ms", 10000
         ),
         config=dict(config),
+        destination_peer=peer,
     )
 
 
@@ -280,8 +312,11 @@ def plan_upstreams(
 def parse_upstream_flag(value: str) -> UpstreamConfig:
     """One `-upstream` value: `name:port`, `name:host:port`, `name.query:port`, ...
 
+    Ours (not Consul's): `name@peer:port` (or `name@peer:host:port`) is a service imported
+    from the peer named `peer` (`destination_peer`).
+
     Raises:
-        ValueError: with Consul's message for that input.
+        ValueError: with Consul's message for that input (ours for a bad peer).
     """
     name, sep, rest = value.partition(":")
     if not sep:
@@ -289,6 +324,9 @@ def parse_upstream_flag(value: str) -> UpstreamConfig:
     host = ""
     if ":" in rest:
         host, _, rest = rest.partition(":")
+    name, at, peer = name.partition("@")
+    if at and not peer:
+        raise ValueError(f'Upstream peer name is empty in "{value}" (want name@peer:port)')
     dtype = "service"
     if "." in name:
         name, _, kind = name.partition(".")
@@ -301,11 +339,16 @@ def parse_upstream_flag(value: str) -> UpstreamConfig:
     port = parse_go_int(rest)
     if not 0 < port < 65536:
         raise ValueError(f"port {port} out of range 1-65535")
+    try:
+        peer = destination_peer(peer, f"upstream {name}", dtype=dtype, datacenter="")
+    except ConfigError as exc:
+        raise ValueError(str(exc)) from None
     return UpstreamConfig(
         destination_name=name,
         local_bind_port=port,
         destination_type=dtype,
         local_bind_address=host or "127.0.0.1",
+        destination_peer=peer,
     )
 
 

@@ -16,7 +16,7 @@ import signal
 import socket
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 import httpx
 
@@ -30,11 +30,15 @@ from proxy.sources import AgentConfigSource
 from proxy.supervisor import Proxy
 
 DEMO_HELP = """\
-Usage: connect-proxy demo [-once]
+Usage: connect-proxy demo [-once] [-peering]
 
   Starts the embedded dev agent, a `db` app, and the sidecars of `db` and `web`,
   sends a request over mutual TLS from web to db, then denies web => db with an
   intention and shows the refusal.
+
+  With -peering: two dev agents (dc1 and dc2) peer; db runs in dc2, exported to
+  dc1; web in dc1 reaches it through a peered upstream; then dc2 denies web from
+  peer dc1.
 
 Options:
 """
@@ -64,7 +68,7 @@ class ReservedPorts:
         self._held.clear()
 
 
-class _DbApp:
+class DbApp:
     """A tiny HTTP/1.1 server: every request gets `hello from db` and the connection closes."""
 
     def __init__(self) -> None:
@@ -99,7 +103,7 @@ class _DbApp:
             await self.server.wait_closed()
 
 
-def _say(text: str = "") -> None:
+def say(text: str = "") -> None:
     print(text, flush=True)
 
 
@@ -111,14 +115,14 @@ async def _show_decision(api: httpx.AsyncClient, uri: str) -> None:
             json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
         )
     ).json()
-    _say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
+    say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
 
 
 async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
 
     agent = DevAgent(AgentConfig(node_name="demo", sidecar_check_interval=1.0))
     await agent.start("127.0.0.1", 0)
-    app = _DbApp()
+    app = DbApp()
     await app.start()
     api = httpx.AsyncClient(base_url=agent.url, timeout=10)
     tasks: list[asyncio.Task[None]] = []
@@ -129,7 +133,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
     ports = ReservedPorts()
     upstream_port = ports.take()
     try:
-        _say(f"==> Dev agent running at {agent.url} (trust domain {agent.state.ca.trust_domain})")
+        say(f"==> Dev agent running at {agent.url} (trust domain {agent.state.ca.trust_domain})")
         for body in (
             {
                 "Name": "db",
@@ -152,7 +156,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         ):
             r = await api.put("/v1/agent/service/register", json=body)
             r.raise_for_status()
-        _say(f"==> Registered db (app on 127.0.0.1:{app.port}) and web, each with a sidecar")
+        say(f"==> Registered db (app on 127.0.0.1:{app.port}) and web, each with a sidecar")
 
         for name in ("db", "web"):
             client = AgentClient(HTTPOptions(address=agent.http_addr))
@@ -168,7 +172,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
                     run(client, source, stop_proxies, on_ready=mark_ready), name=f"{name} sidecar"
                 )
             )
-            _say(
+            say(
                 f"==> Started the {name} sidecar, as: connect-proxy -sidecar-for {name} "
                 f"-http-addr {agent.http_addr}"
             )
@@ -178,9 +182,9 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         ports.release()
         db, web = proxies["db"], proxies["web"]
         assert db.public is not None and db.tls.material and web.tls.material
-        _say(f"    db  identity: {db.tls.material.leaf.uri}")
-        _say(f"    web identity: {web.tls.material.leaf.uri}")
-        _say(
+        say(f"    db  identity: {db.tls.material.leaf.uri}")
+        say(f"    web identity: {web.tls.material.leaf.uri}")
+        say(
             f"    db public listener: {db.public.address}; "
             f"web upstream db: 127.0.0.1:{upstream_port}"
         )
@@ -196,29 +200,29 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
 
         url = f"http://127.0.0.1:{upstream_port}/"
         ok = True
-        _say()
-        _say("==> 1. GET " + url + "  (web's upstream -> mTLS -> db's public listener -> db app)")
+        say()
+        say("==> 1. GET " + url + "  (web's upstream -> mTLS -> db's public listener -> db app)")
         started = time.perf_counter()
         try:
             async with httpx.AsyncClient(timeout=10) as c:
                 response = await c.get(url)
             elapsed = (time.perf_counter() - started) * 1000
-            _say(f"    {response.status_code} {response.text.strip()!r} in {elapsed:.1f} ms")
+            say(f"    {response.status_code} {response.text.strip()!r} in {elapsed:.1f} ms")
             ok &= response.status_code == 200
         except httpx.HTTPError as exc:
-            _say(f"    failed: {exc!r}")
+            say(f"    failed: {exc!r}")
             ok = False
         uri = web.tls.material.leaf.uri or ""
         await _show_decision(api, uri)
         (listener,) = web.upstreams.values()
         await listener.until_idle()
-        _say(
+        say(
             f"    bytes through web's upstream: {listener.bytes_out} sent, {listener.bytes_in} "
             f"received; db's sidecar forwarded {db.public.forwarded}, denied {db.public.denied}"
         )
 
-        _say()
-        _say("==> 2. Deny web => db:  PUT /v1/connect/intentions/exact?source=web&destination=db")
+        say()
+        say("==> 2. Deny web => db:  PUT /v1/connect/intentions/exact?source=web&destination=db")
         r = await api.put(
             "/v1/connect/intentions/exact?source=web&destination=db", json={"Action": "deny"}
         )
@@ -227,31 +231,31 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         try:
             async with httpx.AsyncClient(timeout=10) as c:
                 response = await c.get(url)
-            _say(f"    unexpectedly answered: {response.status_code} {response.text.strip()!r}")
+            say(f"    unexpectedly answered: {response.status_code} {response.text.strip()!r}")
             ok = False
         except httpx.HTTPError as exc:
-            _say(f"    refused: {type(exc).__name__} (db's sidecar closed it after authorize)")
+            say(f"    refused: {type(exc).__name__} (db's sidecar closed it after authorize)")
         await _show_decision(api, uri)
-        _say(
+        say(
             f"    db's sidecar denied {db.public.denied - denied_before} connection(s); "
             "the db app saw none of them"
         )
         ok &= db.public.denied > denied_before and app.requests == 1
-        _say()
+        say()
         if once:
-            _say("==> Walk-through complete." if ok else "==> Walk-through FAILED: see above.")
+            say("==> Walk-through complete." if ok else "==> Walk-through FAILED: see above.")
             return 0 if ok else 1
         r = await api.put(
             "/v1/connect/intentions/exact?source=web&destination=db", json={"Action": "allow"}
         )
         r.raise_for_status()
-        _say("==> web => db is allowed again. Try it:")
-        _say(f"        curl {url}")
-        _say(
+        say("==> web => db is allowed again. Try it:")
+        say(f"        curl {url}")
+        say(
             f'        curl -X PUT -d \'{{"Action": "deny"}}\' '
             f"'{agent.url}/v1/connect/intentions/exact?source=web&destination=db'"
         )
-        _say("    Press Ctrl-C to stop.")
+        say("    Press Ctrl-C to stop.")
         await stop.wait()
         return 0 if ok else 1
     finally:
@@ -265,9 +269,15 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         await agent.close()
 
 
-def demo_main(args: Sequence[str]) -> int:
+Walkthrough = Callable[[bool, asyncio.Event], Awaitable[int]]
+
+
+def demo_main(args: Sequence[str], peering: Walkthrough | None = None) -> int:
+    """The demo command; `peering` is `proxy.demo_peering.peering_walkthrough` (passed in by
+    `proxy.main`, which imports both: that module builds on this one)."""
     fs = FlagSet()
     fs.boolean("once", False, "Exit after the walk-through (0 if every step behaved as expected).")
+    fs.boolean("peering", False, "Two peered dev agents: web in dc1 reaches db in dc2.")
     try:
         values, rest = fs.parse(args)
     except HelpRequested:
@@ -288,7 +298,12 @@ def demo_main(args: Sequence[str]) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             with contextlib.suppress(NotImplementedError):
                 loop.add_signal_handler(sig, stop.set)
-        return await _walkthrough(values.get("once") is True, stop)
+        once = values.get("once") is True
+        if values.get("peering") is True:
+            if peering is None:
+                raise RuntimeError("demo -peering needs proxy.demo_peering")
+            return await peering(once, stop)
+        return await _walkthrough(once, stop)
 
     console.install_uvloop()
     return asyncio.run(main())

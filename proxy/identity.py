@@ -85,8 +85,27 @@ class SpiffeIDSigning:
 
 SpiffeID = SpiffeIDService | SpiffeIDAgent | SpiffeIDServer | SpiffeIDMeshGateway | SpiffeIDSigning
 
+
+@dataclass(frozen=True, slots=True)
+class PeerTarget:
+    """What an instance imported from a peer must show, from its `Connect.PeerMeta`.
+
+    `spiffe_ids` are full URIs in the exporter's trust domain and datacenter; the server's
+    URI SAN must equal one of them (case-insensitive; trust domains are compared, unlike
+    `matches_expected`). `sni` is sent as the TLS server name (`PeerMeta.SNI[0]`).
+    """
+
+    peer: str  # our local name of the exporting peer
+    spiffe_ids: tuple[str, ...]
+    sni: str
+
+    def uri(self) -> str:
+        """The identities accepted, for error texts."""
+        return " or ".join(self.spiffe_ids)
+
+
 # An upstream instance: (host, port, the identity its certificate must show).
-Endpoint = tuple[str, int, SpiffeIDService]
+Endpoint = tuple[str, int, SpiffeIDService | PeerTarget]
 
 
 def parse_spiffe_id(uri: str) -> SpiffeID:
@@ -153,6 +172,14 @@ def matches_expected(peer_uri: str, expected: SpiffeIDService) -> bool:
         partition=expected.partition,
     ).uri()
     return peer_uri.lower() == want.lower()
+
+
+def server_matches(peer_uri: str, expected: SpiffeIDService | PeerTarget) -> bool:
+    """The server identity check of an upstream: `matches_expected` for a local service, an
+    exact (case-insensitive) match with one of `PeerMeta.SpiffeID` for a peered one."""
+    if isinstance(expected, PeerTarget):
+        return any(peer_uri.lower() == want.lower() for want in expected.spiffe_ids)
+    return matches_expected(peer_uri, expected)
 
 
 @dataclass(frozen=True, slots=True)

@@ -45,8 +45,9 @@ def _peering(args: Sequence[str]) -> int:
 
 def _demo(args: Sequence[str]) -> int:
     from proxy.demo import demo_main
+    from proxy.demo_peering import peering_walkthrough
 
-    return demo_main(args)
+    return demo_main(args, peering_walkthrough)
 
 
 def _version(args: Sequence[str]) -> int:

@@ -1,7 +1,8 @@
 """Upstream discovery: which instances serve an upstream, and which identity each must show.
 
 Owns when the agent is asked (Consul's `connect/resolver.go`): service upstreams come from
-`/v1/health/connect/<name>?passing&stale`, followed by one blocking watch per upstream;
+`/v1/health/connect/<name>?passing&stale` (`&peer=<name>` for a peered upstream), followed
+by one blocking watch per upstream;
 prepared queries from `/v1/query/<name>/execute?connect=true&stale`, once per connection.
 Reading the agent's ServiceEntries into (host, port, expected identity) is
 `proxy.answers.endpoints_from_entries`, beside the HTTP code.
@@ -86,11 +87,13 @@ class WatchingResolver:
         name: str,
         *,
         datacenter: str = "",
+        peer: str = "",
         backoff_base: float = BACKOFF_BASE,
     ) -> None:
         self.agent = agent
         self.name = name
         self.datacenter = datacenter
+        self.peer = peer  # `destination_peer`: follow `?peer=<name>` (imports, PeerMeta)
         self.backoff_base = backoff_base
         self._endpoints: list[Endpoint] | None = None
         self._error: Exception | None = None
@@ -99,7 +102,9 @@ class WatchingResolver:
         self.updates = Counter()  # changes of the instance list (tests wait on it)
 
     async def _fetch(self, index: int) -> tuple[tuple[Endpoint, ...], int]:
-        result = await self.agent.health_connect(self.name, datacenter=self.datacenter, index=index)
+        result = await self.agent.health_connect(
+            self.name, datacenter=self.datacenter, index=index, peer=self.peer
+        )
         return result.endpoints, result.index
 
     def _changed(self, endpoints: tuple[Endpoint, ...]) -> None:
@@ -113,8 +118,9 @@ class WatchingResolver:
         self._answered.set()
 
     async def _run(self) -> None:
+        peer = f" peer={self.peer}" if self.peer else ""
         await watch(
-            f"health_connect service={self.name}",
+            f"health_connect service={self.name}{peer}",
             self._fetch,
             self._changed,
             log=log,

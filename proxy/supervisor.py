@@ -37,6 +37,7 @@ from proxy.config import (
 )
 from proxy.intentwatch import IntentionsFollower
 from proxy.observe import ListenerObserver, ProxyMetrics
+from proxy.peertrust import PeerTrust
 from proxy.reauth import Reauthorizer
 from proxy.resolve import AgentResolver, WatchingResolver
 from proxy.tlsstore import TLSStore
@@ -72,10 +73,14 @@ class _Upstream:
     config: UpstreamConfig
     listener: UpstreamListener
     resolver: AgentResolver | WatchingResolver
+    peer_trust: PeerTrust | None = None  # set for a peered upstream: released at the end
 
     async def close_resolver(self) -> None:
         if isinstance(self.resolver, WatchingResolver):
             await self.resolver.aclose()
+        if self.peer_trust is not None:
+            self.peer_trust.release(self.config.destination_peer)
+            self.peer_trust = None
 
 
 class Proxy:
@@ -97,6 +102,10 @@ class Proxy:
         self.settings = settings or ProxySettings()
         self.metrics = metrics or ProxyMetrics(access_log=False)
         self.tls = TLSStore(self.settings.tls_engine)
+        # Peers' trust bundles: peered upstreams, and clients from peers at the public listener.
+        self.peer_trust = PeerTrust(
+            agent, self.tls, self._spawn_watch, backoff_base=self.settings.watch_backoff
+        )
         self.metrics.follow_leaf(self._leaf_not_after)
         self.public: PublicListener | None = None
         self._upstreams: dict[tuple[str, int], _Upstream] = {}
@@ -181,6 +190,12 @@ class Proxy:
         task = self._tasks.create_task(_logged(coro, name), name=name)
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    def _spawn_watch(self, coro: Coroutine[Any, Any, None], name: str) -> asyncio.Task[None]:
+        task = self._tasks.create_task(_logged(coro, name), name=name)
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+        return task
 
     async def close(self, drain_timeout: float | None = None) -> None:
         """Stop accepting, drain connections (bounded), stop the watches. Idempotent."""
@@ -319,16 +334,18 @@ class Proxy:
             self.agent,
             upstream.destination_name,
             datacenter=upstream.datacenter,
+            peer=upstream.destination_peer,
             backoff_base=self.settings.watch_backoff,
         )
 
     async def _start_upstream(self, config: UpstreamConfig, *, strict: bool = False) -> None:
         resolver = self._resolver(config)
+        peer = config.destination_peer
         listener = UpstreamListener(
             name=config.destination_name,
             bind_host=config.local_bind_address,
             bind_port=config.local_bind_port,
-            contexts=self.tls,
+            contexts=self.peer_trust.contexts_for(peer) if peer else self.tls,
             resolver=resolver,
             connect_timeout=config.connect_timeout,
             reuse_port=self.settings.reuse_port,
@@ -347,10 +364,14 @@ class Proxy:
             log.error("failed to start upstream listener %s: %s", config.label, exc)
             if isinstance(listener.observer, ListenerObserver):
                 self.metrics.forget(listener.observer)
+            if peer:
+                self.peer_trust.release(peer)
             if strict:
                 raise
             return
-        self._upstreams[upstream_key(config)] = _Upstream(config, listener, resolver)
+        self._upstreams[upstream_key(config)] = _Upstream(
+            config, listener, resolver, self.peer_trust if peer else None
+        )
 
     async def _stop_public_bind(self) -> None:
         if self._public_task is not None:
@@ -373,7 +394,10 @@ class Proxy:
             self._forget_when_closed(old_public)
         cfg = self.config.public_listener
         if cfg is None:
+            self.peer_trust.stop_exports()
             return
+        # Clients from the peers the service is exported to verify against their roots.
+        self.peer_trust.follow_exports(self.config.service)
         cache = cfg.authorize_cache
         if cache is None:
             cache = self.settings.authorize_cache
@@ -391,7 +415,7 @@ class Proxy:
             bind_port=cfg.bind_port,
             app_host=cfg.local_service_host,
             app_port=cfg.local_service_port,
-            contexts=self.tls,
+            contexts=self.peer_trust,
             authorizer=authorizer,
             handshake_timeout=cfg.handshake_timeout,
             app_connect_timeout=cfg.local_connect_timeout,

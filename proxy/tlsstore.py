@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -117,6 +117,9 @@ class TLSStore:
         self.material: TLSMaterial | None = None
         self.ready = asyncio.Event()
         self.rotations = Counter()
+        # Called with each new material right after it is swapped in (`proxy.peertrust`
+        # rebuilds the peers' contexts that present our leaf); an exception is logged.
+        self.on_swap: list[Callable[[TLSMaterial], None]] = []
 
     def server_context(self) -> TLSContext | None:
         m = self.material
@@ -167,6 +170,11 @@ class TLSStore:
         # One assignment: a connection accepted from now on sees the whole new set.
         self.material = material
         self.rotations.add()
+        for follower in self.on_swap:
+            try:
+                follower(material)
+            except Exception:
+                log.exception("a follower of the TLS material failed")
         identity = material.leaf
         if not self.ready.is_set():
             log.info("Parsed TLS identity uri=%s", identity.uri)

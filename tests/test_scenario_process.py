@@ -190,6 +190,18 @@ async def test_demo_once_exits_0() -> None:
     assert "Walk-through complete." in out
 
 
+async def test_demo_peering_once_exits_0() -> None:
+    async with spawn("demo", "-peering", "-once") as p:
+        code, out, err = await p.finish()
+    assert code == 0, out + err
+    assert "peering dc2: ACTIVE" in out and "peering dc1: ACTIVE" in out
+    assert "(200, 'hello from db (request 1)')" in out
+    assert "Authorized=True" in out
+    assert "Authorized=False (Matched L4 intention: default/web => default/db" in out
+    assert "db's sidecar denied 1 connection(s)" in out
+    assert "Walk-through complete." in out
+
+
 async def test_sigterm_works_after_the_stdout_reader_has_gone(
     agent: DevAgent, ports: ReservedPorts
 ) -> None:

@@ -61,7 +61,11 @@ TLS13_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY
 
 
 def new_engine(
-    context: TLSContext, *, server_side: bool, session: TLSSession | None = None
+    context: TLSContext,
+    *,
+    server_side: bool,
+    session: TLSSession | None = None,
+    server_name: str | None = None,
 ) -> TLSEngine:
     """An engine for one connection, of the kind that built `context`.
 
@@ -69,15 +73,19 @@ def new_engine(
         context: a server or client context from `build_contexts` (either engine).
         server_side: accept (True) or connect (False).
         session: client side, a session of an earlier connection made with `context`.
+        server_name: client side, the SNI to send (a peered upstream's `PeerMeta.SNI`);
+            sent only, never checked against the server's certificate.
     """
     if isinstance(context, ssl.SSLContext):
         assert session is None or isinstance(session, ssl.SSLSession)
-        return StdlibEngine(context, server_side=server_side, session=session)
+        return StdlibEngine(
+            context, server_side=server_side, session=session, server_name=server_name
+        )
     # pyOpenSSL is loaded on first use only, so the stdlib engine never loads it.
     from listeners.tls.openssl import OpenSSLEngine
 
     assert session is None or not isinstance(session, ssl.SSLSession)
-    return OpenSSLEngine(context, server_side=server_side, session=session)
+    return OpenSSLEngine(context, server_side=server_side, session=session, server_name=server_name)
 
 
 def build_contexts(

@@ -135,15 +135,21 @@ class StdlibEngine:
     __slots__ = ("_eof", "_error", "_incoming", "_outgoing", "_ssl")
 
     def __init__(
-        self, context: ssl.SSLContext, *, server_side: bool, session: ssl.SSLSession | None
+        self,
+        context: ssl.SSLContext,
+        *,
+        server_side: bool,
+        session: ssl.SSLSession | None,
+        server_name: str | None = None,
     ) -> None:
         self._incoming = ssl.MemoryBIO()
         self._outgoing = ssl.MemoryBIO()
+        # server_name is sent as SNI only: the contexts never check host names.
         self._ssl = context.wrap_bio(
             self._incoming,
             self._outgoing,
             server_side=server_side,
-            server_hostname=None,
+            server_hostname=server_name,
             session=session,
         )
         self._eof = False

@@ -65,13 +65,20 @@ class OpenSSLEngine:
     __slots__ = ("_conn", "_eof", "_error", "_fed", "_fed_eof", "_out_hint", "_reused")
 
     def __init__(
-        self, context: SSL.Context, *, server_side: bool, session: SSL.Session | None
+        self,
+        context: SSL.Context,
+        *,
+        server_side: bool,
+        session: SSL.Session | None,
+        server_name: str | None = None,
     ) -> None:
         conn = SSL.Connection(context, None)
         if server_side:
             conn.set_accept_state()
         else:
             conn.set_connect_state()
+            if server_name:
+                conn.set_tlsext_host_name(server_name.encode())  # SNI only, never checked
             if session is not None:
                 conn.set_session(session)  # ValueError unless made with this same context
         self._conn = conn

@@ -52,10 +52,13 @@ class TLSTransport(asyncio.Protocol):
         *,
         server_side: bool,
         session: TLSSession | None = None,
+        server_name: str | None = None,
     ) -> None:
         self._context = context
         self._server_side = server_side
-        self._engine = new_engine(context, server_side=server_side, session=session)
+        self._engine = new_engine(
+            context, server_side=server_side, session=session, server_name=server_name
+        )
         self._raw: asyncio.Transport | None = None
         self._app: asyncio.BaseProtocol | None = None
         self._handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()

@@ -85,6 +85,7 @@ ROUTES: list[tuple[tuple[str, ...], str, Handler]] = [
     (_GET, "/v1/peerings", peering.peering_list),
     (("GET", "DELETE"), "/v1/peering/{name}", peering.peering_item),
     (_GET, "/v1/internal/connect-proxy/peering/trust-bundle/{peer}", peering.trust_bundle),
+    (_GET, "/v1/internal/connect-proxy/peering/trust-bundles", peering.service_trust_bundles),
 ]
 
 

@@ -151,6 +151,21 @@ def _any_service_write(authz: Authorizer) -> bool:
     return any(r.level == "write" for r in rules)
 
 
+async def service_trust_bundles(request: web.Request) -> web.StreamResponse:
+    """Ours: the bundles of the peers `?service=` is exported to, blocking (Consul's gRPC
+    `TrustBundleListByService`, which needs service:write on that service)."""
+    state = wire.state_of(request)
+    service = request.query.get("service", "")
+    if not service:
+        raise BadRequest("Missing service name: ?service=<name> is required")
+    authz = wire.authz(request)
+    authz.require("service", service, "write")
+    watch = state.peerings.service_bundles_watch()
+    await state.block_on_index(watch, wire.index(request), wire.wait(request, wire.DEFAULT_WAIT))
+    bundles = state.peerings.bundles_for_service(service, state.config_entries.entries)
+    return wire.answer(request, [b.to_api() for b in bundles], index=watch.current())
+
+
 async def trust_bundle(request: web.Request) -> web.StreamResponse:
     """Ours: a peer's trust bundle (`pbpeering.PeeringTrustBundle` as JSON), blocking."""
     state = wire.state_of(request)

@@ -446,3 +446,15 @@ class Peerings:
 
     def bundle_watch(self, peer: str) -> Watch[int]:
         return self._index.watch(f"bundle:{peer}", fallback="peerings")
+
+    def bundles_for_service(
+        self, service: str, entries: Mapping[tuple[str, str], Any]
+    ) -> list[Bundle]:
+        """The bundles of the peers `service` is exported to (Consul's
+        `TrustBundleListByService`), by peer name; peers without a bundle yet are left out."""
+        names = [n for n in sorted(self.bundles) if service in self.exported_to(n, entries)]
+        return [self.bundles[n] for n in names]
+
+    def service_bundles_watch(self) -> Watch[int]:
+        """Wakes when any bundle or the `exported-services` entry changes."""
+        return self._index.watch("bundles", f"config:{EXPORTED_KIND}", fallback="peerings")
