@@ -26,7 +26,9 @@ def pytest_asyncio_loop_factories(
 
     CONNECT_PROXY_TEST_LOOPS=asyncio (or =uvloop) narrows it to one loop. Tests marked
     `one_loop` run on the commands' own loop only (uvloop where installed): their subject is
-    a child process, or the dev agent, a separate program that runs on that loop.
+    a child process, or the dev agent, a separate program that runs on that loop, or a path
+    whose loop coverage the scenario tests already give (the peering tests keep both TLS
+    engines instead).
     """
     loops: dict[str, Callable[[], asyncio.AbstractEventLoop]] = {"asyncio": asyncio.new_event_loop}
     try:
@@ -47,7 +49,7 @@ def pytest_configure(config: pytest.Config) -> None:
     config.addinivalue_line(
         "markers",
         "one_loop: run on the commands' own loop only (uvloop where installed): the "
-        "subject is a child process or the dev agent",
+        "subject is a child process or the dev agent, or both loops are covered elsewhere",
     )
     config.addinivalue_line(
         "markers",

@@ -28,7 +28,10 @@ from tests.proxyfix import (
     running_proxy,
 )
 
-pytestmark = pytest.mark.tls_engines()
+pytestmark = [
+    pytest.mark.tls_engines(),
+    pytest.mark.one_loop,
+]  # engines matter here; the loop is covered elsewhere
 
 
 @pytest.fixture

@@ -36,7 +36,10 @@ from tests.proxyfix import (
     tls_exchange,
 )
 
-pytestmark = pytest.mark.tls_engines()
+pytestmark = [
+    pytest.mark.tls_engines(),
+    pytest.mark.one_loop,
+]  # engines matter here; the loop is covered elsewhere
 
 
 @pytest.fixture
