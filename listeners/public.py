@@ -64,6 +64,8 @@ class InboundAuthorizer(Protocol):
 
 
 class _InboundTLS(TLSTransport):
+    __slots__ = ("listener", "slot")
+
     def __init__(self, listener: PublicListener, context: TLSContext, slot: Slot) -> None:
         super().__init__(context, server_side=True)
         self.listener = listener

@@ -459,10 +459,13 @@ class Listener:
                 slot.release()
             return
         task = asyncio.get_running_loop().create_task(coro, name=name)
-        self._tasks.add(task)
-        task.add_done_callback(self._tasks.discard)
+        tasks = self._tasks
+        tasks.add(task)
 
+        # One callback does all (each one a task holds costs a callback entry and a copy of
+        # the context for the life of the connection).
         def reap(t: asyncio.Task[None]) -> None:
+            tasks.discard(t)
             if slot is not None:
                 slot.release()
             if t.cancelled():
