@@ -10,6 +10,9 @@ within 1.5x of the baseline.
     python bench/memory_spike.py            # 3,000 connections, about 30 s
     python bench/memory_spike.py -n 10000   # needs `ulimit -n` above 2 x N
 
+The proxy is started with `-max-inbound-connections N` (its default cap is a quarter of its
+descriptor limit, 4,984 with `ulimit -n` 20,000: every connection past it would be refused).
+
 Rule 1: nothing here is collected by pytest; the proxy and this script each need N
 descriptors (the script raises its soft limit to the hard one).
 """
@@ -78,7 +81,7 @@ async def measure(n: int, settle: float) -> dict[str, float]:
         port = probe.getsockname()[1]
     argv = [sys.executable, "-m", "proxy", "-service", "db", "-listen", f"127.0.0.1:{port}"]
     argv += ["-service-addr", f"127.0.0.1:{app_port}", "-http-addr", agent.http_addr]
-    argv += ["-access-log=false"]
+    argv += ["-access-log=false", "-max-inbound-connections", str(n + 100)]
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: ASYNC220 (read from a thread below)
     try:
         await _line(proc, READY, 30)
@@ -132,6 +135,8 @@ def main() -> int:
     print(f"  after they closed   {got['after']:7.1f} MiB ({got['waited']:.1f} s later)")
     ratio = got["after"] / got["baseline"]
     print(f"  after / baseline    {ratio:7.2f}x (goal <= 1.50x: {'met' if ratio <= 1.5 else 'no'})")
+    per = (got["peak"] - got["baseline"]) * 1024 / args.n
+    print(f"  per connection      {per:7.1f} KiB (goal <= 40 KiB; peak <= 400 MiB at 10,000)")
     return 0
 
 

@@ -82,7 +82,10 @@ class Connection:
     detail: str = ""  # the error or the authorizer's reason, for the access log
     forwarded: bool = False
     stats: PipeStats | None = None  # live byte counts once forwarding
-    peer_der: bytes = b""  # inbound: the client's leaf, for re-checks (`proxy/reauth.py`)
+    # Inbound, while forwarding: reads the client's leaf, DER, from the live TLS connection,
+    # for re-checks (`proxy/reauth.py`). A handle, not the bytes (half a KiB per idle
+    # connection, bench/README.md "Memory per idle connection"): see `peer_der`.
+    peer_leaf: Callable[[], bytes | None] | None = field(default=None, repr=False)
     abort: Callable[[], None] | None = field(default=None, repr=False)  # once forwarding
     # Inbound, while forwarding: reads the client's chain as sent, leaf first, DER, from the
     # live TLS connection (`TLSTransport.peer_chain`). A handle, not the chain: only a roots
@@ -94,6 +97,12 @@ class Connection:
         if self.refusal is not None:
             return Outcome.REFUSED
         return Outcome.FORWARDED if self.forwarded else Outcome.CLOSED
+
+    @property
+    def peer_der(self) -> bytes:
+        """Inbound, while forwarding: the client's leaf, DER (b"" otherwise)."""
+        leaf = self.peer_leaf
+        return (leaf() or b"") if leaf is not None else b""
 
     @property
     def to_destination(self) -> int:

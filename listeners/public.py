@@ -12,8 +12,9 @@ Order per connection (Consul's `connect/proxy/listener.go`, `connect/tls.go`; wh
 
 Rule 1: no byte from the client reaches the app, and no connection is opened to the app,
 before the authorizer has allowed the connection.
-Rule 2: a forwarded connection's record keeps its peer's leaf, a handle that reads the
-peer's chain and the handle that cuts it until it ends, so it can be re-checked later;
+Rule 2: a forwarded connection's record keeps handles that read its peer's leaf and chain
+from the live TLS connection and the handle that cuts it until it ends, so it can be
+re-checked later;
 `revoke()` cuts both of its sides at once (`proxy/reauth.py`).
 Rule 3: this module takes from `proxy/` only level-0 modules (`proxy.addr`,
 `proxy.identity`); its collaborators are Protocols.
@@ -64,6 +65,8 @@ class InboundAuthorizer(Protocol):
 
 
 class _InboundTLS(TLSTransport):
+    __slots__ = ("listener", "slot")
+
     def __init__(self, listener: PublicListener, context: TLSContext, slot: Slot) -> None:
         super().__init__(context, server_side=True)
         self.listener = listener
@@ -135,7 +138,7 @@ class PublicListener(Listener):
 
     def forwarding(self) -> list[Connection]:
         """The open connections that are past authorize and forwarding, with a client leaf."""
-        return [c for c in self.connections if c.abort is not None and c.peer_der]
+        return [c for c in self.connections if c.abort is not None and c.peer_leaf is not None]
 
     def revoke(self, conn: Connection, reason: Refusal, detail: str) -> bool:
         """Close a forwarded connection now, both sides, as refused for `reason`.
@@ -191,6 +194,7 @@ class PublicListener(Listener):
             started = now()
             peer_der = tls.peer_certificate()
             decision = await self.authorizer.authorize(peer_der)
+            has_leaf, peer_der = bool(peer_der), None  # read again on demand: `peer_leaf`
             conn.authorize = now() - started
             conn.peer_id = decision.peer_uri
             if not decision.allowed:
@@ -223,7 +227,8 @@ class PublicListener(Listener):
             tls.attach(pipe.a)
             conn.forwarded = True
             conn.stats = pipe.stats
-            conn.peer_der = peer_der or b""
+            if has_leaf:
+                conn.peer_leaf = tls.peer_certificate
             conn.abort = pipe.abort
             conn.peer_chain = tls.peer_chain
             self.observer.forwarding(conn)
@@ -242,5 +247,5 @@ class PublicListener(Listener):
             raise
         finally:
             conn.abort = None
-            conn.peer_chain = None  # the TLS connection is over: let it go
+            conn.peer_chain = conn.peer_leaf = None  # the TLS connection is over: let it go
             self.untrack(conn)

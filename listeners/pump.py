@@ -56,7 +56,10 @@ class Side(asyncio.Protocol):
     """Reads from its own transport and writes into the peer's.
 
     A subclass may act on `connection_made` (calling this one's first); the rest is the pump's.
+    Slotted, as the pipe (a subclass adds its own `__slots__`).
     """
+
+    __slots__ = ("early", "early_eof", "eof", "lost", "name", "peer", "pipe", "transport")
 
     # Set by the pipe that takes this side.
     pipe: Pipe
@@ -69,7 +72,8 @@ class Side(asyncio.Protocol):
         self.lost = False
         # What arrived before the pipe started (an event loop may deliver data before a
         # pause_reading() in connection_made takes effect; a server-first app may greet).
-        self.early = bytearray()
+        # Made when the first such byte comes: most connections never need it.
+        self.early: bytearray | None = None
         self.early_eof = False
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -79,7 +83,10 @@ class Side(asyncio.Protocol):
 
     def data_received(self, data: bytes) -> None:
         if not self.pipe.started:
-            self.early += data
+            if self.early is None:
+                self.early = bytearray(data)
+            else:
+                self.early += data
             assert self.transport is not None
             self.transport.pause_reading()
             return
@@ -137,6 +144,18 @@ class Pipe:
         close_timeout: how long a direction may go on after an EOF that cannot be passed on.
     """
 
+    __slots__ = (
+        "_close_handle",
+        "_closing",
+        "a",
+        "b",
+        "close_timeout",
+        "done",
+        "error",
+        "started",
+        "stats",
+    )
+
     def __init__(self, a: Side | None = None, *, close_timeout: float = 10.0) -> None:
         self.stats = PipeStats()
         self.close_timeout = close_timeout
@@ -158,7 +177,7 @@ class Pipe:
         self.started = True
         for side in (self.a, self.b):
             if side.early:
-                data, side.early = bytes(side.early), bytearray()
+                data, side.early = bytes(side.early), None
                 side.data_received(data)
         for side in (self.a, self.b):
             if side.early_eof and not side.eof:

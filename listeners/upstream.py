@@ -57,6 +57,8 @@ class _Local(Side):
     while the upstream connection is dialled.
     """
 
+    __slots__ = ("listener", "slot")
+
     def __init__(self, listener: UpstreamListener, slot: Slot) -> None:
         super().__init__()
         self.listener = listener

@@ -384,3 +384,54 @@ async def test_a_session_only_resumes_with_the_context_that_made_it(
     assert session is not None
     with pytest.raises(ValueError):
         new_engine(_client(ca, tls_engine), server_side=False, session=session)
+
+
+# -- OpenSSL settings ---------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(("server_engine", "tickets"), [("ssl", 1), ("openssl", 2)])
+async def test_tickets_a_server_sends_as_a_real_client_sees_them(
+    ca: CertificateAuthority, server_engine: str, tickets: int
+) -> None:
+    # A CPython ssl client over a real socket counts the NewSessionTicket messages it reads
+    # (OpenSSL's message callback). The `ssl` engine's servers send one, as Go does; the
+    # `openssl` engine keeps OpenSSL's two (no binding sets the count, bench/README.md).
+    seen: list[int] = []
+
+    def message(
+        _conn: object, direction: str, _v: object, kind: object, _m: object, data: bytes
+    ) -> None:
+        if direction == "read" and kind == ssl._TLSContentType.HANDSHAKE and data[:1] == b"\x04":
+            seen.append(len(data))
+
+    client_ctx = _client(ca, "ssl")
+    assert isinstance(client_ctx, ssl.SSLContext)
+    client_ctx._msg_callback = message  # type: ignore[attr-defined]
+    server_ctx = _server(ca, server_engine)
+    loop = asyncio.get_running_loop()
+    accepted: asyncio.Future[TLSTransport] = loop.create_future()
+
+    def accept() -> TLSTransport:
+        tls = TLSTransport(server_ctx, server_side=True)
+        accepted.set_result(tls)
+        return tls
+
+    listener = await loop.create_server(accept, "127.0.0.1", 0)
+    port = listener.sockets[0].getsockname()[1]
+    try:
+        async with asyncio.timeout(5):
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", port, ssl=client_ctx, server_hostname=None
+            )
+            server = await accepted
+            await server.handshake(5)
+            attach(server, Sink(echo=True))
+            writer.write(b"ping")
+            # The tickets come after the handshake, before the echo: read past them.
+            assert await reader.readexactly(4) == b"ping"
+            assert writer.get_extra_info("ssl_object").version() == "TLSv1.3"
+            assert len(seen) == tickets
+            writer.close()
+            server.close()
+    finally:
+        listener.close()

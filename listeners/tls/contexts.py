@@ -59,6 +59,9 @@ TLS12_CIPHERS = ":".join(
 # ssl cannot set them).
 TLS13_CIPHERS = "TLS_AES_128_GCM_SHA256:TLS_AES_256_GCM_SHA384:TLS_CHACHA20_POLY1305_SHA256"
 
+# TLS 1.3 session tickets a server of the `ssl` engine sends after a full handshake (Go: 1).
+SERVER_TICKETS = 1
+
 
 def new_engine(
     context: TLSContext,
@@ -104,6 +107,12 @@ def build_contexts(
     client.check_hostname = False
     load_cert_chain(server, cert_pem, key_pem)
     load_cert_chain(client, cert_pem, key_pem)
+    # One TLS 1.3 ticket per full handshake, as Go's crypto/tls sends, not OpenSSL's two: a
+    # client of ours keeps one session per server, so the second ticket was work for both
+    # ends and nothing else (bench/README.md, "OpenSSL settings": 9 % of the instructions of
+    # a mutual handshake, both sides). The `openssl` engine cannot say so: neither pyOpenSSL
+    # nor cryptography's bindings expose SSL_CTX_set_num_tickets.
+    server.num_tickets = SERVER_TICKETS
     return server, client
 
 

@@ -44,7 +44,26 @@ class TLSTransport(asyncio.Protocol):
     Lifecycle: create it as the protocol of a TCP connection (`create_connection`,
     `create_server`) with the context to use, await `handshake()`, inspect
     `peer_certificate()`, then `attach(app_protocol)` to start the byte flow.
+
+    Slotted, as every object that lives as long as a connection (bench/README.md, "Memory
+    per idle connection"); a subclass adds its own `__slots__`.
     """
+
+    __slots__ = (
+        "_app",
+        "_closed",
+        "_context",
+        "_engine",
+        "_eof_received",
+        "_eof_sent",
+        "_handshake",
+        "_lost",
+        "_raw",
+        "_reading_paused",
+        "_server_side",
+        "_writing_paused",
+        "received_any",
+    )
 
     def __init__(
         self,
