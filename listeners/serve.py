@@ -423,18 +423,20 @@ class Listener:
     def _evict_silent(self) -> bool:
         """Make room in a full handshake budget: close the oldest connection whose client
         has sent not one byte (a TLS client sends its ClientHello at once; a slowloris
-        sends nothing), taken from the client address that holds the most handshakes (so
-        one flooding address gives way to the others, and to itself, never the reverse).
-        False if none of that address's oldest `EVICT_SCAN` is silent."""
-        if not self._in_handshake:
-            return False
-        heaviest = max(self._in_handshake.values(), key=len)
+        sends nothing), looking first at the client address that holds the most handshakes,
+        then at the next (so one flooding address gives way to the others, and to itself,
+        never the reverse). False if none of the first `EVICT_SCAN` looked at is silent."""
         victim = None
-        for scanned, slot in enumerate(heaviest):
-            if scanned >= EVICT_SCAN:
-                break
-            if slot.silent():
-                victim = slot
+        scanned = 0
+        for slots in sorted(self._in_handshake.values(), key=len, reverse=True):
+            for slot in slots:
+                if scanned >= EVICT_SCAN:
+                    break
+                scanned += 1
+                if slot.silent():
+                    victim = slot
+                    break
+            if victim is not None or scanned >= EVICT_SCAN:
                 break
         if victim is None:
             return False

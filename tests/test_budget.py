@@ -203,6 +203,32 @@ async def test_a_budget_full_of_talking_handshakes_refuses_the_newcomer(agent: D
             assert _refused(metrics, "over_handshake_limit") == 1.0
 
 
+async def test_a_silent_connection_of_a_lighter_address_gives_way_too(agent: DevAgent) -> None:
+    """The busiest address has only talking handshakes: the silent one of another address
+    is evicted for the newcomer instead of the newcomer being refused."""
+    metrics = ProxyMetrics()
+    async with (
+        echo_app() as app,
+        db_sidecar(agent, app, metrics, max_inbound_connections=12) as db,
+    ):
+        public = db.public
+        assert public is not None and public.handshake_limit == 3
+        async with _connections(public.port, 2) as talking:
+            for _, w in talking:
+                w.write(b"\x16\x03\x01")  # from 127.0.0.1: two, each with a byte sent
+                await w.drain()
+            reader, writer = await asyncio.open_connection(
+                "127.0.0.1", public.port, local_addr=("127.0.0.2", 0)
+            )
+            try:
+                await wait_until(lambda: public.handshaking == 3)
+                assert await _echo(public.port, agent, b"newcomer") == b"newcomer"
+                assert await reader.read(1) == b""  # the silent one from 127.0.0.2 gave way
+                assert public.evicted_silent == 1 and public.over_handshake_limit == 0
+            finally:
+                writer.close()
+
+
 @contextlib.contextmanager
 def _child(limit: int, cap: str) -> Iterator[tuple[subprocess.Popen[str], int, list[str]]]:
     """The child listener, its port, and (filled once it has exited) its log lines."""
