@@ -18,9 +18,7 @@ that does not load or does not chain.
 from __future__ import annotations
 
 import contextlib
-import os
 import ssl
-import tempfile
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
@@ -38,6 +36,7 @@ from listeners.tls.engine import (
     TLSError,
     TLSSession,
 )
+from proxy import keyload
 from proxy.errors import TLSMaterialError
 
 if TYPE_CHECKING:
@@ -119,39 +118,16 @@ def build_contexts(
 def load_cert_chain(
     ctx: ssl.SSLContext, cert_pem: str, key_pem: str, *, use_memfd: bool = True
 ) -> None:
-    """Load a certificate chain and its private key into `ctx` from memory.
-
-    `ssl.SSLContext.load_cert_chain` only reads paths. On Linux the path is an anonymous
-    memory file (`/proc/self/fd/N` of a memfd), so the key is never written to any
-    filesystem. Elsewhere it is a 0600 file inside a fresh 0700 directory, removed right
-    after OpenSSL has read it.
+    """Load a certificate chain and its private key into `ctx` from memory, never from a
+    file on disk (`proxy.keyload`).
 
     Raises:
         TLSMaterialError: the certificate or key does not load.
     """
-    data = (cert_pem.strip() + "\n" + key_pem.strip() + "\n").encode()
     try:
-        if use_memfd and hasattr(os, "memfd_create"):
-            fd = os.memfd_create("connect-proxy-leaf", os.MFD_CLOEXEC)
-            try:
-                os.write(fd, data)
-                ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-            finally:
-                os.close(fd)
-            return
-        directory = tempfile.mkdtemp(prefix="connect-proxy-")  # created 0700
-        path = os.path.join(directory, "leaf.pem")
-        try:
-            fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-            try:
-                os.write(fd, data)
-            finally:
-                os.close(fd)
-            ctx.load_cert_chain(path)
-        finally:
-            with contextlib.suppress(FileNotFoundError):
-                os.unlink(path)
-            os.rmdir(directory)
+        keyload.load_cert_chain(
+            ctx, cert_pem, key_pem, name="connect-proxy-leaf", use_memfd=use_memfd
+        )
     except (ssl.SSLError, OSError, ValueError) as exc:
         raise TLSMaterialError(f"failed to load the leaf certificate and key: {exc}") from exc
 

@@ -10,12 +10,9 @@ Rule 1: pure apart from `load_chain`, which keeps the private key off every disk
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import datetime as dt
 import json
-import os
 import ssl
-import tempfile
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +21,7 @@ from cryptography.hazmat.primitives import hashes, serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy import keyload
 from proxy.devagent.ca import BACKDATE, CertificateAuthority, key_id
 
 MAX_LINE = 8 << 20
@@ -84,30 +82,8 @@ def sign_server(ca: CertificateAuthority, dns_name: str, *, datacenter: str) -> 
 
 
 def load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    # `load_cert_chain` reads only paths: a memfd on Linux keeps the key off every disk;
-    # elsewhere a 0600 file in a fresh 0700 directory, removed at once.
-    data = (cert_pem.strip() + "\n" + key_pem.strip() + "\n").encode()
-    if hasattr(os, "memfd_create"):
-        fd = os.memfd_create("devagent-peering", os.MFD_CLOEXEC)
-        try:
-            os.write(fd, data)
-            ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-        finally:
-            os.close(fd)
-        return
-    directory = tempfile.mkdtemp(prefix="devagent-")
-    path = os.path.join(directory, "peering.pem")
-    try:
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-        finally:
-            os.close(fd)
-        ctx.load_cert_chain(path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(path)
-        os.rmdir(directory)
+    # The key never touches a disk (`proxy.keyload`).
+    keyload.load_cert_chain(ctx, cert_pem, key_pem, name="devagent-peering")
 
 
 def denied(message: str) -> bytes:
