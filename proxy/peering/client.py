@@ -19,62 +19,28 @@ from typing import Any
 
 import httpx
 
-from proxy.agent import make_http_client
+from proxy.goclient import APIError, GoAPIClient
 from proxy.httpflags import HTTPOptions
-from proxy.rexec.client import transport_text
-
-REQUEST_TIMEOUT = 30.0
 
 
-class PeeringAPIError(Exception):
-    """A failed call, worded as Consul's Go client words it."""
+class PeeringAPIError(APIError):
+    """A failed call of `peering`."""
 
 
-class PeeringClient:
+class PeeringClient(GoAPIClient):
+    error = PeeringAPIError
+
     def __init__(self, options: HTTPOptions, partition: str = "") -> None:
-        self._client = make_http_client(options)
-        self._headers = {"X-Consul-Token": options.token} if options.token else {}
-        self._dc = options.datacenter
+        super().__init__(options)
         self.partition = partition
 
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def _call(
+    async def _send(
         self, method: str, path: str, body: Mapping[str, Any] | None = None
     ) -> httpx.Response:
-        query: dict[str, str] = {}
-        if self._dc:
-            query["dc"] = self._dc
-        if self.partition:  # the Go client puts its partition on every request
-            query["partition"] = self.partition
+        # The Go client puts its partition on every request.
+        params = {"partition": self.partition} if self.partition else None
         content = None if body is None else json.dumps(body).encode()
-        request = self._client.build_request(
-            method,
-            path,
-            params=query,
-            content=content,
-            headers=self._headers,
-            timeout=REQUEST_TIMEOUT,
-        )
-        try:
-            return await self._client.send(request)
-        except httpx.TransportError as exc:
-            raise PeeringAPIError(transport_text(method, str(request.url), exc)) from None
-
-    @staticmethod
-    def _require_ok(response: httpx.Response) -> httpx.Response:
-        if response.status_code != 200:
-            text = response.content.decode("utf-8", "replace")
-            raise PeeringAPIError(f"Unexpected response code: {response.status_code} ({text})")
-        return response
-
-    @staticmethod
-    def _json(response: httpx.Response) -> Any:
-        try:
-            return json.loads(response.content)
-        except ValueError as exc:
-            raise PeeringAPIError(f"Failed to read response: {exc}") from None
+        return await self._call(method, path, params=params, content=content)
 
     def _write_body(self, body: dict[str, Any]) -> dict[str, Any]:
         # Go's omitempty: Partition and Meta only when set.
@@ -89,7 +55,7 @@ class PeeringClient:
             {"PeerName": name, "Meta": dict(meta), "ServerExternalAddresses": list(addresses)}
         )
         body.setdefault("PeerName", name)
-        answer = self._json(self._require_ok(await self._call("POST", "/v1/peering/token", body)))
+        answer = self._json(self._require_ok(await self._send("POST", "/v1/peering/token", body)))
         if not isinstance(answer, dict):
             raise PeeringAPIError("Failed to read response: not an object")
         return answer
@@ -97,11 +63,11 @@ class PeeringClient:
     async def establish(self, name: str, token: str, meta: Mapping[str, str]) -> None:
         body = self._write_body({"PeerName": name, "PeeringToken": token, "Meta": dict(meta)})
         body.setdefault("PeerName", name)
-        self._require_ok(await self._call("POST", "/v1/peering/establish", body))
+        self._require_ok(await self._send("POST", "/v1/peering/establish", body))
 
     async def read(self, name: str) -> dict[str, Any] | None:
         path = f"/v1/peering/{urllib.parse.quote(name, safe='')}"
-        response = await self._call("GET", path)
+        response = await self._send("GET", path)
         if response.status_code == 404:
             return None
         answer = self._json(self._require_ok(response))
@@ -110,7 +76,7 @@ class PeeringClient:
         return answer
 
     async def list(self) -> list[dict[str, Any]]:
-        answer = self._json(self._require_ok(await self._call("GET", "/v1/peerings")))
+        answer = self._json(self._require_ok(await self._send("GET", "/v1/peerings")))
         if answer is None:
             return []
         if not isinstance(answer, list):
@@ -119,4 +85,4 @@ class PeeringClient:
 
     async def delete(self, name: str) -> None:
         path = f"/v1/peering/{urllib.parse.quote(name, safe='')}"
-        self._require_ok(await self._call("DELETE", path))
+        self._require_ok(await self._send("DELETE", path))

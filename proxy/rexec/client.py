@@ -19,99 +19,25 @@ from __future__ import annotations
 
 import base64
 import binascii
-import errno
 import json
 import urllib.parse
 from collections.abc import Mapping
 from typing import Any
 
-import httpx
-
-from proxy.agent import make_http_client
-from proxy.httpflags import HTTPOptions
+from proxy.goclient import APIError, GoAPIClient
 
 # Our margin over a blocking query's wait (the agent adds up to wait/16 of jitter).
 BLOCKING_MARGIN = 15.0
-REQUEST_TIMEOUT = 30.0
 
 
-class ExecAPIError(Exception):
-    """A failed call, worded as Consul's Go client words it."""
+class ExecAPIError(APIError):
+    """A failed call of `exec`."""
 
 
-def _go_method(method: str) -> str:
-    return method[:1] + method[1:].lower()
-
-
-def transport_text(method: str, url: str, exc: httpx.TransportError) -> str:
-    """Go's `*url.Error` text for a request that never got an answer."""
-    errnos: list[int] = []
-    cause: BaseException | None = exc
-    for _ in range(16):  # the chain httpx -> httpcore -> anyio -> the socket's error
-        if cause is None:
-            break
-        if isinstance(cause, OSError) and cause.errno:
-            errnos.append(cause.errno)
-        cause = cause.__cause__ or cause.__context__
-    parsed = urllib.parse.urlsplit(url)
-    host = parsed.netloc
-    if errno.ECONNREFUSED in errnos:
-        reason = f"dial tcp {host}: connect: connection refused"
-    elif isinstance(exc, httpx.TimeoutException):
-        reason = "context deadline exceeded (Client.Timeout exceeded while awaiting headers)"
-    else:
-        reason = str(exc) or type(exc).__name__
-    return f'{_go_method(method)} "{url}": {reason}'
-
-
-class ExecClient:
+class ExecClient(GoAPIClient):
     """One agent, as `HTTPOptions` describe it (see the module docstring)."""
 
-    def __init__(self, options: HTTPOptions) -> None:
-        self._client = make_http_client(options)
-        self._headers = {"X-Consul-Token": options.token} if options.token else {}
-        self._dc = options.datacenter
-
-    async def aclose(self) -> None:
-        await self._client.aclose()
-
-    async def _call(
-        self,
-        method: str,
-        path: str,
-        *,
-        params: Mapping[str, str] | None = None,
-        content: bytes | None = None,
-        content_type: str = "",
-        timeout: float = REQUEST_TIMEOUT,
-    ) -> httpx.Response:
-        query = dict(params or {})
-        if self._dc:
-            query["dc"] = self._dc
-        headers = dict(self._headers)
-        if content_type:
-            headers["Content-Type"] = content_type
-        request = self._client.build_request(
-            method, path, params=query, content=content, headers=headers, timeout=timeout
-        )
-        try:
-            return await self._client.send(request)
-        except httpx.TransportError as exc:
-            raise ExecAPIError(transport_text(method, str(request.url), exc)) from None
-
-    @staticmethod
-    def _require_ok(response: httpx.Response) -> httpx.Response:
-        if response.status_code != 200:
-            body = response.content.decode("utf-8", "replace")
-            raise ExecAPIError(f"Unexpected response code: {response.status_code} ({body})")
-        return response
-
-    @staticmethod
-    def _json(response: httpx.Response) -> Any:
-        try:
-            return json.loads(response.content)
-        except ValueError as exc:
-            raise ExecAPIError(f"Failed to read response: {exc}") from None
+    error = ExecAPIError
 
     # -- agent and health ----------------------------------------------------------------
 
