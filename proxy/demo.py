@@ -107,7 +107,9 @@ def say(text: str = "") -> None:
     print(text, flush=True)
 
 
-async def _show_decision(api: httpx.AsyncClient, uri: str) -> None:
+async def show_decision(
+    api: httpx.AsyncClient, uri: str, label: str = "authorize web => db"
+) -> None:
     """What the agent answers db's sidecar for web's identity (the call it makes per connection)."""
     decision = (
         await api.post(
@@ -115,7 +117,7 @@ async def _show_decision(api: httpx.AsyncClient, uri: str) -> None:
             json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
         )
     ).json()
-    say(f"    authorize web => db: Authorized={decision['Authorized']} ({decision['Reason']})")
+    say(f"    {label}: Authorized={decision['Authorized']} ({decision['Reason']})")
 
 
 async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
@@ -213,7 +215,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
             say(f"    failed: {exc!r}")
             ok = False
         uri = web.tls.material.leaf.uri or ""
-        await _show_decision(api, uri)
+        await show_decision(api, uri)
         (listener,) = web.upstreams.values()
         await listener.until_idle()
         say(
@@ -235,7 +237,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
             ok = False
         except httpx.HTTPError as exc:
             say(f"    refused: {type(exc).__name__} (db's sidecar closed it after authorize)")
-        await _show_decision(api, uri)
+        await show_decision(api, uri)
         say(
             f"    db's sidecar denied {db.public.denied - denied_before} connection(s); "
             "the db app saw none of them"

@@ -21,7 +21,7 @@ from typing import Any
 import httpx
 
 from proxy.agent import AgentClient
-from proxy.demo import DbApp, ReservedPorts, say
+from proxy.demo import DbApp, ReservedPorts, say, show_decision
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.httpflags import HTTPOptions
 from proxy.runner import run
@@ -185,7 +185,7 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
         say(f"    {got!r} in {elapsed:.1f} ms")
         ok &= isinstance(got, tuple) and got[0] == 200
         uri = web.tls.material.leaf.uri or ""
-        await _show_decision(api2, uri)
+        await show_decision(api2, uri, "dc2 authorize web (dc1) => db")
         say(f"    db's sidecar forwarded {db.public.forwarded}, denied {db.public.denied}")
 
         say()
@@ -203,7 +203,7 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
             ok = False
         else:
             say(f"    refused: {got} (db's sidecar closed it after authorize)")
-        await _show_decision(api2, uri)
+        await show_decision(api2, uri, "dc2 authorize web (dc1) => db")
         denied = db.public.denied - denied_before
         say(f"    db's sidecar denied {denied} connection(s); the db app saw none of them")
         ok &= denied > 0 and app.requests == 1
@@ -226,17 +226,3 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
         await app.close()
         await dc1.close()
         await dc2.close()
-
-
-async def _show_decision(api: httpx.AsyncClient, uri: str) -> None:
-    """What dc2 answers db's sidecar for dc1's web (the call it makes per connection)."""
-    decision = (
-        await api.post(
-            "/v1/agent/connect/authorize",
-            json={"Target": "db", "ClientCertURI": uri, "ClientCertSerial": "01"},
-        )
-    ).json()
-    say(
-        f"    dc2 authorize web (dc1) => db: Authorized={decision['Authorized']} "
-        f"({decision['Reason']})"
-    )
