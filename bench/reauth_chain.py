@@ -34,7 +34,7 @@ from cryptography.hazmat.primitives import hashes  # noqa: E402
 from cryptography.hazmat.primitives.serialization import Encoding  # noqa: E402
 
 from listeners.events import INBOUND, Connection  # noqa: E402
-from listeners.tls.contexts import build_contexts, new_engine  # noqa: E402
+from listeners.tls.contexts import build_contexts, handshake_in_memory  # noqa: E402
 from listeners.tls.engine import TLS_ENGINES, TLSEngine  # noqa: E402
 from listeners.tls.transport import TLSTransport  # noqa: E402
 from proxy.devagent.ca import CertificateAuthority, Root, key_id  # noqa: E402
@@ -52,20 +52,7 @@ def handshake(ca: CertificateAuthority, engine: str) -> TLSEngine:
     db, web = ca.sign_leaf("db", datacenter="dc1"), ca.sign_leaf("web", datacenter="dc1")
     server_ctx = build_contexts(roots, db.cert_pem, db.private_key_pem, engine)[0]
     client_ctx = build_contexts(roots, web.cert_pem, web.private_key_pem, engine)[1]
-    srv = new_engine(server_ctx, server_side=True)
-    cli = new_engine(client_ctx, server_side=False)
-    done = [False, False]
-    for _ in range(8):
-        for i, side in enumerate((cli, srv)):
-            if not done[i]:
-                done[i] = side.do_handshake()
-        if data := cli.take():
-            srv.feed(data)
-        if data := srv.take():
-            cli.feed(data)
-        if all(done):
-            return srv
-    raise RuntimeError("handshake did not complete")
+    return handshake_in_memory(server_ctx, client_ctx)[0]
 
 
 def cross_sign(cert: x509.Certificate, issuer: Root) -> x509.Certificate:

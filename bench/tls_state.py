@@ -35,7 +35,7 @@ sys.path.insert(0, str(ROOT))
 
 from cryptography.hazmat.bindings.openssl.binding import Binding  # noqa: E402
 
-from listeners.tls.contexts import build_contexts, new_engine  # noqa: E402
+from listeners.tls.contexts import build_contexts, handshake_in_memory  # noqa: E402
 from listeners.tls.engine import TLSContext, TLSEngine  # noqa: E402
 from proxy.devagent.ca import CertificateAuthority  # noqa: E402
 
@@ -90,21 +90,7 @@ def contexts(engine: str, groups: str, tickets: int | None) -> tuple[TLSContext,
 
 def pair(server: TLSContext, client: TLSContext) -> tuple[TLSEngine, TLSEngine]:
     """A mutual handshake in memory, then one byte each way (tickets read past)."""
-    srv = new_engine(server, server_side=True)
-    cli = new_engine(client, server_side=False)
-    done = [False, False]
-    for _ in range(8):
-        for i, side in enumerate((cli, srv)):
-            if not done[i]:
-                done[i] = side.do_handshake()
-        if data := cli.take():
-            srv.feed(data)
-        if data := srv.take():
-            cli.feed(data)
-        if all(done):
-            break
-    if not all(done):
-        raise RuntimeError("the handshake did not complete")
+    srv, cli = handshake_in_memory(server, client)
     cli.write(b"x")
     srv.feed(cli.take())
     srv.write(b"y")

@@ -239,7 +239,7 @@ def check_contexts(
         TLSMaterialError: either side refused the other, or the handshake did not complete.
     """
     try:
-        _self_handshake(server, client)
+        handshake_in_memory(server, client)
     except TLSError as exc:
         raise TLSMaterialError(
             "the leaf certificate does not verify against the CA roots: "
@@ -247,7 +247,15 @@ def check_contexts(
         ) from exc
 
 
-def _self_handshake(server: TLSContext, client: TLSContext) -> None:
+def handshake_in_memory(server: TLSContext, client: TLSContext) -> tuple[TLSEngine, TLSEngine]:
+    """One mutual handshake between a fresh server and client engine over memory BIOs.
+
+    Returns:
+        (server engine, client engine), handshake done.
+
+    Raises:
+        TLSError: a side refused the other, or the handshake did not complete.
+    """
     srv = new_engine(server, server_side=True)
     cli = new_engine(client, server_side=False)
     done = [False, False]
@@ -262,7 +270,7 @@ def _self_handshake(server: TLSContext, client: TLSContext) -> None:
         if data := srv.take():
             cli.feed(data)
         if all(done):
-            return
+            return srv, cli
     raise TLSError("self-test handshake did not complete")
 
 
