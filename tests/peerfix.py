@@ -27,6 +27,17 @@ class Cluster:
     def trust_domain(self) -> str:
         return self.agent.state.ca.trust_domain
 
+    async def token(self, name: str, **body: Any) -> str:
+        r = await self.http.post("/v1/peering/token", json={"PeerName": name, **body})
+        assert r.status_code == 200, r.text
+        token: str = r.json()["PeeringToken"]
+        return token
+
+    async def establish(self, name: str, token: str) -> httpx.Response:
+        return await self.http.post(
+            "/v1/peering/establish", json={"PeerName": name, "PeeringToken": token}
+        )
+
     async def state(self, name: str) -> str:
         r = await self.http.get(f"/v1/peering/{name}")
         return str(r.json()["State"]) if r.status_code == 200 else str(r.status_code)
@@ -56,7 +67,7 @@ class Cluster:
         assert r.status_code == 200, r.text
 
 
-def cluster_config(dc: str) -> AgentConfig:
+def cluster_config(dc: str, **kw: Any) -> AgentConfig:
     return AgentConfig(
         node_name=f"node-{dc}",
         datacenter=dc,
@@ -64,12 +75,14 @@ def cluster_config(dc: str) -> AgentConfig:
         grpc_tls_port=0,
         peering_heartbeat=0.5,
         sidecar_check_interval=0.3,
+        **kw,
     )
 
 
 @contextlib.asynccontextmanager
-async def cluster(dc: str) -> AsyncIterator[Cluster]:
-    agent = DevAgent(cluster_config(dc))
+async def cluster(dc: str | AgentConfig) -> AsyncIterator[Cluster]:
+    """A started dev agent (`dc`: a datacenter name for `cluster_config`, or a config)."""
+    agent = DevAgent(cluster_config(dc) if isinstance(dc, str) else dc)
     await agent.start("127.0.0.1", 0)
     try:
         async with httpx.AsyncClient(base_url=agent.url, timeout=10.0) as http:
@@ -80,13 +93,8 @@ async def cluster(dc: str) -> AsyncIterator[Cluster]:
 
 async def peer(dc1: Cluster, dc2: Cluster) -> None:
     """dc2 generates the token (calls dc1 "dc1"), dc1 establishes (calls dc2 "dc2")."""
-    r = await dc2.http.post("/v1/peering/token", json={"PeerName": "dc1"})
-    assert r.status_code == 200, r.text
-    token = r.json()["PeeringToken"]
-    r = await dc1.http.post(
-        "/v1/peering/establish", json={"PeerName": "dc2", "PeeringToken": token}
-    )
-    assert r.status_code == 200, r.text
+    r = await dc1.establish("dc2", await dc2.token("dc1"))
+    assert (r.status_code, r.json()) == (200, {}), r.text
 
     async def active() -> bool:
         return await dc1.state("dc2") == "ACTIVE" and await dc2.state("dc1") == "ACTIVE"

@@ -9,82 +9,33 @@ import json
 import socket
 import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from typing import Any
 
 import httpx
 import pytest
 from cryptography import x509
 
-from proxy.devagent import AgentConfig, DevAgent
+from proxy.devagent import AgentConfig
 from tests.conftest import register, wait_until
+from tests.peerfix import Cluster, cluster, cluster_config
 
 pytestmark = pytest.mark.one_loop  # the dev agent: one loop is enough
 
 ROOT = "root-secret-peering"
 
 
-@dataclass
-class Side:
-    agent: DevAgent
-    http: httpx.AsyncClient
-
-    async def token(self, name: str, **body: Any) -> str:
-        r = await self.http.post("/v1/peering/token", json={"PeerName": name, **body})
-        assert r.status_code == 200, r.text
-        token: str = r.json()["PeeringToken"]
-        return token
-
-    async def establish(self, name: str, token: str) -> httpx.Response:
-        return await self.http.post(
-            "/v1/peering/establish", json={"PeerName": name, "PeeringToken": token}
-        )
-
-    async def state(self, name: str) -> str:
-        r = await self.http.get(f"/v1/peering/{name}")
-        return str(r.json()["State"]) if r.status_code == 200 else str(r.status_code)
-
-    async def export(self, service: str, peer: str) -> None:
-        entry = {
-            "Kind": "exported-services",
-            "Name": "default",
-            "Services": [{"Name": service, "Consumers": [{"Peer": peer}]}],
-        }
-        r = await self.http.put("/v1/config", json=entry)
-        assert r.status_code == 200, r.text
-
-
-def _config(dc: str, **kw: Any) -> AgentConfig:
-    return AgentConfig(
-        node_name=f"node-{dc}",
-        datacenter=dc,
-        cluster_id=str(uuid.uuid4()),
-        grpc_tls_port=0,
-        peering_heartbeat=0.5,
-        sidecar_check_interval=0.3,
-        **kw,
-    )
-
-
-async def _side(config: AgentConfig) -> AsyncIterator[Side]:
-    agent = DevAgent(config)
-    await agent.start("127.0.0.1", 0)
-    try:
-        async with httpx.AsyncClient(base_url=agent.url, timeout=10.0) as http:
-            yield Side(agent, http)
-    finally:
-        await agent.close()
+Side = Cluster  # one side of a peering
 
 
 @pytest.fixture
 async def dc1() -> AsyncIterator[Side]:
-    async for side in _side(_config("dc1")):
+    async with cluster("dc1") as side:
         yield side
 
 
 @pytest.fixture
 async def dc2() -> AsyncIterator[Side]:
-    async for side in _side(_config("dc2")):
+    async with cluster("dc2") as side:
         yield side
 
 
@@ -191,14 +142,14 @@ async def test_token_request_errors(dc2: Side) -> None:
 
 async def test_no_peering_port_and_disabled() -> None:
     cfg = AgentConfig(node_name="n", cluster_id=str(uuid.uuid4()))
-    async for side in _side(cfg):
+    async with cluster(cfg) as side:
         r = await side.http.post("/v1/peering/token", json={"PeerName": "x"})
         assert (r.status_code, r.text) == (
             500,
             "TLS for gRPC must be enabled when generating peering tokens",
         )
     cfg = AgentConfig(node_name="n", grpc_tls_port=0, peering_enabled=False)
-    async for side in _side(cfg):
+    async with cluster(cfg) as side:
         for r in (
             await side.http.post("/v1/peering/token", json={"PeerName": "x"}),
             await side.http.get("/v1/peerings"),
@@ -543,8 +494,10 @@ async def test_the_dialer_goes_failing_and_back_when_the_acceptor_restarts_its_s
 
 
 async def test_peering_acls() -> None:
-    cfg = _config("dc9", acl_enabled=True, acl_default_policy="deny", acl_initial_management=ROOT)
-    async for side in _side(cfg):
+    cfg = cluster_config(
+        "dc9", acl_enabled=True, acl_default_policy="deny", acl_initial_management=ROOT
+    )
+    async with cluster(cfg) as side:
         r = await side.http.post("/v1/peering/token", json={"PeerName": "x"})
         assert r.status_code == 403
         assert r.text.endswith("lacks permission 'peering:write'"), r.text
