@@ -545,7 +545,9 @@ class Held:
             "127.0.0.1", port, ssl=ctx, server_hostname=None
         )
         held = cls(reader, writer)
-        assert await held.ping(), "a fresh connection must echo"
+        if not await held.ping():
+            held.close()
+            raise AssertionError("a fresh connection must echo")
         return held
 
     async def ping(self, size: int = 1024) -> bool:

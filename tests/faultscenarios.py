@@ -294,17 +294,20 @@ async def _outage(
     new_context: Callable[[], Awaitable[ssl.SSLContext]] | None = None,
 ) -> Figures:
     """Held connections (inbound and through the upstream) ping through `harm` .. `heal`;
-    new connections are tried meanwhile; then the time until a new one succeeds."""
+    new connections are tried meanwhile; then the time until new ones succeed again, both
+    inbound and through the upstream (each sidecar has followed the agent)."""
     figures = Figures(fault)
     ctx = await rig.web_context()
-    inbound = await Held.open(rig.db_port, ctx)
-    outbound = await Held.open(rig.upstream_port, None)
-    serial = await rig.served_serial()
-    app_before = rig.app.connections
-    await harm()
-    end = time.monotonic() + seconds
-    new_tried = new_ok = 0
-    try:
+    async with contextlib.AsyncExitStack() as stack:
+        inbound = await Held.open(rig.db_port, ctx)
+        stack.callback(inbound.close)
+        outbound = await Held.open(rig.upstream_port, None)
+        stack.callback(outbound.close)
+        serial = await rig.served_serial()
+        app_before = rig.app.connections
+        await harm()
+        end = time.monotonic() + seconds
+        new_tried = new_ok = 0
         while time.monotonic() < end and inbound.sent < 10_000:
             await inbound.ping()
             await outbound.ping()
@@ -327,7 +330,10 @@ async def _outage(
             ctx = await new_context()
 
         async def served() -> bool:
-            return await echo(rig.db_port, ctx, b"after", timeout=3) == b"after"
+            return (
+                await echo(rig.db_port, ctx, b"after", timeout=3) == b"after"
+                and await echo(rig.upstream_port, None, b"after", timeout=3) == b"after"
+            )
 
         took = await first_success(served, 30)
         figures["recovery s"] = None if took is None else round(took, 2)
@@ -335,9 +341,6 @@ async def _outage(
             None if took is None else round(time.monotonic() - healed, 2)
         )
         figures["held still ok after"] = await inbound.ping() and await outbound.ping()
-    finally:
-        inbound.close()
-        outbound.close()
     return figures
 
 
