@@ -28,10 +28,10 @@ import statistics
 import sys
 import time
 import uuid
-from collections.abc import AsyncIterator, Callable, Iterable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import h11
 import httpx
@@ -45,6 +45,7 @@ from proxy.devagent.ca import generate_key, key_id
 from tests.certs import issue_leaf, load_chain
 from tests.proxyfix import EchoApp
 
+T = TypeVar("T")
 SECRET = "f4u1t-t0ken-7c2e9d"  # the proxies' ACL token: it must appear in no output line
 READY = "Proxy loaded config and ready to serve"
 HANDSHAKE_TIMEOUT_MS = 1000
@@ -323,6 +324,7 @@ class Relay:
         self._server: asyncio.Server | None = None
         self._writers: set[asyncio.StreamWriter] = set()
         self._handlers: set[asyncio.Task[Any]] = set()
+        self._closing = asyncio.Event()
         self._client = httpx.AsyncClient(base_url=f"http://{upstream}", timeout=None)
         self.addr = ""
 
@@ -337,8 +339,7 @@ class Relay:
 
     async def close(self) -> None:
         self.set_mode("pass")
-        for handler in self._handlers:
-            handler.cancel()  # a forwarded blocking query would wait for minutes
+        self._closing.set()  # ends the waits of the handlers (a forwarded blocking query)
         await asyncio.gather(*self._handlers, return_exceptions=True)
         if self._server is not None:
             self._server.close()
@@ -373,6 +374,22 @@ class Relay:
             self._writers.discard(writer)
             writer.transport.abort()
 
+    async def _unless_closing(self, waiting: Awaitable[T]) -> T:
+        """`waiting`'s result, or ConnectionAbortedError (which ends the handler) once the
+        relay closes: a handler ends by itself rather than being cancelled."""
+        task = asyncio.ensure_future(waiting)
+        closing = asyncio.ensure_future(self._closing.wait())
+        try:
+            await asyncio.wait({task, closing}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            closing.cancel()
+        if not task.done():
+            task.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await task
+            raise ConnectionAbortedError("the relay closed")
+        return task.result()
+
     @staticmethod
     async def _next_request(
         conn: h11.Connection, reader: asyncio.StreamReader
@@ -402,7 +419,7 @@ class Relay:
         target = request.target.decode()
         mode = self.mode if target.startswith(self.only) else "pass"
         if mode == "hang":
-            await asyncio.Event().wait()  # until the connection is dropped
+            await self._unless_closing(asyncio.Event().wait())  # until dropped or closed
         if mode == "500":
             return 500, [("content-type", "text/plain")], b"rpc error: internal failure"
         if mode == "garbage":
@@ -413,7 +430,7 @@ class Relay:
             and target.startswith("/v1/agent/connect/ca/leaf/")
         ):
             if f"index={FOREIGN_INDEX}" in target:
-                await asyncio.Event().wait()  # a blocking query with nothing new: held
+                await self._unless_closing(asyncio.Event().wait())  # nothing new: held
             index = str(FOREIGN_INDEX)
             leaf = {**self.foreign_leaf, "ModifyIndex": FOREIGN_INDEX}
             return (
@@ -426,8 +443,8 @@ class Relay:
             for k, v in request.headers
             if k.lower() not in (b"host", b"content-length", b"connection")
         ]
-        response = await self._client.request(
-            request.method.decode(), target, headers=headers, content=body
+        response = await self._unless_closing(
+            self._client.request(request.method.decode(), target, headers=headers, content=body)
         )
         kept = [
             (k, v)
