@@ -25,7 +25,7 @@ from proxy.devagent import DevAgent
 from proxy.sources import AgentConfigSource
 from proxy.supervisor import Proxy
 from proxy.watch import BACKOFF_JITTER, BACKOFF_MAX
-from tests.conftest import register, wait_until
+from tests.conftest import register
 from tests.proxyfix import agent_client, client_ctx, echo_app, running_proxy, tls_exchange
 
 WATCHES = ("connect_roots", "connect_leaf")
@@ -42,9 +42,12 @@ class Records(logging.Handler):
     def __init__(self) -> None:
         super().__init__(logging.DEBUG)
         self.records: list[logging.LogRecord] = []
+        self.frozen = False  # set once the outage under test is over: later records are not its
         self._waiters: list[tuple[Callable[[], bool], asyncio.Future[None]]] = []
 
     def emit(self, record: logging.LogRecord) -> None:
+        if self.frozen:
+            return
         self.records.append(record)
         for predicate, future in self._waiters:
             if not future.done() and predicate():
@@ -160,9 +163,11 @@ async def test_a_new_agent_with_a_new_ca_is_served_within_two_seconds(
                 assert await tls_exchange(port, client_ctx(second, "web"), payload) == payload
                 # The leaf may have come by the one fetch that refused roots trigger, before
                 # the leaf watch's own retry: let every watch log its recovery.
-                await wait_until(
+                await records.until(
                     lambda: all(records.lines(f"Watch recovered type={n} ") for n in WATCHES)
                 )
+                # Closing `second` starts another outage, which is not the one under test.
+                records.frozen = True
             finally:
                 await second.close()
         assert took < RECOVERY_BUDGET, f"served the new CA {took:.2f} s after the agent answered"
