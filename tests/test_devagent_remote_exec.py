@@ -8,6 +8,9 @@ import json
 import logging
 import os
 import re
+import shlex
+import signal
+import sys
 from collections.abc import AsyncIterator
 from typing import Any
 
@@ -250,7 +253,46 @@ async def test_writes_stop_when_the_session_goes_and_exit_is_lost(
     assert "failed to write output for remote exec job" in caplog.text
     assert not [k for k in agent.state.kv.entries if k.startswith(f"_rexec/{session}")]
     # The looping process still runs (as in Consul); closing the agent kills and reaps it.
-    assert agent.remote_exec._processes
+    assert agent.remote_exec._outputs
+
+
+def _pipes() -> set[str]:
+    """The pipes and Unix socket pairs this process holds open (asyncio makes a child's
+    stdout a pipe, uvloop a socket pair): `pipe:[inode]`, `socket:[inode]`."""
+    with open("/proc/net/unix") as f:
+        unix = {f"socket:[{line.split()[6]}]" for line in list(f)[1:]}
+    found = set()
+    for fd in os.listdir("/proc/self/fd"):
+        try:
+            target = os.readlink(f"/proc/self/fd/{fd}")
+        except FileNotFoundError:  # closed since the listing
+            continue
+        if target.startswith("pipe:") or target in unix:
+            found.add(target)
+    return found
+
+
+async def test_close_shuts_the_pipe_of_a_process_that_left_the_group(
+    agent: DevAgent, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture
+) -> None:
+    # The job's shell exits at once; a child that made its own session holds the output pipe,
+    # out of reach of the group kill. close() must still end with the pipe closed: a pipe
+    # transport left open makes the loop's own close fail (EBUSY on uvloop) in teardown.
+    before = _pipes()
+    child = "import os, time; os.setsid(); print(os.getpid(), flush=True); time.sleep(60)"
+    command = f"{shlex.quote(sys.executable)} -c {shlex.quote(child)} &"
+    session = await start_job(client, {"Command": command, "Wait": 10**9})
+    base = f"_rexec/{session}/rexec-node"
+    await wait_until(lambda: f"{base}/out/00000" in agent.state.kv.entries)
+    pid = int(agent.state.kv.entries[f"{base}/out/00000"].value or b"")
+    try:
+        assert _pipes() - before  # the job's output pipe, open while the child lives
+        with caplog.at_level(logging.WARNING, logger="devagent.remote_exec"):
+            await agent.remote_exec.close(grace=0.2)
+        assert "holds its output pipe; closing the pipe" in caplog.text
+        await wait_until(lambda: not _pipes() - before)
+    finally:
+        os.kill(pid, signal.SIGKILL)  # started by this test (through the job)
 
 
 def test_job_spec_decoding_refuses_wrong_types() -> None:

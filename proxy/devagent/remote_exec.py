@@ -28,7 +28,10 @@ else `acl.tokens.default`), so they need `key:write` on the prefix as in Consul.
 Rule 1: memory is bounded: at most `QUEUE_CHUNKS` chunks of 4 KiB wait per job (the pipe
 then fills and the process waits), and at most `MAX_JOBS` jobs run at once (further events
 are logged and dropped).
-Rule 2: `close()` ends every job: process groups are killed and reaped, temp files removed.
+Rule 2: `close()` ends every job: process groups are killed and reaped, temp files removed,
+and each process's pipe is read to its end (or closed after a grace period, when a process
+that left the group holds it), so that no pipe transport outlives the loop: a reaped
+process's pipe can still be open, its EOF may come a loop iteration later.
 """
 
 from __future__ import annotations
@@ -148,7 +151,7 @@ class RemoteExec:
         self._token = token
         self._listener: asyncio.Task[None] | None = None
         self._jobs: set[asyncio.Task[None]] = set()
-        self._processes: set[asyncio.subprocess.Process] = set()
+        self._outputs: set[_Output] = set()
         self.jobs_started = 0
 
     def start(self) -> None:
@@ -158,21 +161,22 @@ class RemoteExec:
             self._listen(subscription), name="remote exec events"
         )
 
-    async def close(self) -> None:
-        """Stop listening, kill the running jobs' process groups and wait for the jobs."""
+    async def close(self, grace: float = 5.0) -> None:
+        """Stop listening, kill the running jobs' process groups, wait for the jobs, and for
+        each process until its pipe has closed and it is reaped (at most `grace` seconds)."""
+        outputs = list(self._outputs)
+        for output in outputs:
+            output.drop()  # no pump waits on a queue that nobody reads any more
+            _kill_group(output.proc)
         tasks = [t for t in (self._listener, *self._jobs) if t is not None]
-        processes = list(self._processes)
-        for proc in processes:
-            _kill_group(proc)
         for task in tasks:
             task.cancel()
         for task in tasks:
             with contextlib.suppress(asyncio.CancelledError):
                 await task
-        for proc in processes:  # reaped, so no transport outlives the loop
-            with contextlib.suppress(TimeoutError, ProcessLookupError):
-                async with asyncio.timeout(5.0):
-                    await proc.wait()
+        for output in outputs:
+            await output.finish(timeout=grace)
+            self._outputs.discard(output)
 
     async def _listen(self, subscription: Any) -> None:
         with subscription:
@@ -273,36 +277,24 @@ class RemoteExec:
                 argv = [_shell(), "-c", job.command]
             log.info("remote exec %r", argv[-1] if not job.args else list(job.args))
             try:
-                proc = await asyncio.create_subprocess_exec(
-                    *argv,
-                    stdin=asyncio.subprocess.DEVNULL,
-                    stdout=asyncio.subprocess.PIPE,
-                    stderr=asyncio.subprocess.STDOUT,
-                    start_new_session=True,
-                )
+                output = await _Output.spawn(argv)
             except (OSError, ValueError) as exc:
                 log.debug("failed to start remote exec: %s", exc)
                 return EXIT_START_FAILED
-            return await self._stream(proc, job, base, session)
+            return await self._stream(output, job, base, session)
         finally:
             if tmpdir:
                 shutil.rmtree(tmpdir, ignore_errors=True)
 
-    async def _stream(
-        self, proc: asyncio.subprocess.Process, job: Job, base: str, session: str
-    ) -> int:
-        self._processes.add(proc)
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
-        dropping = asyncio.Event()
-        assert proc.stdout is not None
-        pump = asyncio.get_running_loop().create_task(_pump(proc.stdout, queue, dropping))
+    async def _stream(self, output: _Output, job: Job, base: str, session: str) -> int:
+        self._outputs.add(output)
         heartbeat = max(job.wait, MIN_HEARTBEAT)
         try:
             num = 0
             while True:  # bounded by the process's output: ends at the sentinel
                 try:
                     async with asyncio.timeout(heartbeat):
-                        chunk = await queue.get()
+                        chunk = await output.queue.get()
                 except TimeoutError:
                     chunk = b""  # a heartbeat: nothing came within the job's Wait
                 if chunk is None:
@@ -311,31 +303,28 @@ class RemoteExec:
                     self._write(_join(base, "out", f"{num:05x}"), chunk, session)
                 except WriteFailed as exc:
                     log.error("failed to write output for remote exec job: %s", exc)
-                    dropping.set()
-                    while not queue.empty():
-                        queue.get_nowait()
-                    self._reap_later(proc, pump)
+                    output.drop()
+                    self._reap_later(output)
                     return EXIT_START_FAILED
                 num += 1
-            await pump
-            return exit_code_of(await proc.wait())
+            # Shielded: a cancelled job must not cancel the pump, which ends at the pipe's EOF
+            # (close() kills the group and waits for that).
+            await asyncio.shield(output.pump)
+            code = exit_code_of(await output.proc.wait())
+            self._outputs.discard(output)
+            return code
         except asyncio.CancelledError:
-            _kill_group(proc)
-            pump.cancel()
+            output.drop()
+            _kill_group(output.proc)
             raise
-        finally:
-            if proc.returncode is not None:
-                self._processes.discard(proc)
 
-    def _reap_later(self, proc: asyncio.subprocess.Process, pump: asyncio.Task[None]) -> None:
+    def _reap_later(self, output: _Output) -> None:
         """Let a job whose results can no longer be written run on, its output dropped."""
 
         async def reap() -> None:
-            try:
-                await pump
-                await proc.wait()
-            finally:
-                self._processes.discard(proc)
+            await asyncio.shield(output.pump)
+            await output.proc.wait()
+            self._outputs.discard(output)
 
         task = asyncio.get_running_loop().create_task(reap(), name="remote exec reaper")
         self._jobs.add(task)
@@ -352,39 +341,89 @@ def _kill_group(proc: asyncio.subprocess.Process) -> None:
             os.killpg(proc.pid, signal.SIGKILL)
 
 
-async def _pump(
-    stdout: asyncio.StreamReader, queue: asyncio.Queue[bytes | None], dropping: asyncio.Event
-) -> None:
-    """Read the process's output into chunks of at most `OUTPUT_SIZE` bytes: a chunk goes to
-    `queue` when full or `OUTPUT_IDLE` after the last read; `None` marks the end. Once
-    `dropping` is set, chunks are read and dropped (the process must not block on a pipe)."""
+class _Output:
+    """A job process's output: a pump task reads the pipe into chunks of at most
+    `OUTPUT_SIZE` bytes, queued when full or `OUTPUT_IDLE` after the last read; `None` marks
+    the end. Once dropped, chunks are read and thrown away (the process must not block on a
+    full pipe)."""
 
-    async def emit(chunk: bytes) -> None:
-        if not dropping.is_set():
-            await queue.put(chunk)
+    def __init__(
+        self, proc: asyncio.subprocess.Process, transport: asyncio.SubprocessTransport
+    ) -> None:
+        assert proc.stdout is not None
+        self.proc = proc
+        self._transport = transport
+        self.queue: asyncio.Queue[bytes | None] = asyncio.Queue(QUEUE_CHUNKS)
+        self._dropping = False
+        self.pump = asyncio.get_running_loop().create_task(self._pump(proc.stdout))
 
-    buf = bytearray()
-    read: asyncio.Future[bytes] | None = None
-    try:
-        while True:  # bounded by the process's output: ends at EOF
-            if read is None:
-                read = asyncio.ensure_future(stdout.read(OUTPUT_SIZE - len(buf)))
-            done, _ = await asyncio.wait({read}, timeout=OUTPUT_IDLE if buf else None)
-            if not done:
-                await emit(bytes(buf))
-                buf.clear()
-                continue
-            data, read = read.result(), None
-            if not data:
-                break
-            buf += data
-            if len(buf) >= OUTPUT_SIZE:
-                await emit(bytes(buf))
-                buf.clear()
-        if buf:
-            await emit(bytes(buf))
-        if not dropping.is_set():
-            await queue.put(None)
-    finally:
-        if read is not None:
-            read.cancel()
+    @classmethod
+    async def spawn(cls, argv: list[str]) -> _Output:
+        """Start `argv` in a new session (its own process group), stderr joined to stdout.
+
+        What `asyncio.create_subprocess_exec` does, keeping the transport: it is the only
+        way to close a pipe that a process which left the group still holds.
+        """
+        loop = asyncio.get_running_loop()
+        transport, protocol = await loop.subprocess_exec(
+            lambda: asyncio.subprocess.SubprocessStreamProtocol(limit=2**16, loop=loop),
+            *argv,
+            stdin=asyncio.subprocess.DEVNULL,
+            stdout=asyncio.subprocess.PIPE,
+            stderr=asyncio.subprocess.STDOUT,
+            start_new_session=True,
+        )
+        return cls(asyncio.subprocess.Process(transport, protocol, loop), transport)
+
+    def drop(self) -> None:
+        """Throw away the output from now on; a pump blocked on the full queue goes on."""
+        self._dropping = True
+        while not self.queue.empty():
+            self.queue.get_nowait()
+
+    async def finish(self, *, timeout: float) -> None:
+        """Wait until the pipe has closed (the pump saw its EOF) and the process is reaped;
+        after `timeout`, give up on the pump (a process that left the group holds the pipe)."""
+        try:
+            async with asyncio.timeout(timeout):
+                await asyncio.shield(self.pump)
+                await self.proc.wait()
+        except TimeoutError:
+            log.warning(
+                "remote exec: a process left the group of job process %d and holds its "
+                "output pipe; closing the pipe",
+                self.proc.pid,
+            )
+            self.pump.cancel()
+            self._transport.close()
+            await asyncio.wait({self.pump})
+
+    async def _emit(self, chunk: bytes | None) -> None:
+        if not self._dropping:
+            await self.queue.put(chunk)
+
+    async def _pump(self, stdout: asyncio.StreamReader) -> None:
+        buf = bytearray()
+        read: asyncio.Future[bytes] | None = None
+        try:
+            while True:  # bounded by the process's output: ends at EOF
+                if read is None:
+                    read = asyncio.ensure_future(stdout.read(OUTPUT_SIZE - len(buf)))
+                done, _ = await asyncio.wait({read}, timeout=OUTPUT_IDLE if buf else None)
+                if not done:
+                    await self._emit(bytes(buf))
+                    buf.clear()
+                    continue
+                data, read = read.result(), None
+                if not data:
+                    break
+                buf += data
+                if len(buf) >= OUTPUT_SIZE:
+                    await self._emit(bytes(buf))
+                    buf.clear()
+            if buf:
+                await self._emit(bytes(buf))
+            await self._emit(None)
+        finally:
+            if read is not None:
+                read.cancel()
