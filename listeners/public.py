@@ -27,16 +27,10 @@ import logging
 from typing import Protocol
 
 from listeners.events import INBOUND, Connection, Observer, Refusal, now
+from listeners.limits import default_handshake_limit
 from listeners.pump import Pipe
-from listeners.serve import (
-    Listener,
-    Slot,
-    default_handshake_limit,
-    is_routine_close,
-    peer_address,
-    pending_bytes,
-    tune_socket,
-)
+from listeners.serve import Listener, Slot
+from listeners.sockets import is_routine_close, peer_address, pending_bytes, tune_socket
 from listeners.tls.contexts import explain_verify_failure
 from listeners.tls.engine import TLSContext
 from listeners.tls.transport import HandshakeTimeout, TLSTransport

@@ -28,57 +28,23 @@ happens to it; a connection already past its handshake is never closed for a bud
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import errno
-import fcntl
 import logging
-import resource
 import socket
-import struct
-import termios
 from collections.abc import Callable, Coroutine
 from typing import Any
 
 from listeners.events import INBOUND, Connection, NullObserver, Observer, Refusal, now
+from listeners.limits import default_max_connections
 from proxy.addr import join_host_port
 from proxy.counter import Counter
 
-KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
 BACKLOG = 1024
 ACCEPT_BATCH = 64  # connections accepted per readiness callback (others wait their turn)
 EVICT_SCAN = 64  # handshaking connections looked at, oldest first, for a silent one to evict
 ACCEPT_BACKOFF_FIRST = 0.05  # seconds of the first pause on descriptor exhaustion
 ACCEPT_BACKOFF_MAX = 1.0
-RESERVED_DESCRIPTORS = 64  # left for the agent's connections, logs, upstream dials
 _OUT_OF_RESOURCES = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM})
-_UNLIMITED = 1 << 20  # what RLIM_INFINITY counts as
-
-
-def descriptor_limit() -> int:
-    """The soft RLIMIT_NOFILE of this process (RLIM_INFINITY counts as 2**20)."""
-    soft, _ = resource.getrlimit(resource.RLIMIT_NOFILE)
-    return _UNLIMITED if soft == resource.RLIM_INFINITY or soft > _UNLIMITED else int(soft)
-
-
-def default_max_connections(limit: int | None = None) -> int:
-    """The connection cap of a listener when none is configured.
-
-    A forwarded connection holds two descriptors (the accepted one and the one dialled);
-    a listener may use half of what is left after `RESERVED_DESCRIPTORS`, so the public
-    listener and the upstreams together stay under the limit. At least 16.
-
-    Args:
-        limit: the descriptor limit (default: this process's, `descriptor_limit()`).
-    """
-    if limit is None:
-        limit = descriptor_limit()
-    return max(16, (limit - RESERVED_DESCRIPTORS) // 4)
-
-
-def default_handshake_limit(max_connections: int) -> int:
-    """The budget of connections still in their TLS handshake: a quarter of the cap,
-    at most 1,024 (a handshake costs CPU; more at once only queue), at least 1."""
-    return max(1, min(max_connections // 4, 1024))
 
 
 class Slot:
@@ -139,46 +105,6 @@ class Slot:
         if self._open:
             self._open = False
             self._listener.open -= 1
-
-
-def pending_bytes(transport: asyncio.BaseTransport) -> int:
-    """Bytes the kernel holds unread on the transport's socket (0 when it cannot tell)."""
-    sock = transport.get_extra_info("socket")
-    if sock is None:
-        return 0
-    try:
-        answer = fcntl.ioctl(sock.fileno(), termios.FIONREAD, b"\0\0\0\0")
-    except (OSError, ValueError):
-        return 0
-    return int(struct.unpack("i", answer)[0])
-
-
-def tune_socket(transport: asyncio.BaseTransport) -> None:
-    """TCP_NODELAY and keepalive (15 s) on a connection's socket, as Go sets by default."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
-    with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
-        if hasattr(socket, "TCP_KEEPIDLE"):
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_IDLE)
-
-
-def peer_address(transport: asyncio.BaseTransport) -> str:
-    """The `host:port` of a connection's remote end ("" when the socket has none)."""
-    peer = transport.get_extra_info("peername")
-    if isinstance(peer, tuple) and len(peer) >= 2:
-        return join_host_port(str(peer[0]), int(peer[1]))
-    return ""
-
-
-def is_routine_close(exc: BaseException | None) -> bool:
-    """Peer resets, broken pipes and EOFs: part of life, logged at debug only."""
-    return exc is None or isinstance(
-        exc, ConnectionResetError | BrokenPipeError | ConnectionAbortedError | EOFError
-    )
 
 
 ProtocolFactory = Callable[[Slot], asyncio.BaseProtocol]

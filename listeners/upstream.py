@@ -26,7 +26,8 @@ from typing import Protocol
 
 from listeners.events import UPSTREAM, Connection, Observer, Refusal, now
 from listeners.pump import Pipe, Side
-from listeners.serve import Listener, Slot, peer_address, tune_socket
+from listeners.serve import Listener, Slot
+from listeners.sockets import peer_address, tune_socket
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port

@@ -56,7 +56,7 @@ class ProxySettings:
     tls_engine: str = DEFAULT_TLS_ENGINE
     observe: bool = True  # count and log connections (off: the bench's baseline)
     # -max-inbound-connections: the public listener's cap when its Config sets none
-    # (None: derived from the descriptor limit, `listeners.serve.default_max_connections`).
+    # (None: derived from the descriptor limit, `listeners.limits.default_max_connections`).
     max_inbound_connections: int | None = None
     # -reauthorize: re-check open inbound connections (`proxy.reauth`) when the Config does
     # not say (its `reauthorize` wins when set, as for max_inbound_connections).

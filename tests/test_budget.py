@@ -16,7 +16,7 @@ from collections.abc import AsyncIterator, Iterator
 
 import pytest
 
-from listeners.serve import default_handshake_limit, default_max_connections
+from listeners.limits import default_handshake_limit, default_max_connections
 from proxy.config import ConfigError, load_agent_service
 from proxy.devagent import DevAgent
 from proxy.observe import ProxyMetrics

@@ -12,7 +12,7 @@ import warnings
 
 import pytest
 
-from listeners.serve import tune_socket
+from listeners.sockets import tune_socket
 from listeners.tls.contexts import build_contexts
 from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.devagent import DevAgent

@@ -169,12 +169,20 @@ class TLSTransport(asyncio.Protocol):
             HandshakeError: timeout, or the peer closed during the handshake.
             TLSError: the handshake failed (bad certificate, protocol mismatch, ...).
         """
+        if self._handshake.done():
+            self._handshake.result()  # raises the failure, if it failed
+            return
+        # A loop timer that fails the handshake, not `asyncio.timeout()` around the await: the
+        # same deadline with no timeout context to enter and leave on every connection.
+        timer = asyncio.get_running_loop().call_later(timeout, self._time_out, timeout)
         try:
-            async with asyncio.timeout(timeout):
-                await asyncio.shield(self._handshake)
-        except TimeoutError:
-            self.abort()
-            raise HandshakeTimeout(f"TLS handshake timed out after {timeout:g}s") from None
+            await asyncio.shield(self._handshake)
+        finally:
+            timer.cancel()
+
+    def _time_out(self, timeout: float) -> None:
+        self._closed = True
+        self._fail_handshake(HandshakeTimeout(f"TLS handshake timed out after {timeout:g}s"))
 
     # -- app side (transport-like) -------------------------------------------------------
 
