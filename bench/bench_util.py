@@ -13,6 +13,7 @@ import contextlib
 import hashlib
 import json
 import os
+import re
 import socket
 import ssl
 import statistics
@@ -242,6 +243,18 @@ def source_state() -> dict[str, Any]:
         "git_changed": [x.strip() for x in (changed or "").splitlines() if x.strip()],
         "sources_sha256": digest.hexdigest()[:16],
     }
+
+
+def callgrind_instructions(argv: list[str], out: Path, what: str) -> int:
+    """Run `argv` under valgrind's callgrind (the profile goes to `out`); the instructions
+    it executed (Ir). `what` names the run in the error raised when it fails."""
+    env = {**os.environ, "PYTHONHASHSEED": "0"}
+    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
+    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+    match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+    if done.returncode != 0 or match is None:
+        raise RuntimeError(f"{what}: callgrind failed:\n{done.stderr[-2000:]}")
+    return int(match.group(1).replace(",", ""))
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

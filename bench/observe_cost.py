@@ -27,9 +27,7 @@ import argparse
 import asyncio
 import contextlib
 import os
-import re
 import shutil
-import subprocess
 import sys
 import tempfile
 from concurrent.futures import ThreadPoolExecutor
@@ -38,7 +36,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_util import echo_handler  # noqa: E402
+from bench_util import callgrind_instructions, echo_handler  # noqa: E402
 
 from proxy import console  # noqa: E402
 from proxy.agent import AgentClient  # noqa: E402
@@ -110,14 +108,8 @@ async def child(observe: bool, n: int) -> None:
 
 def _instructions(variant: str, n: int, out: Path) -> int:
     """Run one child under callgrind; its total instruction count (Ir)."""
-    env = {**os.environ, "PYTHONHASHSEED": "0"}
-    argv = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
-    argv += [sys.executable, __file__, "--child", variant, str(n)]
-    done = subprocess.run(argv, env=env, capture_output=True, text=True, check=False)
-    match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-    if done.returncode != 0 or match is None:
-        raise RuntimeError(f"{variant} {n}: callgrind failed:\n{done.stderr[-2000:]}")
-    return int(match.group(1).replace(",", ""))
+    argv = [sys.executable, __file__, "--child", variant, str(n)]
+    return callgrind_instructions(argv, out, f"{variant} {n}")
 
 
 def main() -> int:
