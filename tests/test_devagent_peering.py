@@ -4,6 +4,7 @@ trust domains, deletion, and each bad input with Consul's text."""
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import json
 import socket
@@ -482,11 +483,29 @@ async def test_the_dialer_goes_failing_and_back_when_the_acceptor_restarts_its_s
     dc1: Side, dc2: Side
 ) -> None:
     await _peered(dc1, dc2)
-    # Cut the stream from the acceptor's side: the dialer reconnects.
+    r = await dc1.http.get("/v1/peering/dc2")
+    index = r.headers["X-Consul-Index"]
+    seen: list[str] = []
+
+    async def follow() -> None:
+        """The dialer's states, one blocking read per change (FAILING lasts at least the
+        first redial backoff, so no change is missed between two reads)."""
+        nonlocal index
+        while seen[-2:] != ["FAILING", "ACTIVE"]:  # bounded by the caller's deadline
+            r = await dc1.http.get("/v1/peering/dc2", params={"index": index, "wait": "5s"})
+            index = r.headers["X-Consul-Index"]
+            if not seen or seen[-1] != r.json()["State"]:
+                seen.append(r.json()["State"])
+
+    watcher = asyncio.create_task(follow())
+    # Cut the stream from the acceptor's side: the dialer goes FAILING, then reconnects.
     link = dc2.agent.peering
     assert link is not None
     for writer in list(link._streams.values()):
         writer.close()
+    async with asyncio.timeout(10):
+        await watcher
+    assert seen == ["FAILING", "ACTIVE"]
     await wait_until(lambda: _both_active(dc1, dc2))
 
 
