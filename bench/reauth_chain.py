@@ -37,7 +37,8 @@ from listeners.events import INBOUND, Connection  # noqa: E402
 from listeners.tls.contexts import build_contexts, handshake_in_memory  # noqa: E402
 from listeners.tls.engine import TLS_ENGINES, TLSEngine  # noqa: E402
 from listeners.tls.transport import TLSTransport  # noqa: E402
-from proxy.devagent.ca import CertificateAuthority, Root, key_id  # noqa: E402
+from proxy.devagent.ca import CertificateAuthority, Root  # noqa: E402
+from proxy.devagent.cakeys import key_id  # noqa: E402
 from proxy.reauth import Checked, chained_to_removed_root  # noqa: E402
 
 

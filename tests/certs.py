@@ -20,7 +20,7 @@ from cryptography.x509.oid import ExtendedKeyUsageOID
 from listeners.tls.contexts import load_cert_chain
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
-from proxy.devagent.ca import key_id
+from proxy.devagent.cakeys import key_id
 
 # The cluster ID of the shared `ca` fixture (tests/conftest.py): fixed, so that tests can spell
 # out its trust domain.

@@ -41,7 +41,7 @@ from cryptography.hazmat.primitives.asymmetric import ec
 from prometheus_client.parser import text_string_to_metric_families
 
 from proxy.demo import ReservedPorts
-from proxy.devagent.ca import generate_key, key_id
+from proxy.devagent.cakeys import generate_key, key_id
 from tests.certs import issue_leaf, load_chain
 from tests.proxyfix import EchoApp
 

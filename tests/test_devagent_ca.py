@@ -11,7 +11,8 @@ from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID
 
-from proxy.devagent.ca import CAError, CertificateAuthority, key_id
+from proxy.devagent.ca import CertificateAuthority
+from proxy.devagent.cakeys import CAError, key_id
 from proxy.identity import colon_hex, encode_serial
 from tests.certs import CLUSTER, client_context, handshake, server_context
 

@@ -14,7 +14,8 @@ from cryptography.hazmat.primitives.serialization import Encoding
 
 from listeners.events import Refusal
 from proxy.devagent import AgentConfig, DevAgent
-from proxy.devagent.ca import CertificateAuthority, Root, key_id
+from proxy.devagent.ca import CertificateAuthority, Root
+from proxy.devagent.cakeys import key_id
 from proxy.observe import ProxyMetrics
 from proxy.reauth import MAX_CHAIN, chained_to_removed_root
 from tests.certs import load_chain

@@ -13,22 +13,28 @@ what a real agent hands to its local proxies too. Root and intermediate keys nev
 from __future__ import annotations
 
 import datetime as dt
-import hashlib
 import secrets
 import string
 import uuid
 from dataclasses import dataclass, field, replace
-from typing import Literal
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec, rsa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives.asymmetric import ec
 from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
+from proxy.devagent.cakeys import (
+    CAError,
+    KeyType,
+    PrivateKey,
+    cert_pem,
+    generate_key,
+    key_id,
+    key_type_bits,
+    load_private_key,
+    private_pem,
+)
 from proxy.identity import SpiffeIDService, colon_hex, encode_serial
-
-KeyType = Literal["ec", "rsa"]
-PrivateKey = ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey
 
 DEFAULT_LEAF_TTL = 72 * 3600.0
 DEFAULT_ROOT_TTL = 87600 * 3600.0
@@ -38,68 +44,7 @@ CROSS_SIGN_TTL = 7 * 24 * 3600.0
 # the agent that signs and the peers that verify.
 BACKDATE = dt.timedelta(minutes=1)
 
-_EC_CURVES: dict[int, ec.EllipticCurve] = {
-    256: ec.SECP256R1(),
-    384: ec.SECP384R1(),
-    521: ec.SECP521R1(),
-}
 _BASE36 = string.digits + string.ascii_lowercase
-
-
-class CAError(ValueError):
-    """A CA configuration or key the built-in provider cannot use."""
-
-
-def key_id(public_key: ec.EllipticCurvePublicKey | rsa.RSAPublicKey) -> bytes:
-    """Consul's key identifier: SHA-256 of the DER SubjectPublicKeyInfo (32 bytes)."""
-    der = public_key.public_bytes(
-        serialization.Encoding.DER, serialization.PublicFormat.SubjectPublicKeyInfo
-    )
-    return hashlib.sha256(der).digest()
-
-
-def generate_key(key_type: KeyType = "ec", bits: int = 256) -> PrivateKey:
-    """Generate a CA key of a type and size Consul's provider accepts."""
-    if key_type == "ec":
-        curve = _EC_CURVES.get(bits)
-        if curve is None:
-            raise CAError(f"private key bits must be one of 256, 384, 521 for ec keys, got {bits}")
-        return ec.generate_private_key(curve)
-    if key_type == "rsa":
-        if bits not in (2048, 4096):
-            raise CAError(f"private key bits must be 2048 or 4096 for rsa keys, got {bits}")
-        return rsa.generate_private_key(public_exponent=65537, key_size=bits)
-    raise CAError(f'private key type must be "ec" or "rsa", got "{key_type}"')
-
-
-def load_private_key(pem: str) -> PrivateKey:
-    """Load a CA key given in PEM (SEC1, PKCS#1 or PKCS#8, unencrypted)."""
-    try:
-        key = serialization.load_pem_private_key(pem.encode(), password=None)
-    except (ValueError, TypeError) as exc:
-        raise CAError(f"error parsing private key: {exc}") from exc
-    if not isinstance(key, ec.EllipticCurvePrivateKey | rsa.RSAPrivateKey):
-        raise CAError("private key must be an EC or RSA key")
-    return key
-
-
-def _key_type_bits(key: PrivateKey) -> tuple[KeyType, int]:
-    if isinstance(key, ec.EllipticCurvePrivateKey):
-        return "ec", key.curve.key_size
-    return "rsa", key.key_size
-
-
-def _private_pem(key: PrivateKey) -> str:
-    # SEC1 for EC ("EC PRIVATE KEY") and PKCS#1 for RSA, as Consul emits them.
-    return key.private_bytes(
-        serialization.Encoding.PEM,
-        serialization.PrivateFormat.TraditionalOpenSSL,
-        serialization.NoEncryption(),
-    ).decode()
-
-
-def _pem(cert: x509.Certificate) -> str:
-    return cert.public_bytes(serialization.Encoding.PEM).decode()
 
 
 def _ca_common_name(cluster_id: str) -> str:
@@ -181,7 +126,7 @@ class Root:
 
     @property
     def cert_pem(self) -> str:
-        return _pem(self.cert)
+        return cert_pem(self.cert)
 
     @property
     def signing_key_id(self) -> str:
@@ -190,7 +135,7 @@ class Root:
 
     def to_api(self, cluster_id: str) -> dict[str, object]:
         """Render as Consul's `CARoot` JSON object."""
-        key_type, bits = _key_type_bits(self.key)
+        key_type, bits = key_type_bits(self.key)
         return {
             "ID": self.id,
             "Name": self.name,
@@ -291,10 +236,6 @@ class CertificateAuthority:
         self._serial += 1
         return self._serial
 
-    def allocate_serial(self) -> int:
-        """The next serial of the shared counter, for a certificate signed outside this class."""
-        return self._next_serial()
-
     def _new_root(self, key: PrivateKey, index: int) -> Root:
         now = dt.datetime.now(dt.UTC)
         serial = self._next_serial()
@@ -323,7 +264,7 @@ class CertificateAuthority:
         intermediates: tuple[str, ...] = ()
         if self.use_intermediate:
             signer = self._new_intermediate(cert, key)
-            intermediates = (_pem(signer.cert),)
+            intermediates = (cert_pem(signer.cert),)
         return Root(
             id=colon_hex(cert.fingerprint(hashes.SHA1())),
             name="Consul CA Root Cert",
@@ -339,7 +280,7 @@ class CertificateAuthority:
 
     def _new_intermediate(self, root: x509.Certificate, root_key: PrivateKey) -> _Signer:
         now = dt.datetime.now(dt.UTC)
-        key = generate_key(*_key_type_bits(root_key))
+        key = generate_key(*key_type_bits(root_key))
         builder = (
             x509.CertificateBuilder()
             .subject_name(
@@ -404,58 +345,45 @@ class CertificateAuthority:
             The new active root.
         """
         old = self.active_root
-        old_type, old_bits = _key_type_bits(old.key)
+        old_type, old_bits = key_type_bits(old.key)
         if private_key_pem:
             key = load_private_key(private_key_pem)
         else:
             new_type = key_type or old_type
             key = generate_key(new_type, key_bits or (old_bits if new_type == old_type else 256))
         new = self._new_root(key, index)
-        cross = _pem(self._cross_sign(new, old))
+        cross = cert_pem(self._cross_sign(new, old))
         new = replace(new, intermediates=(*new.intermediates, cross))
         retired = replace(old, active=False, modify_index=index)
         self._roots = [*(r for r in self._roots if r is not old), retired, new]
         return new
 
-    def sign_leaf(
-        self,
-        service: str,
-        *,
-        datacenter: str,
-        namespace: str = "default",
-        partition: str = "default",
-    ) -> Leaf:
-        """Generate a key pair and a leaf certificate for `service`.
+    def issue(
+        self, subject: x509.Name, names: list[x509.GeneralName], *, key_usage: bool
+    ) -> tuple[x509.Certificate, PrivateKey, Root]:
+        """An end-entity certificate from the active root's signer, on a new P-256 key.
 
-        Profile (modern Consul): empty subject, one critical URI SAN, CA:FALSE, KeyUsage
-        digitalSignature|keyEncipherment|dataEncipherment|keyAgreement (critical), ExtKeyUsage
-        serverAuth+clientAuth, SKI of the leaf key, AKI of the signer, NotBefore now - 1 min.
+        Valid from `BACKDATE` ago for `leaf_ttl`; CA:FALSE; ExtKeyUsage serverAuth and
+        clientAuth; SKI of the new key, AKI of the signer; the SAN extension made critical
+        when `subject` is empty (RFC 5280). With `key_usage`, KeyUsage as Consul's leaves
+        carry it (critical). Returns the certificate, its key and the root it chains to.
         """
-        if not service:
-            raise CAError("service name must not be empty")
         root = self.active_root
         signer = root.signer
         key = ec.generate_private_key(ec.SECP256R1())
-        uri = SpiffeIDService(
-            host=self.trust_domain,
-            namespace=namespace,
-            datacenter=datacenter,
-            service=service,
-            partition=partition,
-        ).uri()
-        now = dt.datetime.now(dt.UTC)
-        not_before = now - BACKDATE
-        serial = self._next_serial()
-        cert = (
+        not_before = dt.datetime.now(dt.UTC) - BACKDATE
+        builder = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([]))
+            .subject_name(subject)
             .issuer_name(signer.cert.subject)
             .public_key(key.public_key())
-            .serial_number(serial)
+            .serial_number(self._next_serial())
             .not_valid_before(not_before)
             .not_valid_after(not_before + dt.timedelta(seconds=self.leaf_ttl))
             .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-            .add_extension(
+        )
+        if key_usage:
+            builder = builder.add_extension(
                 x509.KeyUsage(
                     digital_signature=True,
                     content_commitment=False,
@@ -469,14 +397,14 @@ class CertificateAuthority:
                 ),
                 True,
             )
-            .add_extension(
+        cert = (
+            builder.add_extension(
                 x509.ExtendedKeyUsage(
                     [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
                 ),
                 False,
             )
-            # RFC 5280: with an empty subject the SAN extension must be critical.
-            .add_extension(x509.SubjectAlternativeName([x509.UniformResourceIdentifier(uri)]), True)
+            .add_extension(x509.SubjectAlternativeName(names), not list(subject))
             .add_extension(x509.SubjectKeyIdentifier(key_id(key.public_key())), False)
             .add_extension(
                 x509.AuthorityKeyIdentifier(
@@ -488,13 +416,41 @@ class CertificateAuthority:
             )
             .sign(signer.key, hashes.SHA256())
         )
-        bundle = _pem(cert) + "".join(root.intermediates)
+        return cert, key, root
+
+    def sign_leaf(
+        self,
+        service: str,
+        *,
+        datacenter: str,
+        namespace: str = "default",
+        partition: str = "default",
+    ) -> Leaf:
+        """Generate a key pair and a leaf certificate for `service`.
+
+        Profile (modern Consul, `issue()`): empty subject, one critical URI SAN, CA:FALSE,
+        KeyUsage digitalSignature|keyEncipherment|dataEncipherment|keyAgreement (critical),
+        ExtKeyUsage serverAuth+clientAuth, SKI of the leaf key, AKI of the signer, NotBefore
+        now - 1 min.
+        """
+        if not service:
+            raise CAError("service name must not be empty")
+        uri = SpiffeIDService(
+            host=self.trust_domain,
+            namespace=namespace,
+            datacenter=datacenter,
+            service=service,
+            partition=partition,
+        ).uri()
+        cert, key, root = self.issue(
+            x509.Name([]), [x509.UniformResourceIdentifier(uri)], key_usage=True
+        )
         return Leaf(
             service=service,
             service_uri=uri,
-            serial=serial,
+            serial=cert.serial_number,
             cert=cert,
-            cert_pem=bundle,
-            private_key_pem=_private_pem(key),
+            cert_pem=cert_pem(cert) + "".join(root.intermediates),
+            private_key_pem=private_pem(key),
             root_id=root.id,
         )

@@ -10,19 +10,18 @@ Rule 1: pure apart from `load_chain`, which keeps the private key off every disk
 from __future__ import annotations
 
 import asyncio
-import datetime as dt
 import json
 import ssl
 from collections.abc import Mapping
 from typing import Any
 
 from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
+from cryptography.hazmat.primitives import serialization
+from cryptography.x509.oid import NameOID
 
 from proxy import keyload
-from proxy.devagent.ca import BACKDATE, CertificateAuthority, key_id
+from proxy.devagent.ca import CertificateAuthority
+from proxy.devagent.cakeys import cert_pem
 
 MAX_LINE = 8 << 20
 
@@ -30,55 +29,22 @@ MAX_LINE = 8 << 20
 def sign_server(ca: CertificateAuthority, dns_name: str, *, datacenter: str) -> tuple[str, str]:
     """A certificate for the agent's peering port, signed by `ca`'s active root's signer.
 
-    Also the dialer's client certificate on its stream (serverAuth and clientAuth).
+    Also the dialer's client certificate on its stream (serverAuth and clientAuth). Subject
+    and a DNS SAN `dns_name`, the URI SAN of the agent's server identity, no KeyUsage.
 
     Returns:
         (certificate PEM followed by the active root's intermediates, private key PEM)
     """
-    root = ca.active_root
-    signer = root.signer
-    key = ec.generate_private_key(ec.SECP256R1())
     uri = f"spiffe://{ca.trust_domain}/agent/server/dc/{datacenter}"
-    now = dt.datetime.now(dt.UTC)
-    cert = (
-        x509.CertificateBuilder()
-        .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)]))
-        .issuer_name(signer.cert.subject)
-        .public_key(key.public_key())
-        .serial_number(ca.allocate_serial())
-        .not_valid_before(now - BACKDATE)
-        .not_valid_after(now + dt.timedelta(seconds=ca.leaf_ttl))
-        .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            False,
-        )
-        .add_extension(
-            x509.SubjectAlternativeName(
-                [x509.DNSName(dns_name), x509.UniformResourceIdentifier(uri)]
-            ),
-            False,
-        )
-        .add_extension(x509.SubjectKeyIdentifier(key_id(key.public_key())), False)
-        .add_extension(
-            x509.AuthorityKeyIdentifier(
-                key_identifier=key_id(signer.key.public_key()),
-                authority_cert_issuer=None,
-                authority_cert_serial_number=None,
-            ),
-            False,
-        )
-        .sign(signer.key, hashes.SHA256())
-    )
-    cert_pem = cert.public_bytes(serialization.Encoding.PEM).decode()
+    subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, dns_name)])
+    names: list[x509.GeneralName] = [x509.DNSName(dns_name), x509.UniformResourceIdentifier(uri)]
+    cert, key, root = ca.issue(subject, names, key_usage=False)
     key_pem = key.private_bytes(
         serialization.Encoding.PEM,
         serialization.PrivateFormat.PKCS8,
         serialization.NoEncryption(),
     ).decode()
-    return cert_pem + "".join(root.intermediates), key_pem
+    return cert_pem(cert) + "".join(root.intermediates), key_pem
 
 
 def load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:

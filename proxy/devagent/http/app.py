@@ -13,7 +13,7 @@ from aiohttp import web
 
 from proxy.devagent import decode
 from proxy.devagent.acl import ACLNotFound, PermissionDenied, PolicyError
-from proxy.devagent.ca import CAError
+from proxy.devagent.cakeys import CAError
 from proxy.devagent.http import (
     acl,
     agent,
