@@ -6,8 +6,10 @@ on rotation, and leaf issuance with the profile of modern Consul
 
 Rule 1: this module is pure. It does no I/O, knows nothing of HTTP, indexes or blocking; the
 agent's state stamps the records it gets back with Raft-like indexes.
-Rule 2: private keys leave this module only as the `PrivateKeyPEM` of an issued leaf, which is
-what a real agent hands to its local proxies too. Root and intermediate keys never leave.
+Rule 2: the only private keys that leave this module are those of end-entity certificates:
+a leaf's `PrivateKeyPEM` (what a real agent hands its local proxies too), and the key that
+`issue()` returns with the peering port's certificate. Root and intermediate keys never
+leave.
 """
 
 from __future__ import annotations
