@@ -17,6 +17,7 @@ import socket
 import sys
 import time
 from collections.abc import Awaitable, Callable, Sequence
+from typing import Any
 
 import httpx
 
@@ -120,6 +121,73 @@ async def show_decision(
     say(f"    {label}: Authorized={decision['Authorized']} ({decision['Reason']})")
 
 
+async def blocking_until(
+    api: httpx.AsyncClient, path: str, done: Any, *, timeout: float = 20.0
+) -> Any:
+    """GET `path` with blocking queries until `done(body)` is true, under a deadline."""
+    index = "0"
+    async with asyncio.timeout(timeout):
+        while True:
+            sep = "&" if "?" in path else "?"
+            r = await api.get(f"{path}{sep}index={index}&wait=2s")
+            body = r.json() if r.status_code == 200 else None
+            if body is not None and done(body):
+                return body
+            index = r.headers.get("X-Consul-Index", "0") if r.status_code == 200 else "0"
+            if r.status_code != 200:
+                await asyncio.sleep(0.05)  # an error answers at once: do not spin
+
+
+async def get_status(url: str) -> tuple[int, str] | str:
+    """GET `url`: (status, body stripped), or the name of the exception that ended it."""
+    try:
+        async with httpx.AsyncClient(timeout=10) as c:
+            response = await c.get(url)
+    except httpx.HTTPError as exc:
+        return type(exc).__name__
+    return response.status_code, response.text.strip()
+
+
+class Sidecars:
+    """The demo's sidecars, each run as `connect-proxy -sidecar-for <name>` runs it (its own
+    agent client and config source under `proxy.runner.run`) until `close()`."""
+
+    def __init__(self) -> None:
+        self.proxies: dict[str, Proxy] = {}
+        self._ready: dict[str, asyncio.Event] = {}
+        self._tasks: list[asyncio.Task[None]] = []
+        self._clients: list[AgentClient] = []
+        self._stop = asyncio.Event()
+
+    def start(self, name: str, agent: DevAgent) -> None:
+        client = AgentClient(HTTPOptions(address=agent.http_addr))
+        self._clients.append(client)
+        ready = self._ready[name] = asyncio.Event()
+
+        async def mark_ready(proxy: Proxy) -> None:
+            self.proxies[name] = proxy
+            ready.set()
+
+        source = AgentConfigSource(client, f"{name}-sidecar-proxy")
+        self._tasks.append(
+            asyncio.get_running_loop().create_task(
+                run(client, source, self._stop, on_ready=mark_ready), name=f"{name} sidecar"
+            )
+        )
+
+    async def wait_ready(self, timeout: float) -> None:
+        """Wait until every sidecar started serves (raises TimeoutError after `timeout`)."""
+        async with asyncio.timeout(timeout):
+            for ready in self._ready.values():
+                await ready.wait()
+
+    async def close(self) -> None:
+        self._stop.set()
+        await asyncio.gather(*self._tasks, return_exceptions=True)
+        for client in self._clients:
+            await client.aclose()
+
+
 async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
 
     agent = DevAgent(AgentConfig(node_name="demo", sidecar_check_interval=1.0))
@@ -127,11 +195,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
     app = DbApp()
     await app.start()
     api = httpx.AsyncClient(base_url=agent.url, timeout=10)
-    tasks: list[asyncio.Task[None]] = []
-    proxies: dict[str, Proxy] = {}
-    ready = {name: asyncio.Event() for name in ("db", "web")}
-    stop_proxies = asyncio.Event()
-    clients: list[AgentClient] = []
+    sidecars = Sidecars()
     ports = ReservedPorts()
     upstream_port = ports.take()
     try:
@@ -161,28 +225,14 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         say(f"==> Registered db (app on 127.0.0.1:{app.port}) and web, each with a sidecar")
 
         for name in ("db", "web"):
-            client = AgentClient(HTTPOptions(address=agent.http_addr))
-            clients.append(client)
-
-            async def mark_ready(proxy: Proxy, name: str = name) -> None:
-                proxies[name] = proxy
-                ready[name].set()
-
-            source = AgentConfigSource(client, f"{name}-sidecar-proxy")
-            tasks.append(
-                asyncio.get_running_loop().create_task(
-                    run(client, source, stop_proxies, on_ready=mark_ready), name=f"{name} sidecar"
-                )
-            )
+            sidecars.start(name, agent)
             say(
                 f"==> Started the {name} sidecar, as: connect-proxy -sidecar-for {name} "
                 f"-http-addr {agent.http_addr}"
             )
-        async with asyncio.timeout(15):
-            await ready["db"].wait()
-            await ready["web"].wait()
+        await sidecars.wait_ready(15)
         ports.release()
-        db, web = proxies["db"], proxies["web"]
+        db, web = sidecars.proxies["db"], sidecars.proxies["web"]
         assert db.public is not None and db.tls.material and web.tls.material
         say(f"    db  identity: {db.tls.material.leaf.uri}")
         say(f"    web identity: {web.tls.material.leaf.uri}")
@@ -192,27 +242,20 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         )
         # The web sidecar finds db through the agent's health API: wait until db's sidecar
         # check passes (its TCP check runs every second).
-        async with asyncio.timeout(15):
-            index = "0"
-            while True:
-                r = await api.get(f"/v1/health/connect/db?passing&index={index}&wait=5s")
-                if r.json():
-                    break
-                index = r.headers["X-Consul-Index"]
+        await blocking_until(api, "/v1/health/connect/db?passing", lambda b: len(b) > 0)
 
         url = f"http://127.0.0.1:{upstream_port}/"
         ok = True
         say()
         say("==> 1. GET " + url + "  (web's upstream -> mTLS -> db's public listener -> db app)")
         started = time.perf_counter()
-        try:
-            async with httpx.AsyncClient(timeout=10) as c:
-                response = await c.get(url)
-            elapsed = (time.perf_counter() - started) * 1000
-            say(f"    {response.status_code} {response.text.strip()!r} in {elapsed:.1f} ms")
-            ok &= response.status_code == 200
-        except httpx.HTTPError as exc:
-            say(f"    failed: {exc!r}")
+        got = await get_status(url)
+        elapsed = (time.perf_counter() - started) * 1000
+        if isinstance(got, tuple):
+            say(f"    {got[0]} {got[1]!r} in {elapsed:.1f} ms")
+            ok &= got[0] == 200
+        else:
+            say(f"    failed: {got}")
             ok = False
         uri = web.tls.material.leaf.uri or ""
         await show_decision(api, uri)
@@ -230,13 +273,12 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         )
         r.raise_for_status()
         denied_before = db.public.denied
-        try:
-            async with httpx.AsyncClient(timeout=10) as c:
-                response = await c.get(url)
-            say(f"    unexpectedly answered: {response.status_code} {response.text.strip()!r}")
+        got = await get_status(url)
+        if isinstance(got, tuple):
+            say(f"    unexpectedly answered: {got[0]} {got[1]!r}")
             ok = False
-        except httpx.HTTPError as exc:
-            say(f"    refused: {type(exc).__name__} (db's sidecar closed it after authorize)")
+        else:
+            say(f"    refused: {got} (db's sidecar closed it after authorize)")
         await show_decision(api, uri)
         say(
             f"    db's sidecar denied {db.public.denied - denied_before} connection(s); "
@@ -262,10 +304,7 @@ async def _walkthrough(once: bool, stop: asyncio.Event) -> int:
         return 0 if ok else 1
     finally:
         ports.release()
-        stop_proxies.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for client in clients:
-            await client.aclose()
+        await sidecars.close()
         await api.aclose()
         await app.close()
         await agent.close()

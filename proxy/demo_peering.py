@@ -16,43 +16,19 @@ from __future__ import annotations
 import asyncio
 import time
 import uuid
-from typing import Any
 
 import httpx
 
-from proxy.agent import AgentClient
-from proxy.demo import DbApp, ReservedPorts, say, show_decision
+from proxy.demo import (
+    DbApp,
+    ReservedPorts,
+    Sidecars,
+    blocking_until,
+    get_status,
+    say,
+    show_decision,
+)
 from proxy.devagent import AgentConfig, DevAgent
-from proxy.httpflags import HTTPOptions
-from proxy.runner import run
-from proxy.sources import AgentConfigSource
-from proxy.supervisor import Proxy
-
-
-async def _blocking_until(
-    api: httpx.AsyncClient, path: str, done: Any, *, timeout: float = 20.0
-) -> Any:
-    """GET `path` with blocking queries until `done(body)` is true, under a deadline."""
-    index = "0"
-    async with asyncio.timeout(timeout):
-        while True:
-            sep = "&" if "?" in path else "?"
-            r = await api.get(f"{path}{sep}index={index}&wait=2s")
-            body = r.json() if r.status_code == 200 else None
-            if body is not None and done(body):
-                return body
-            index = r.headers.get("X-Consul-Index", "0") if r.status_code == 200 else "0"
-            if r.status_code != 200:
-                await asyncio.sleep(0.05)  # an error answers at once: do not spin
-
-
-async def _get(url: str) -> tuple[int, str] | str:
-    try:
-        async with httpx.AsyncClient(timeout=10) as c:
-            response = await c.get(url)
-    except httpx.HTTPError as exc:
-        return type(exc).__name__
-    return response.status_code, response.text.strip()
 
 
 def _agent_config(dc: str) -> AgentConfig:
@@ -73,11 +49,7 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
     await app.start()
     api1 = httpx.AsyncClient(base_url=dc1.url, timeout=10)
     api2 = httpx.AsyncClient(base_url=dc2.url, timeout=10)
-    tasks: list[asyncio.Task[None]] = []
-    proxies: dict[str, Proxy] = {}
-    ready = {name: asyncio.Event() for name in ("db", "web")}
-    stop_proxies = asyncio.Event()
-    clients: list[AgentClient] = []
+    sidecars = Sidecars()
     ports = ReservedPorts()
     upstream_port = ports.take()
     ok = True
@@ -93,7 +65,7 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
         )
         r.raise_for_status()
         for api, name in ((api1, "dc2"), (api2, "dc1")):
-            body = await _blocking_until(
+            body = await blocking_until(
                 api, f"/v1/peering/{name}", lambda b: b.get("State") == "ACTIVE"
             )
             say(f"    peering {name}: {body['State']}")
@@ -138,29 +110,15 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
         say("==> dc1: registered web with a sidecar, upstream db with destination_peer dc2")
 
         for name, agent in (("db", dc2), ("web", dc1)):
-            client = AgentClient(HTTPOptions(address=agent.http_addr))
-            clients.append(client)
-
-            async def mark_ready(proxy: Proxy, name: str = name) -> None:
-                proxies[name] = proxy
-                ready[name].set()
-
-            source = AgentConfigSource(client, f"{name}-sidecar-proxy")
-            tasks.append(
-                asyncio.get_running_loop().create_task(
-                    run(client, source, stop_proxies, on_ready=mark_ready), name=f"{name} sidecar"
-                )
-            )
+            sidecars.start(name, agent)
             say(f"==> Started the {name} sidecar: connect-proxy -sidecar-for {name}")
-        async with asyncio.timeout(20):
-            await ready["db"].wait()
-            await ready["web"].wait()
+        await sidecars.wait_ready(20)
         ports.release()
-        db, web = proxies["db"], proxies["web"]
+        db, web = sidecars.proxies["db"], sidecars.proxies["web"]
         assert db.public is not None and db.tls.material and web.tls.material
         say(f"    db  identity: {db.tls.material.leaf.uri}")
         say(f"    web identity: {web.tls.material.leaf.uri}")
-        imported = await _blocking_until(
+        imported = await blocking_until(
             api1, "/v1/health/connect/db?peer=dc2&passing=1", lambda b: len(b) > 0
         )
         meta = imported[0]["Service"]["Connect"]["PeerMeta"]
@@ -180,7 +138,7 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
         say()
         say(f"==> 1. GET {url}  (dc1 web's upstream -> mTLS across trust domains -> dc2 db)")
         started = time.perf_counter()
-        got = await _get(url)
+        got = await get_status(url)
         elapsed = (time.perf_counter() - started) * 1000
         say(f"    {got!r} in {elapsed:.1f} ms")
         ok &= isinstance(got, tuple) and got[0] == 200
@@ -197,7 +155,7 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
         }
         (await api2.put("/v1/config", json=intention)).raise_for_status()
         denied_before = db.public.denied
-        got = await _get(url)
+        got = await get_status(url)
         if isinstance(got, tuple):
             say(f"    unexpectedly answered: {got!r}")
             ok = False
@@ -217,10 +175,7 @@ async def peering_walkthrough(once: bool, stop: asyncio.Event) -> int:
         return 0 if ok else 1
     finally:
         ports.release()
-        stop_proxies.set()
-        await asyncio.gather(*tasks, return_exceptions=True)
-        for client in clients:
-            await client.aclose()
+        await sidecars.close()
         await api1.aclose()
         await api2.aclose()
         await app.close()
