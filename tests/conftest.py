@@ -4,8 +4,11 @@ dev agent's CA on its own, and the TLS engine of the proxies and stores a test b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
+import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import httpx
@@ -90,6 +93,33 @@ async def wait_until(predicate: Callable[[], Awaitable[bool] | bool], timeout: f
             if result:
                 return
             await asyncio.sleep(0.01)
+
+
+@dataclass
+class Run:
+    """How a command run as a child process ended: exit code, stdout, stderr."""
+
+    code: int
+    out: str
+    err: str
+
+
+async def finish(
+    proc: asyncio.subprocess.Process, stdin: bytes = b"", timeout: float = 20.0
+) -> Run:
+    """Feed `stdin` (when the process has a stdin pipe; it is closed after), read the output
+    to its end and reap the process, under a deadline; a process still running at the
+    deadline is killed (and the test fails on the timeout)."""
+    try:
+        async with asyncio.timeout(timeout):
+            out, err = await proc.communicate(stdin if proc.stdin is not None else None)
+    finally:
+        if proc.returncode is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(proc.pid, signal.SIGKILL)
+            await proc.wait()
+    assert proc.returncode is not None
+    return Run(proc.returncode, out.decode(), err.decode())
 
 
 @pytest.fixture(scope="session")

@@ -6,33 +6,25 @@ the `_rexec/<session>` prefix is empty and the session gone."""
 from __future__ import annotations
 
 import asyncio
-import contextlib
 import json
 import os
 import signal
 import socket
 import sys
-from dataclasses import dataclass, replace
+from dataclasses import replace
 
 import httpx
 import pytest
 
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.rexec.command import ExecOptions, job_spec, targeted
-from tests.conftest import wait_until
+from tests.conftest import Run, finish, wait_until
 
 pytestmark = pytest.mark.one_loop  # the subject is a child process
 
 NODE = "exec-node"
 DEADLINE = 20.0
 MGMT = "root-token"
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 @pytest.fixture
@@ -62,19 +54,6 @@ async def spawn(
         stderr=asyncio.subprocess.PIPE,
         env={**_env(), **(env or {})},
     )
-
-
-async def finish(proc: asyncio.subprocess.Process, stdin: bytes = b"") -> Run:
-    try:
-        async with asyncio.timeout(DEADLINE):
-            out, err = await proc.communicate(stdin)
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
 
 
 async def run_cli(addr: str, *args: str, stdin: bytes = b"") -> Run:

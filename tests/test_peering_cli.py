@@ -5,31 +5,21 @@ from __future__ import annotations
 
 import asyncio
 import base64
-import contextlib
 import json
 import os
-import signal
 import sys
-import uuid
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 
 import pytest
 
-from proxy.devagent import AgentConfig, DevAgent
+from proxy.devagent import DevAgent
 from proxy.peering.command import columnize, format_peering, go_time
-from tests.conftest import wait_until
+from tests.conftest import Run, finish, wait_until
+from tests.peerfix import cluster_config
 
 pytestmark = pytest.mark.one_loop  # child processes and the dev agent: one loop is enough
 
 DEADLINE = 30.0
-
-
-@dataclass
-class Run:
-    code: int
-    out: str
-    err: str
 
 
 async def cli(addr: str, *args: str) -> Run:
@@ -46,31 +36,12 @@ async def cli(addr: str, *args: str) -> Run:
         stderr=asyncio.subprocess.PIPE,
         env=env,
     )
-    try:
-        async with asyncio.timeout(DEADLINE):
-            out, err = await proc.communicate()
-    finally:
-        if proc.returncode is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(proc.pid, signal.SIGKILL)
-            await proc.wait()
-    assert proc.returncode is not None
-    return Run(proc.returncode, out.decode(), err.decode())
-
-
-def _config(dc: str) -> AgentConfig:
-    return AgentConfig(
-        node_name=f"node-{dc}",
-        datacenter=dc,
-        cluster_id=str(uuid.uuid4()),
-        grpc_tls_port=0,
-        peering_heartbeat=0.5,
-    )
+    return await finish(proc, timeout=DEADLINE)
 
 
 @pytest.fixture
 async def agents() -> AsyncIterator[tuple[DevAgent, DevAgent]]:
-    one, two = DevAgent(_config("dc1")), DevAgent(_config("dc2"))
+    one, two = DevAgent(cluster_config("dc1")), DevAgent(cluster_config("dc2"))
     await one.start("127.0.0.1", 0)
     await two.start("127.0.0.1", 0)
     try:
