@@ -24,13 +24,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import logging
-import os
-import shutil
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import uvloop
@@ -38,7 +33,7 @@ import uvloop
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_util import callgrind_instructions  # noqa: E402
+from bench_util import callgrind_slopes, connect_many  # noqa: E402
 
 from listeners.serve import Listener, Slot  # noqa: E402
 
@@ -66,34 +61,19 @@ class _Answer(asyncio.Protocol):
             self.slot.release()
 
 
-async def _connections(port: int, n: int) -> None:
-    gate = asyncio.Semaphore(CONCURRENCY)
-
-    async def one() -> None:
-        async with gate:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"x")
-            await reader.readexactly(1)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    await asyncio.gather(*(one() for _ in range(n)))
-
-
 async def child(variant: str, n: int) -> None:
     """The measured process: a server of `variant` and n connections to it."""
     if variant == "ours":
         listener = Listener("bench", "127.0.0.1", 0, logging.getLogger("bench"))
         await listener.bind(_Answer)
         port = listener.port
-        await _connections(port, n)
+        await connect_many(port, n, b"x", concurrency=CONCURRENCY)
         await listener.close()
     else:
         loop = asyncio.get_running_loop()
         server = await loop.create_server(_Answer, "127.0.0.1", 0)
         port = server.sockets[0].getsockname()[1]
-        await _connections(port, n)
+        await connect_many(port, n, b"x", concurrency=CONCURRENCY)
         server.close()
         await server.wait_closed()
 
@@ -107,29 +87,14 @@ def main() -> int:
     if args.child:
         uvloop.run(child(args.child[0], int(args.child[1])))
         return 0
-    if shutil.which("valgrind") is None:
-        print("valgrind is not on PATH (Debian: apt-get install valgrind)", file=sys.stderr)
-        return 2
     if not 0 < args.small < args.large:
         print("need 0 < --small < --large", file=sys.stderr)
         return 2
-    runs = [(v, n) for v in VARIANTS for n in (args.small, args.large)]
-    with (
-        tempfile.TemporaryDirectory(prefix="accept-paths-") as tmp,
-        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-    ):
-        futures = {
-            (v, n): pool.submit(
-                callgrind_instructions,
-                [sys.executable, __file__, "--child", v, str(n)],
-                Path(tmp) / f"cg.{v}.{n}",
-                f"{v} {n}",
-            )
-            for v, n in runs
-        }
-        ir = {run: f.result() for run, f in futures.items()}
-    span = args.large - args.small
-    per = {v: (ir[(v, args.large)] - ir[(v, args.small)]) / span for v in VARIANTS}
+    try:
+        per = callgrind_slopes(__file__, list(VARIANTS), args.small, args.large)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(f"instructions per connection ({args.small} -> {args.large}, server and client):")
     for variant in VARIANTS:
         print(f"  {variant:5s} {per[variant]:>12,.0f}")

@@ -16,7 +16,6 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import re
 import socket
 import ssl
 import statistics
@@ -28,7 +27,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_util import AgentHTTP, client_context  # noqa: E402
+from bench_util import AgentHTTP, client_context, dev_agent_process  # noqa: E402
 
 ROOT = HERE.parent
 PAYLOAD = b"hello proxy"
@@ -158,37 +157,10 @@ def main() -> int:
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
     args.proxy_cpu = cpus[0]
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "dev-agent", "-http-addr", "127.0.0.1:0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        if len(cpus) > 1:
-            os.sched_setaffinity(agent.pid, {cpus[-1]})
-            os.sched_setaffinity(0, {cpus[-1]})
-        addr = None
-        assert agent.stdout is not None
-        deadline = time.monotonic() + 30
-        while addr is None and time.monotonic() < deadline:
-            line = agent.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"HTTP API address: (?:http://)?(\S+)", line)
-            addr = m.group(1) if m else None
-        if addr is None:
-            print("the dev agent did not say its address", file=sys.stderr)
-            return 1
-        results = asyncio.run(run(addr, agent.pid, args))
-    finally:
-        agent.terminate()
-        try:
-            agent.wait(5)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[-1]})
+    with dev_agent_process(cpus[-1] if len(cpus) > 1 else None) as (addr, agent_pid):
+        results = asyncio.run(run(addr, agent_pid, args))
     median = {
         cached: (
             statistics.median(p for p, _ in rows),

@@ -18,8 +18,6 @@ import argparse
 import asyncio
 import json
 import os
-import re
-import subprocess
 import sys
 import time
 from collections.abc import Awaitable, Callable
@@ -30,6 +28,7 @@ sys.path.insert(0, str(ROOT))
 
 import httpx  # noqa: E402
 import uvloop  # noqa: E402
+from bench_util import dev_agent_process  # noqa: E402
 
 from proxy.agent import AgentClient  # noqa: E402
 from proxy.authzcache import DecisionCache  # noqa: E402
@@ -131,37 +130,10 @@ def main() -> int:
     parser.add_argument("--concurrency", type=int, default=16)
     args = parser.parse_args()
     cpus = sorted(os.sched_getaffinity(0))
-    agent = subprocess.Popen(
-        [sys.executable, "-m", "proxy", "dev-agent", "-http-addr", "127.0.0.1:0"],
-        cwd=ROOT,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.DEVNULL,
-        text=True,
-    )
-    try:
-        if len(cpus) > 1:
-            os.sched_setaffinity(agent.pid, {cpus[-1]})
-            os.sched_setaffinity(0, {cpus[0]})
-        addr = None
-        assert agent.stdout is not None
-        deadline = time.monotonic() + 30
-        while addr is None and time.monotonic() < deadline:
-            line = agent.stdout.readline()
-            if not line:
-                break
-            m = re.search(r"HTTP API address: (?:http://)?(\S+)", line)
-            addr = m.group(1) if m else None
-        if addr is None:
-            print("the dev agent did not say its address", file=sys.stderr)
-            return 1
-        results = uvloop.run(run(args.calls, args.concurrency, addr, agent.pid))
-    finally:
-        agent.terminate()
-        try:
-            agent.wait(5)
-        except subprocess.TimeoutExpired:
-            agent.kill()
-            agent.wait()
+    if len(cpus) > 1:
+        os.sched_setaffinity(0, {cpus[0]})
+    with dev_agent_process(cpus[-1] if len(cpus) > 1 else None) as (addr, agent_pid):
+        results = uvloop.run(run(args.calls, args.concurrency, addr, agent_pid))
     cols = list(results[0])
     print("  ".join(f"{c:>22}" for c in cols))
     for row in results:

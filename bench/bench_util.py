@@ -14,14 +14,18 @@ import hashlib
 import json
 import os
 import re
+import shutil
 import socket
 import ssl
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -245,16 +249,114 @@ def source_state() -> dict[str, Any]:
     }
 
 
-def callgrind_instructions(argv: list[str], out: Path, what: str) -> int:
-    """Run `argv` under valgrind's callgrind (the profile goes to `out`); the instructions
-    it executed (Ir). `what` names the run in the error raised when it fails."""
+def callgrind_slopes(script: str, variants: list[str], small: int, large: int) -> dict[str, float]:
+    """Instructions per connection of each variant of `script`, under valgrind's callgrind.
+
+    `script --child VARIANT N` runs N connections; each (variant, count) is one process, run
+    in parallel, and the cost per connection is the slope between `small` and `large`
+    (start-up cancels out).
+
+    Raises:
+        RuntimeError: valgrind is missing, or a run failed (with the end of its output).
+    """
+    if shutil.which("valgrind") is None:
+        raise RuntimeError("valgrind is not on PATH (Debian: apt-get install valgrind)")
     env = {**os.environ, "PYTHONHASHSEED": "0"}
-    command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}", *argv]
-    done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
-    match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
-    if done.returncode != 0 or match is None:
-        raise RuntimeError(f"{what}: callgrind failed:\n{done.stderr[-2000:]}")
-    return int(match.group(1).replace(",", ""))
+
+    def instructions(variant: str, n: int, out: Path) -> int:
+        command = ["valgrind", "--tool=callgrind", f"--callgrind-out-file={out}"]
+        command += [sys.executable, script, "--child", variant, str(n)]
+        done = subprocess.run(command, env=env, capture_output=True, text=True, check=False)
+        match = re.search(r"I\s+refs:\s+([\d,]+)", done.stderr)
+        if done.returncode != 0 or match is None:
+            raise RuntimeError(f"{variant} {n}: callgrind failed:\n{done.stderr[-2000:]}")
+        return int(match.group(1).replace(",", ""))
+
+    runs = [(v, n) for v in variants for n in (small, large)]
+    with (
+        tempfile.TemporaryDirectory(prefix="callgrind-") as tmp,
+        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
+    ):
+        futures = {
+            (v, n): pool.submit(instructions, v, n, Path(tmp) / f"cg.{v}.{n}") for v, n in runs
+        }
+        ir = {run: f.result() for run, f in futures.items()}
+    return {v: (ir[(v, large)] - ir[(v, small)]) / (large - small) for v in variants}
+
+
+async def connect_many(
+    port: int, n: int, payload: bytes, *, concurrency: int = 8, ctx: ssl.SSLContext | None = None
+) -> None:
+    """`n` connections to 127.0.0.1:`port`, `concurrency` at a time: each sends `payload`,
+    reads as many bytes back, and closes."""
+    gate = asyncio.Semaphore(concurrency)
+
+    async def one() -> None:
+        async with gate:
+            writer = await exchange(port, payload, ctx)
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    await asyncio.gather(*(one() for _ in range(n)))
+
+
+async def exchange(
+    port: int, payload: bytes, ctx: ssl.SSLContext | None = None
+) -> asyncio.StreamWriter:
+    """Open a connection to 127.0.0.1:`port` (TLS with `ctx`), send `payload`, read as many
+    bytes back; the connection stays open (its writer)."""
+    reader, writer = await asyncio.open_connection("127.0.0.1", port, ssl=ctx, server_hostname=None)
+    writer.write(payload)
+    await reader.readexactly(len(payload))
+    return writer
+
+
+def leaf_material(ca: Any, service: str) -> TLSMaterial:
+    """A leaf for `service` from a dev agent's CA (`proxy.devagent.ca.CertificateAuthority`),
+    with that CA's roots."""
+    leaf = ca.sign_leaf(service, datacenter="dc1")
+    roots = "".join(r.cert_pem for r in ca.roots)
+    return TLSMaterial(cert_pem=leaf.cert_pem, key_pem=leaf.private_key_pem, roots_pem=roots)
+
+
+@contextlib.contextmanager
+def dev_agent_process(cpu: int | None = None) -> Iterator[tuple[str, int]]:
+    """A dev agent in its own process (`python -m proxy dev-agent`), pinned to `cpu` if given:
+    its HTTP address and PID. Stopped (SIGTERM, then SIGKILL after 5 s) on exit.
+
+    Raises:
+        RuntimeError: it did not print its address within 30 s.
+    """
+    agent = subprocess.Popen(
+        [sys.executable, "-m", "proxy", "dev-agent", "-http-addr", "127.0.0.1:0"],
+        cwd=ROOT,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        if cpu is not None:
+            os.sched_setaffinity(agent.pid, {cpu})
+        addr = None
+        assert agent.stdout is not None
+        deadline = time.monotonic() + 30
+        while addr is None and time.monotonic() < deadline:
+            line = agent.stdout.readline()
+            if not line:
+                break
+            m = re.search(r"HTTP API address: (?:http://)?(\S+)", line)
+            addr = m.group(1) if m else None
+        if addr is None:
+            raise RuntimeError("the dev agent did not say its address")
+        yield addr, agent.pid
+    finally:
+        agent.terminate()
+        try:
+            agent.wait(5)
+        except subprocess.TimeoutExpired:
+            agent.kill()
+            agent.wait()
 
 
 async def echo_handler(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:

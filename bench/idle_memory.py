@@ -32,7 +32,6 @@ import gc
 import json
 import os
 import resource
-import ssl
 import subprocess
 import sys
 import tracemalloc
@@ -43,10 +42,15 @@ from typing import Any
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_util import echo_handler  # noqa: E402
+from bench_util import (  # noqa: E402
+    client_context,
+    echo_handler,
+    exchange,
+    leaf_material,
+    server_context,
+)
 
 from listeners.serve import Listener  # noqa: E402
-from listeners.tls.contexts import load_cert_chain  # noqa: E402
 from proxy.devagent import DevAgent  # noqa: E402
 
 CONCURRENCY = 32
@@ -130,24 +134,6 @@ async def _child(layout: str, agent_addr: str, target_port: int) -> None:
         await proxy.agent.aclose()
 
 
-def _client_context(agent: DevAgent) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cadata="".join(r.cert_pem for r in agent.state.ca.roots))
-    leaf = agent.state.ca.sign_leaf("web", datacenter="dc1")
-    load_cert_chain(ctx, leaf.cert_pem, leaf.private_key_pem)
-    return ctx
-
-
-def _server_context(agent: DevAgent) -> ssl.SSLContext:
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
-    ctx.verify_mode = ssl.CERT_REQUIRED
-    ctx.load_verify_locations(cadata="".join(r.cert_pem for r in agent.state.ca.roots))
-    leaf = agent.state.ca.sign_leaf("db", datacenter="dc1")
-    load_cert_chain(ctx, leaf.cert_pem, leaf.private_key_pem)
-    return ctx
-
-
 async def _ask(proc: asyncio.subprocess.Process, word: str) -> dict[str, Any]:
     assert proc.stdin is not None and proc.stdout is not None
     proc.stdin.write(word.encode() + b"\n")
@@ -166,7 +152,11 @@ async def measure(layout: str, engine: str, n: int, trace: bool) -> dict[str, An
         app = await asyncio.start_server(echo_handler, "127.0.0.1", 0, backlog=1024)
     else:
         app = await asyncio.start_server(
-            echo_handler, "127.0.0.1", 0, backlog=1024, ssl=_server_context(agent)
+            echo_handler,
+            "127.0.0.1",
+            0,
+            backlog=1024,
+            ssl=server_context(leaf_material(agent.state.ca, "db")),
         )
     target_port = app.sockets[0].getsockname()[1]
     if layout == "outbound":
@@ -199,17 +189,12 @@ async def measure(layout: str, engine: str, n: int, trace: bool) -> dict[str, An
         assert proc.stdout is not None
         async with asyncio.timeout(60):
             port = json.loads(await proc.stdout.readline())["port"]
-        ctx = _client_context(agent) if layout == "inbound" else None
+        ctx = client_context(leaf_material(agent.state.ca, "web")) if layout == "inbound" else None
         gate = asyncio.Semaphore(CONCURRENCY)
 
         async def connect() -> asyncio.StreamWriter:
             async with gate, asyncio.timeout(60):
-                reader, writer = await asyncio.open_connection(
-                    "127.0.0.1", port, ssl=ctx, server_hostname=None
-                )
-                writer.write(b"x")
-                await reader.readexactly(1)
-                return writer
+                return await exchange(port, b"x", ctx)
 
         # Warm up (the authorize pool, sessions, caches), then the readings around n.
         for w in await asyncio.gather(*(connect() for _ in range(50))):

@@ -25,7 +25,6 @@ import contextlib
 import os
 import resource
 import socket
-import ssl
 import subprocess
 import sys
 import time
@@ -34,9 +33,13 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_util import echo_handler  # noqa: E402
+from bench_util import (  # noqa: E402
+    client_context,
+    echo_handler,
+    exchange,
+    leaf_material,
+)
 
-from listeners.tls.contexts import load_cert_chain  # noqa: E402
 from proxy.devagent import DevAgent  # noqa: E402
 
 READY = b"Proxy loaded config and ready to serve"
@@ -46,16 +49,6 @@ TRIMMED = b"memory returned after"
 def rss_mib(pid: int) -> float:
     with open(f"/proc/{pid}/statm", encoding="ascii") as statm:
         return int(statm.read().split()[1]) * resource.getpagesize() / (1 << 20)
-
-
-def client_context(agent: DevAgent) -> ssl.SSLContext:
-    """web's leaf from the dev agent's CA, its key loaded from memory (never a file)."""
-    ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-    ctx.check_hostname = False
-    ctx.load_verify_locations(cadata="".join(r.cert_pem for r in agent.state.ca.roots))
-    leaf = agent.state.ca.sign_leaf("web", datacenter="dc1")
-    load_cert_chain(ctx, leaf.cert_pem, leaf.private_key_pem)
-    return ctx
 
 
 async def _line(proc: subprocess.Popen[bytes], text: bytes, timeout: float) -> None:
@@ -85,17 +78,12 @@ async def measure(n: int, settle: float) -> dict[str, float]:
     proc = subprocess.Popen(argv, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT)  # noqa: ASYNC220 (read from a thread below)
     try:
         await _line(proc, READY, 30)
-        ctx = client_context(agent)
+        ctx = client_context(leaf_material(agent.state.ca, "web"))
         gate = asyncio.Semaphore(64)
 
         async def connect() -> asyncio.StreamWriter:
             async with gate:
-                reader, writer = await asyncio.open_connection(
-                    "127.0.0.1", port, ssl=ctx, server_hostname=None
-                )
-                writer.write(b"x")
-                await reader.readexactly(1)
-                return writer
+                return await exchange(port, b"x", ctx)
 
         for w in await asyncio.gather(*(connect() for _ in range(20))):
             w.close()

@@ -25,18 +25,14 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
-import shutil
 import sys
-import tempfile
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from bench_util import callgrind_instructions, echo_handler  # noqa: E402
+from bench_util import callgrind_slopes, connect_many, echo_handler  # noqa: E402
 
 from proxy import console  # noqa: E402
 from proxy.agent import AgentClient  # noqa: E402
@@ -49,21 +45,6 @@ from proxy.supervisor import Proxy, ProxySettings  # noqa: E402
 CONCURRENCY = 8
 WARMUP = 20
 _DEVNULL = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
-
-
-async def _connections(port: int, n: int) -> None:
-    gate = asyncio.Semaphore(CONCURRENCY)
-
-    async def one() -> None:
-        async with gate:
-            reader, writer = await asyncio.open_connection("127.0.0.1", port)
-            writer.write(b"hello world")
-            await reader.readexactly(11)
-            writer.close()
-            with contextlib.suppress(OSError):
-                await writer.wait_closed()
-
-    await asyncio.gather(*(one() for _ in range(n)))
 
 
 async def _proxy(agent: DevAgent, config: ProxyConfig, observe: bool) -> Proxy:
@@ -97,19 +78,13 @@ async def child(observe: bool, n: int) -> None:
     upstream = UpstreamConfig(destination_name="db", local_bind_port=0)
     web = await _proxy(agent, ProxyConfig(service="web", upstreams=(upstream,)), observe)
     (listener,) = web.upstreams.values()
-    await _connections(listener.port, WARMUP)
-    await _connections(listener.port, n)
+    await connect_many(listener.port, WARMUP, b"hello world", concurrency=CONCURRENCY)
+    await connect_many(listener.port, n, b"hello world", concurrency=CONCURRENCY)
     for proxy in (web, db):
         await proxy.close(drain_timeout=1.0)
         await proxy.agent.aclose()
     app.close()
     await agent.close()
-
-
-def _instructions(variant: str, n: int, out: Path) -> int:
-    """Run one child under callgrind; its total instruction count (Ir)."""
-    argv = [sys.executable, __file__, "--child", variant, str(n)]
-    return callgrind_instructions(argv, out, f"{variant} {n}")
 
 
 def main() -> int:
@@ -127,9 +102,6 @@ def main() -> int:
     if args.child:
         asyncio.run(child(args.child[0] == "on", int(args.child[1])))
         return 0
-    if shutil.which("valgrind") is None:
-        print("valgrind is not on PATH (Debian: apt-get install valgrind)", file=sys.stderr)
-        return 2
     if not 0 < args.small < args.large:
         print("need 0 < --small < --large", file=sys.stderr)
         return 2
@@ -137,18 +109,11 @@ def main() -> int:
     if not variants or not set(variants) <= {"on", "bare"}:
         print("--variants takes on, bare or both", file=sys.stderr)
         return 2
-    runs = [(v, n) for v in variants for n in (args.small, args.large)]
-    with (
-        tempfile.TemporaryDirectory(prefix="observe-cost-") as tmp,
-        ThreadPoolExecutor(max_workers=os.cpu_count() or 1) as pool,
-    ):
-        futures = {
-            run: pool.submit(_instructions, run[0], run[1], Path(tmp) / f"cg.{run[0]}.{run[1]}")
-            for run in runs
-        }
-        ir = {run: f.result() for run, f in futures.items()}
-    span = args.large - args.small
-    per = {v: (ir[(v, args.large)] - ir[(v, args.small)]) / span for v in variants}
+    try:
+        per = callgrind_slopes(__file__, variants, args.small, args.large)
+    except RuntimeError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(f"instructions per connection ({args.small} -> {args.large} connections, whole process):")
     for variant in variants:
         print(f"  {variant:5s} {per[variant]:>14,.0f}")
