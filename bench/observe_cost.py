@@ -43,6 +43,7 @@ from proxy.observe import ProxyMetrics  # noqa: E402
 from proxy.supervisor import Proxy, ProxySettings  # noqa: E402
 
 CONCURRENCY = 8
+_LOOP_VARIABLE = "OBSERVE_COST_LOOP"  # --loop, passed to the measured children
 WARMUP = 20
 _DEVNULL = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
@@ -97,11 +98,25 @@ def main() -> int:
         help="which variants to run, comma-separated (default on,bare; `on` alone gives the "
         "instructions per connection of the proxy as shipped, for other comparisons)",
     )
+    parser.add_argument(
+        "--loop",
+        choices=("asyncio", "uvloop"),
+        default="asyncio",
+        help="the event loop of the measured process (default asyncio; the proxy's own is "
+        "uvloop, whose socket wrappers and transports cost differently)",
+    )
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        asyncio.run(child(args.child[0] == "on", int(args.child[1])))
+        run = child(args.child[0] == "on", int(args.child[1]))
+        if os.environ.get(_LOOP_VARIABLE) == "uvloop":
+            import uvloop
+
+            uvloop.run(run)
+        else:
+            asyncio.run(run)
         return 0
+    os.environ[_LOOP_VARIABLE] = args.loop  # the children inherit it
     if not 0 < args.small < args.large:
         print("need 0 < --small < --large", file=sys.stderr)
         return 2

@@ -30,7 +30,13 @@ from listeners.events import INBOUND, Connection, Observer, Refusal, now
 from listeners.limits import default_handshake_limit
 from listeners.pump import Pipe
 from listeners.serve import Listener, Slot
-from listeners.sockets import is_routine_close, peer_address, pending_bytes, tune_socket
+from listeners.sockets import (
+    is_routine_close,
+    peer_address,
+    pending_bytes,
+    tune_accepted,
+    tune_socket,
+)
 from listeners.tls.contexts import explain_verify_failure
 from listeners.tls.engine import TLSContext
 from listeners.tls.transport import HandshakeTimeout, TLSTransport
@@ -68,7 +74,7 @@ class _InboundTLS(TLSTransport):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        tune_socket(transport)
+        tune_accepted(transport)
         self.slot.watch(
             transport.abort,  # type: ignore[attr-defined]
             lambda: not self.received_any and pending_bytes(transport) == 0,

@@ -36,6 +36,7 @@ from typing import Any
 
 from listeners.events import INBOUND, Connection, NullObserver, Observer, Refusal, now
 from listeners.limits import default_max_connections
+from listeners.sockets import tune_listening_socket
 from proxy.addr import join_host_port
 from proxy.counter import Counter
 
@@ -240,6 +241,7 @@ class Listener:
                     sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
                 if family == socket.AF_INET6:
                     sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 1)
+                tune_listening_socket(sock)
                 try:
                     sock.bind(address)
                 except OSError as exc:

@@ -11,11 +11,20 @@ import contextlib
 import fcntl
 import socket
 import struct
+import sys
 import termios
 
 from proxy.addr import join_host_port
 
 KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
+
+# Linux copies a listening socket's options (TCP_NODELAY, SO_KEEPALIVE and its timers) to
+# every connection it accepts, so a listener sets them once (`tune_listening_socket`) and
+# an accepted connection needs no call of its own. Each call through uvloop's socket wrapper
+# also built a Python socket object from the descriptor, with system calls to learn its
+# family and type: 22 µs per connection for the four options (bench/README.md, "Socket
+# options").
+INHERITS_OPTIONS = sys.platform == "linux"
 
 
 def pending_bytes(transport: asyncio.BaseTransport) -> int:
@@ -30,17 +39,48 @@ def pending_bytes(transport: asyncio.BaseTransport) -> int:
     return int(struct.unpack("i", answer)[0])
 
 
-def tune_socket(transport: asyncio.BaseTransport) -> None:
-    """TCP_NODELAY and keepalive (15 s) on a connection's socket, as Go sets by default."""
-    sock = transport.get_extra_info("socket")
-    if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
-        return
+def _set_options(sock: socket.socket, *, nodelay: bool) -> None:
     with contextlib.suppress(OSError):
-        sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        if nodelay:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE, 1)
         if hasattr(socket, "TCP_KEEPIDLE"):
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE, KEEPALIVE_IDLE)
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPINTVL, KEEPALIVE_IDLE)
+
+
+def tune_listening_socket(sock: socket.socket) -> None:
+    """TCP_NODELAY and keepalive (15 s) on a listening TCP socket: its accepted connections
+    inherit them where `INHERITS_OPTIONS`."""
+    if sock.family in (socket.AF_INET, socket.AF_INET6):
+        _set_options(sock, nodelay=True)
+
+
+def tune_accepted(transport: asyncio.BaseTransport) -> None:
+    """Options of an accepted connection: nothing to do where they were inherited from a
+    socket set by `tune_listening_socket`, else `tune_socket`."""
+    if not INHERITS_OPTIONS:
+        tune_socket(transport)
+
+
+def tune_socket(transport: asyncio.BaseTransport) -> None:
+    """TCP_NODELAY and keepalive (15 s) on a connection's socket, as Go sets by default.
+
+    TCP_NODELAY is left to the event loop, which sets it on every TCP transport it makes
+    (asyncio's and uvloop's both). The options go through one socket object made with the
+    descriptor's family and type given, so that it costs no system call to learn them.
+    """
+    wrapped = transport.get_extra_info("socket")
+    if wrapped is None:
+        return
+    family = wrapped.family
+    if family not in (socket.AF_INET, socket.AF_INET6):
+        return
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP, wrapped.fileno())
+    try:
+        _set_options(sock, nodelay=False)
+    finally:
+        sock.detach()  # the descriptor stays the transport's
 
 
 def peer_address(transport: asyncio.BaseTransport) -> str:

@@ -27,7 +27,7 @@ from typing import Protocol
 from listeners.events import UPSTREAM, Connection, Observer, Refusal, now
 from listeners.pump import Pipe, Side
 from listeners.serve import Listener, Slot
-from listeners.sockets import peer_address, tune_socket
+from listeners.sockets import peer_address, tune_accepted, tune_socket
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
@@ -67,7 +67,7 @@ class _Local(Side):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         super().connection_made(transport)
-        tune_socket(transport)
+        tune_accepted(transport)
         listener = self.listener
         source = peer_address(transport)
         listener.spawn(

@@ -6,13 +6,15 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import logging
 import socket
 import ssl
 import warnings
 
 import pytest
 
-from listeners.sockets import tune_socket
+from listeners.serve import Listener, Slot
+from listeners.sockets import tune_accepted, tune_socket
 from listeners.tls.contexts import build_contexts
 from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.devagent import DevAgent
@@ -99,6 +101,44 @@ async def test_sockets_get_nodelay_and_keepalive() -> None:
     finally:
         server.close()
         await server.wait_closed()
+
+
+async def test_accepted_connections_get_nodelay_and_keepalive() -> None:
+    """Set once on the listening socket, inherited by each accepted one (on Linux; elsewhere
+    `tune_accepted` sets them per connection)."""
+    loop = asyncio.get_running_loop()
+    seen: asyncio.Future[tuple[int, int, int]] = loop.create_future()
+
+    class Probe(asyncio.Protocol):
+        def __init__(self, slot: Slot) -> None:
+            self.slot = slot
+
+        def connection_made(self, transport: asyncio.BaseTransport) -> None:
+            tune_accepted(transport)
+            sock = transport.get_extra_info("socket")
+            idle = (
+                sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_KEEPIDLE)
+                if hasattr(socket, "TCP_KEEPIDLE")
+                else 15
+            )
+            seen.set_result(
+                (
+                    sock.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY),
+                    sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE),
+                    idle,
+                )
+            )
+            transport.close()
+            self.slot.release()
+
+    listener = Listener("probe", "127.0.0.1", 0, logging.getLogger("test.probe"))
+    await listener.bind(Probe)
+    try:
+        _, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        assert await asyncio.wait_for(seen, 10) == (1, 1, 15)
+        writer.close()
+    finally:
+        await listener.close()
 
 
 def _ipv6_loopback() -> bool:
