@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import json
+import re
 import socket
 import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
@@ -221,6 +222,75 @@ async def test_chunked_and_split_responses_are_read_whole() -> None:
         assert await _get(pool) == body
         assert await _get(pool) == body
         assert pool.opened == 1
+
+
+async def test_a_body_ended_by_the_close_is_read_whole_and_not_reused() -> None:
+    async def until_close(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await server.read_request(reader) is not None:
+            writer.write(b'HTTP/1.1 200 OK\r\nContent-Type: application/json\r\n\r\n{"a":')
+            await writer.drain()
+            writer.write(b"1}")
+            writer.write_eof()
+            await reader.read()
+
+    async with scripted(until_close) as (server, pool):
+        assert await _get(pool) == b'{"a":1}'
+        assert await _get(pool) == b'{"a":1}'
+        assert server.connections == 2 and pool.idle == 0
+
+
+async def test_an_interim_response_is_skipped() -> None:
+    async def interim(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while await server.read_request(reader) is not None:
+            writer.write(b"HTTP/1.1 100 Continue\r\n\r\n" + OK)
+
+    async with scripted(interim) as (server, pool):
+        assert await _get(pool) == b"{}"
+        assert await _get(pool) == b"{}"
+        assert pool.opened == 1
+
+
+async def test_bytes_nobody_asked_for_retire_the_connection() -> None:
+    closed_by_client = asyncio.Event()
+
+    async def chatty(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        if await server.read_request(reader) is not None:
+            writer.write(OK)
+            await writer.drain()
+            writer.write(OK)  # a second answer to a question never asked
+            if await server.read_request(reader) is None:
+                closed_by_client.set()
+        while await server.read_request(reader) is not None:
+            writer.write(OK)
+
+    async with scripted(chatty) as (server, pool):
+        assert await _get(pool) == b"{}"
+        await asyncio.wait_for(closed_by_client.wait(), 5)
+        assert await _get(pool) == b"{}"
+        assert server.connections == 2
+
+
+@pytest.mark.parametrize(
+    ("headers", "target", "words"),
+    [
+        ([("X-Consul-Token", "secret\r\nX-Evil: 1")], "/v1/x", "HTTP header X-Consul-Token"),
+        ([("X-Consul-Token", "secret\n")], "/v1/x", "HTTP header X-Consul-Token"),
+        ([("Bad Name", "v")], "/v1/x", "invalid HTTP header name 'Bad Name'"),
+        ([], "/v1/x y", "invalid HTTP request target"),
+        ([], "/v1/x\r\nHost: evil", "invalid HTTP request target"),
+    ],
+)
+async def test_a_head_that_cannot_be_written_is_refused_without_its_value(
+    headers: list[tuple[str, str]], target: str, words: str
+) -> None:
+    async def never(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+
+    async with scripted(never) as (server, pool):
+        with pytest.raises(ValueError, match=re.escape(words)) as caught:
+            await pool.request("GET", target, headers, None, 5)
+        assert "secret" not in str(caught.value)
+        assert server.requests == 0
 
 
 async def test_a_slow_agent_times_out_and_the_connection_is_dropped() -> None:
