@@ -22,8 +22,8 @@ KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
 # every connection it accepts, so a listener sets them once (`tune_listening_socket`) and
 # an accepted connection needs no call of its own. Each call through uvloop's socket wrapper
 # also built a Python socket object from the descriptor, with system calls to learn its
-# family and type: 22 µs per connection for the four options (bench/README.md, "Socket
-# options").
+# family and type: 22 µs per connection for the four options (bench/README.md,
+# "Per-connection work, second pass").
 INHERITS_OPTIONS = sys.platform == "linux"
 
 
@@ -64,10 +64,10 @@ def tune_accepted(transport: asyncio.BaseTransport) -> None:
 
 
 def tune_socket(transport: asyncio.BaseTransport) -> None:
-    """TCP_NODELAY and keepalive (15 s) on a connection's socket, as Go sets by default.
+    """Keepalive (15 s) on a connection's socket, as Go's dialer sets by default.
 
-    TCP_NODELAY is left to the event loop, which sets it on every TCP transport it makes
-    (asyncio's and uvloop's both). The options go through one socket object made with the
+    TCP_NODELAY, which Go sets too, is the event loop's: asyncio and uvloop set it on every
+    TCP transport they make. The options go through one socket object made with the
     descriptor's family and type given, so that it costs no system call to learn them.
     """
     wrapped = transport.get_extra_info("socket")

@@ -7,7 +7,7 @@ anyio-style locks). This pool does only what that call needs: an idle keep-alive
 connection is taken (or one is opened), one request is written, one response is parsed
 with `httptools` (llhttp, the parser uvicorn uses), and the connection goes back to the idle
 list. h11 did the parsing until it showed as 138 µs per call against httptools' 9 µs
-(bench/README.md, "The authorize call").
+(bench/README.md, "Per-connection work, second pass").
 
 Rule 1: a request sent on a reused connection that the agent had already closed (an idle
 keep-alive timeout) is sent once more on a new connection, and only when no byte of a
