@@ -1,9 +1,18 @@
-"""Where an inbound connection's CPU goes, by library, in our proxy and in the Go reference.
+"""Where a connection's CPU goes, by library, in our proxy and in the Go reference.
 
 Issue 13 asks for CPU per connection at most the Go reference's. This script shows what that
-leaves for the Python work: each proxy in turn is the only process on CPU 0 (the dev agent,
-the backend and the load generator on CPU 1), goload makes mTLS connections at concurrency
-64 (TLS 1.3 full handshakes, X25519), and:
+leaves for the Python work, and gives the ratio from windows that alternate between the two
+proxies (`run.py` measures each scenario in a row, so its ratios across scenarios carry
+the machine's drift in between). Each proxy in turn is the only process on CPU 0 (the dev
+agent, the backend and the load generator on CPU 1); goload connects at concurrency 64:
+
+- `--layout inbound` (default): mTLS clients (TLS 1.3 full handshakes, X25519) to the
+  proxy's public listener, a plain echo app behind it;
+- `--layout outbound`: plain clients to the proxy's upstream listener, which dials goload's
+  mTLS backend registered as a Connect-native `db` (the Go reference without session
+  resumption, as Consul's proxy; ours resumes, as it does by default).
+
+Then:
 
 - `--windows` conn/s windows per proxy, alternating, give its CPU per connection (utime +
   stime from /proc, over completed connections; the median is printed);
@@ -15,8 +24,8 @@ the backend and the load generator on CPU 1), goload makes mTLS connections at c
 Shares times the median CPU per connection give microseconds per part. What OpenSSL and
 the kernel cost ours is a floor no Python code can go under.
 
-    python bench/cpu_split.py                  # about 1 minute
-    python bench/cpu_split.py --windows 6 --seconds 3
+    python bench/cpu_split.py                  # about 1.5 minutes
+    python bench/cpu_split.py --layout outbound --windows 6
 
 Rule 1: nothing here is collected by pytest; `go` and `perf` must be on PATH (else a clear
 error). Every process is started here and stopped by its PID.
@@ -122,8 +131,52 @@ def perf_shares(data: Path) -> dict[str, float]:
     return shares
 
 
+def echo_backend(port: int) -> list[str]:
+    """A plain echo server on `port` (uvloop), the app behind the inbound proxies."""
+    code = (
+        "import asyncio, uvloop\n"
+        "class Echo(asyncio.Protocol):\n"
+        "    def connection_made(self, t): self.t = t\n"
+        "    def data_received(self, d): self.t.write(d)\n"
+        "async def main():\n"
+        "    loop = asyncio.get_running_loop()\n"
+        f"    await loop.create_server(Echo, '127.0.0.1', {port})\n"
+        "    await asyncio.Event().wait()\n"
+        "uvloop.run(main())\n"
+    )
+    return [sys.executable, "-c", code]
+
+
+def tls_backend(stack: contextlib.ExitStack, goload: Path, api: AgentHTTP) -> int:
+    """goload's backend presenting the db leaf, registered as a Connect-native db: its port."""
+    backend = stack.enter_context(
+        started(
+            [str(goload), "-mode", "backend"],
+            LOAD_CPU,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.DEVNULL,
+        )
+    )
+    assert backend.stdin is not None and backend.stdout is not None
+    backend.stdin.write(bench_goref.stdin_material(api.material("db")) + "\n")
+    backend.stdin.flush()
+    ready = backend.stdout.readline()  # READY plain=<port> tls=<port>
+    match = re.search(r"tls=(\d+)", ready)
+    if match is None:
+        raise RuntimeError(f"goload backend: no READY line ({ready.strip()!r})")
+    port = int(match.group(1))
+    api.put(
+        "/v1/agent/service/register",
+        {"Name": "db", "Address": "127.0.0.1", "Port": port, "Connect": {"Native": True}},
+    )
+    api.wait_connect_instance("db", port)
+    return port
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    parser.add_argument("--layout", choices=("inbound", "outbound"), default="inbound")
     parser.add_argument("--windows", type=int, default=3, help="conn/s windows per proxy")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each window")
     args = parser.parse_args()
@@ -132,78 +185,83 @@ def main() -> int:
             print(f"{tool} is not on PATH", file=sys.stderr)
             return 2
     os.sched_setaffinity(0, {LOAD_CPU})
-    with (
-        tempfile.TemporaryDirectory(prefix="cpu-split-") as tmp,
-        dev_agent_process(LOAD_CPU) as (agent, _),
-    ):
-        work = Path(tmp)
+    with contextlib.ExitStack() as stack:
+        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cpu-split-")))
+        agent, _ = stack.enter_context(dev_agent_process(LOAD_CPU))
         goload, why = bench_goload.build(work)
         goref, why_ref = bench_goref.build(work)
         if goload is None or goref is None:
             print(why or why_ref, file=sys.stderr)
             return 2
         api = AgentHTTP(agent)
-        web, db = api.material("web"), api.material("db")
-        backend_port, ours_port, go_port = free_port(), free_port(), free_port()
-        python = sys.executable
-        echo = (
-            "import asyncio, uvloop\n"
-            "class Echo(asyncio.Protocol):\n"
-            "    def connection_made(self, t): self.t = t\n"
-            "    def data_received(self, d): self.t.write(d)\n"
-            "async def main():\n"
-            "    loop = asyncio.get_running_loop()\n"
-            f"    await loop.create_server(Echo, '127.0.0.1', {backend_port})\n"
-            "    await asyncio.Event().wait()\n"
-            "uvloop.run(main())\n"
-        )
-        ours_argv = [python, "-m", "proxy", "-service", "db", "-listen"]
-        ours_argv += [f"127.0.0.1:{ours_port}", "-service-addr", f"127.0.0.1:{backend_port}"]
-        ours_argv += ["-http-addr", agent, "-drain-timeout", "1s"]
-        go_argv = bench_goref.inbound_argv(
-            goref, agent, "db", f"127.0.0.1:{go_port}", f"127.0.0.1:{backend_port}"
-        )
+        web = api.material("web")
+        ours_port, go_port = free_port(), free_port()
         quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        with (
-            started([python, "-c", echo], LOAD_CPU, **quiet),
-            started(ours_argv, PROXY_CPU, cwd=ROOT, **quiet) as ours,
+        ours_argv = [sys.executable, "-m", "proxy", "-http-addr", agent, "-drain-timeout", "1s"]
+        if args.layout == "inbound":
+            backend_port = free_port()
+            stack.enter_context(started(echo_backend(backend_port), LOAD_CPU, **quiet))
+            wait_listening(backend_port)
+            ours_argv += ["-service", "db", "-listen", f"127.0.0.1:{ours_port}"]
+            ours_argv += ["-service-addr", f"127.0.0.1:{backend_port}"]
+            go_argv = bench_goref.inbound_argv(
+                goref, agent, "db", f"127.0.0.1:{go_port}", f"127.0.0.1:{backend_port}"
+            )
+            go_material, client = api.material("db"), web
+        else:
+            tls_backend(stack, goload, api)
+            ours_argv += ["-service", "web", "-upstream", f"db:{ours_port}"]
+            roots, _ = api.get("/v1/agent/connect/ca/roots")
+            go_argv = bench_goref.outbound_argv(
+                goref,
+                agent,
+                "db",
+                f"127.0.0.1:{go_port}",
+                roots["TrustDomain"],
+                discovery="watch",
+                session_cache=False,
+            )
+            go_material, client = web, None
+        ours = stack.enter_context(started(ours_argv, PROXY_CPU, cwd=ROOT, **quiet))
+        go = stack.enter_context(
             started(
                 go_argv,
                 PROXY_CPU,
                 stdin=subprocess.PIPE,
                 env={**os.environ, "GOMAXPROCS": "1"},
                 **quiet,
-            ) as go,
-        ):
-            assert go.stdin is not None
-            go.stdin.write(bench_goref.stdin_material(db))
-            go.stdin.close()
-            for port in (backend_port, ours_port, go_port):
-                wait_listening(port)
-            proxies = {"ours": (ours.pid, ours_port), "Go reference": (go.pid, go_port)}
-            for pid, port in proxies.values():  # warm-up: pools, caches
-                window(goload, Target("127.0.0.1", port, web), pid, 1.0)
-            per_conn: dict[str, list[float]] = {name: [] for name in proxies}
-            for i in range(args.windows):
-                order = list(proxies) if i % 2 == 0 else list(reversed(proxies))
-                for name in order:
-                    pid, port = proxies[name]
-                    cpu, count = window(goload, Target("127.0.0.1", port, web), pid, args.seconds)
-                    per_conn[name].append(cpu / max(count, 1) * 1e6)
-            shares: dict[str, dict[str, float]] = {}
-            for name, (pid, port) in proxies.items():
-                data = work / f"perf.{pid}.data"
-                recorder = subprocess.Popen(
-                    ["perf", "record", "-p", str(pid), "-o", str(data)],
-                    stdout=subprocess.DEVNULL,
-                    stderr=subprocess.DEVNULL,
-                )
-                try:
-                    window(goload, Target("127.0.0.1", port, web), pid, args.seconds)
-                finally:
-                    recorder.send_signal(signal.SIGINT)
-                    recorder.wait(30)
-                shares[name] = perf_shares(data)
+            )
+        )
+        assert go.stdin is not None
+        go.stdin.write(bench_goref.stdin_material(go_material))
+        go.stdin.close()
+        for port in (ours_port, go_port):
+            wait_listening(port)
+        proxies = {"ours": (ours.pid, ours_port), "Go reference": (go.pid, go_port)}
+        for pid, port in proxies.values():  # warm-up: pools, caches, sessions
+            window(goload, Target("127.0.0.1", port, client), pid, 1.0)
+        per_conn: dict[str, list[float]] = {name: [] for name in proxies}
+        for i in range(args.windows):
+            order = list(proxies) if i % 2 == 0 else list(reversed(proxies))
+            for name in order:
+                pid, port = proxies[name]
+                cpu, count = window(goload, Target("127.0.0.1", port, client), pid, args.seconds)
+                per_conn[name].append(cpu / max(count, 1) * 1e6)
+        shares: dict[str, dict[str, float]] = {}
+        for name, (pid, port) in proxies.items():
+            data = work / f"perf.{pid}.data"
+            recorder = subprocess.Popen(
+                ["perf", "record", "-p", str(pid), "-o", str(data)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+            )
+            try:
+                window(goload, Target("127.0.0.1", port, client), pid, args.seconds)
+            finally:
+                recorder.send_signal(signal.SIGINT)
+                recorder.wait(30)
+            shares[name] = perf_shares(data)
+    print(f"layout {args.layout}, goload at concurrency {CONCURRENCY}:")
     for name, values in per_conn.items():
         median = statistics.median(values)
         spread = ", ".join(f"{x:,.0f}" for x in sorted(values))
@@ -211,6 +269,8 @@ def main() -> int:
         for label, share in sorted(shares[name].items(), key=lambda kv: -kv[1]):
             if share >= 0.001:
                 print(f"  {label:52s} {share:6.1%}  {share * median:7,.0f} µs")
+    ratio = statistics.median(per_conn["ours"]) / statistics.median(per_conn["Go reference"])
+    print(f"ours / Go reference: {ratio:.2f}x")
     return 0
 
 
