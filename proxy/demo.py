@@ -51,6 +51,10 @@ class ReservedPorts:
     Each is bound (SO_REUSEADDR, never listening), so the kernel hands it to nobody else,
     while the sidecars, which bind with SO_REUSEADDR too, can still take it. Closing a
     probe socket and hoping the port stays free would race with every other program.
+
+    The hold is on the wildcard address: a port held on 127.0.0.1 only was still free for
+    a socket bound to another address (a client from 127.0.0.2, as the fault suite's
+    slowloris connects), and that one then kept a sidecar from binding 0.0.0.0 to it.
     """
 
     def __init__(self) -> None:
@@ -59,7 +63,7 @@ class ReservedPorts:
     def take(self) -> int:
         sock = socket.socket()
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.bind(("127.0.0.1", 0))
+        sock.bind(("0.0.0.0", 0))
         self._held.append(sock)
         return int(sock.getsockname()[1])
 

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
+import errno
 import logging
 import socket
 import ssl
@@ -17,6 +18,7 @@ from listeners.serve import Listener, Slot
 from listeners.sockets import tune_accepted, tune_socket
 from listeners.tls.contexts import build_contexts
 from proxy.config import ProxyConfig, PublicListenerConfig
+from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
 from tests.proxyfix import client_ctx, db_sidecar, echo_app, running_proxy, tls_exchange
 
@@ -139,6 +141,25 @@ async def test_accepted_connections_get_nodelay_and_keepalive() -> None:
         writer.close()
     finally:
         await listener.close()
+
+
+def test_a_reserved_port_is_held_on_every_address_yet_a_listener_can_take_it() -> None:
+    """`ReservedPorts` holds the wildcard: a socket bound to another loopback address cannot
+    take the port (one from 127.0.0.2 once did, and the sidecar's bind on 0.0.0.0 failed),
+    while a listener binding with SO_REUSEADDR, as the proxy's do, still can."""
+    ports = ReservedPorts()
+    try:
+        port = ports.take()
+        with socket.socket() as other, pytest.raises(OSError) as caught:
+            other.bind(("127.0.0.2", port))
+        assert caught.value.errno == errno.EADDRINUSE
+        for host in ("0.0.0.0", "127.0.0.1"):
+            with socket.socket() as listener:
+                listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+                listener.bind((host, port))
+                listener.listen()
+    finally:
+        ports.release()
 
 
 def _ipv6_loopback() -> bool:
