@@ -64,9 +64,13 @@ class Pid:
     pid: int
 
 
+TRACEBACK_LINES = 60  # at most this many lines of a traceback kept after its first
+
+
 class Proc:
     """A child process whose stdout+stderr is drained by a thread (it must never block on a
-    full pipe) and scanned for warnings and errors."""
+    full pipe) and scanned for warnings and errors (a traceback is kept whole, up to its
+    exception line)."""
 
     PROBLEM = re.compile(r"\[(WARN|ERROR|CRIT|ALERT|EMERG)\]|Traceback|LOG[0-3]\[", re.IGNORECASE)
 
@@ -110,6 +114,7 @@ class Proc:
         self.problems: list[str] = []
         self.problem_count = 0
         self.problem_filter = problem_filter
+        self._traceback_left = 0  # lines of a traceback still to keep with its first line
         self.counted = counted
         self.lines = 0  # every line drained
         self.counted_lines = 0  # lines matching `counted`
@@ -133,10 +138,18 @@ class Proc:
                 if len(self.head) < 2000:
                     self.head.append(line)
                 self.tail.append(line)
-                if self._is_problem(line):
+                if self._traceback_left and self.problems:
+                    # The body of a traceback goes with its first line, so that the JSON
+                    # says where it came from (a problem seen once is still diagnosable).
+                    self.problems[-1] += "\n" + line
+                    indented = line.startswith((" ", "\t"))
+                    self._traceback_left = self._traceback_left - 1 if indented else 0
+                elif self._is_problem(line):
                     self.problem_count += 1
                     if len(self.problems) < 20:
                         self.problems.append(line)
+                        if line.startswith("Traceback"):
+                            self._traceback_left = TRACEBACK_LINES
                 self._cond.notify_all()
         with self._cond:
             self.eof = True

@@ -380,7 +380,7 @@ def _problems(v: View) -> list[str]:
     lines = ["", "Warnings/errors in process logs:"]
     for k, x in problems.items():
         lines.append(f"  {k}: {x['problem_lines']} line(s), e.g.")
-        lines += [f"    {p[:200]}" for p in x["problems"][:5]]
+        lines += [f"    {ln[:200]}" for p in x["problems"][:5] for ln in p.splitlines()]
     return lines
 
 
