@@ -18,8 +18,14 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from listeners.tls.contexts import build_contexts, new_engine
-from listeners.tls.engine import TLSContext, TLSError, TLSSession
+from listeners.tls.contexts import build_contexts, handshake_in_memory, new_engine
+from listeners.tls.engine import (
+    RECORD_SIZE,
+    RECORD_WIRE_SIZE,
+    TLSContext,
+    TLSError,
+    TLSSession,
+)
 from listeners.tls.transport import HandshakeError, TLSTransport
 from proxy.devagent.ca import CertificateAuthority
 from tests.certs import Sink, attach, cap_at_tls12, connect_pair
@@ -100,6 +106,27 @@ async def test_mutual_handshake_and_echo(
             assert echo.size == 4
     finally:
         await _close(client, server)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_bad_record_after_good_ones_delivers_them_then_fails(
+    ca: CertificateAuthority, engine: str
+) -> None:
+    """A full record, then a corrupted one, arriving together: the first is delivered, the
+    failure comes with the next read. Keeping that failure once pinned the read buffer (the
+    traceback held a slice of it), so trimming it raised BufferError and the connection was
+    lost with the good record."""
+    srv, cli = handshake_in_memory(_server(ca, engine), _client(ca, engine))
+    cli.write(b"a" * RECORD_SIZE)
+    good = cli.take()
+    cli.write(b"b" * 1000)
+    bad = bytearray(cli.take())
+    bad[-1] ^= 0xFF  # the last byte of the record's authentication tag
+    assert len(good) + len(bad) > RECORD_WIRE_SIZE  # the path that gathers several records
+    srv.feed(good + bytes(bad))
+    assert srv.read(256 * 1024) == b"a" * RECORD_SIZE
+    with pytest.raises(TLSError):
+        srv.read(256 * 1024)
 
 
 @pytest.mark.parametrize("client_engine", ENGINES)

@@ -203,9 +203,12 @@ class StdlibEngine:
             while got < len(buf):
                 if got and not incoming.pending and not obj.pending():
                     break  # the same check between records: the common end of a batch
+                # A slice of our own, released after each call (as in the `openssl` engine:
+                # a failure kept for the next read must not keep `buf` exported).
+                rest = view[got:]
                 try:
                     # Given a buffer, read() returns a count (typeshed says bytes).
-                    n = cast(int, obj.read(len(buf) - got, view[got:]))
+                    n = cast(int, obj.read(len(buf) - got, rest))
                 except ssl.SSLWantReadError:
                     break
                 except (ssl.SSLZeroReturnError, ssl.SSLEOFError):
@@ -217,6 +220,8 @@ class StdlibEngine:
                     self._error = TLSError(str(exc))
                     self._error.__cause__ = exc
                     break
+                finally:
+                    rest.release()
                 if not n:
                     self._eof = True
                     break

@@ -163,8 +163,15 @@ class OpenSSLEngine:
         got = 0
         with memoryview(buf) as view:
             while got < len(buf):
+                # A slice of our own, released after each call. Left to the garbage, it
+                # lives as long as anything refers to it: a failure kept for the next read
+                # does (its traceback's frames hold the slice), and so does anything that
+                # walks the heap (`gc.get_objects()`). While it lives, `buf` stays exported
+                # and cannot be trimmed below: BufferError, and the connection was lost with
+                # what it had read.
+                rest = view[got:]
                 try:
-                    got += conn.recv_into(view[got:], RECORD_SIZE)
+                    got += conn.recv_into(rest, RECORD_SIZE)
                 except SSL.WantReadError:
                     self._fed = 0
                     break
@@ -184,6 +191,8 @@ class OpenSSLEngine:
                         raise self._failure(exc) from exc
                     self._error = self._failure(exc)
                     break
+                finally:
+                    rest.release()
         if not got:
             return b"" if self._eof else None
         del buf[got:]
