@@ -34,7 +34,6 @@ error). Every process is started here and stopped by its PID.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import os
 import re
 import shutil
@@ -42,9 +41,6 @@ import signal
 import statistics
 import subprocess
 import sys
-import tempfile
-import time
-from collections.abc import Iterator
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -53,7 +49,8 @@ sys.path.insert(0, str(ROOT))
 import bench_goload  # noqa: E402
 import bench_goref  # noqa: E402
 from bench_load import Target  # noqa: E402
-from bench_util import AgentHTTP, dev_agent_process, free_port, proc_cpu_seconds  # noqa: E402
+from bench_procs import Processes, Scene  # noqa: E402
+from bench_util import AgentHTTP, free_port, proc_cpu_seconds  # noqa: E402
 
 PROXY_CPU, LOAD_CPU = 0, 1
 CONCURRENCY = 64
@@ -67,35 +64,6 @@ GROUPS = [
     ("the kernel", re.compile(r"kernel|vdso")),
     ("the Go reference's own code", re.compile(r"goref")),
 ]
-
-
-@contextlib.contextmanager
-def started(argv: list[str], cpu: int, **kwargs: object) -> Iterator[subprocess.Popen[str]]:
-    """A child process pinned to `cpu`, stopped by its PID (SIGTERM, then SIGKILL)."""
-    proc = subprocess.Popen(argv, text=True, **kwargs)  # type: ignore[call-overload]
-    try:
-        os.sched_setaffinity(proc.pid, {cpu})
-        yield proc
-    finally:
-        if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
-            try:
-                proc.wait(5)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait(5)
-
-
-def wait_listening(port: int, timeout: float = 30.0) -> None:
-    """Until something listens on 127.0.0.1:`port` (read from /proc, no probe connection)."""
-    deadline = time.monotonic() + timeout
-    needle = f":{port:04X} 00000000:0000 0A"
-    while time.monotonic() < deadline:
-        with open("/proc/net/tcp") as f:
-            if needle in f.read():
-                return
-        time.sleep(0.05)
-    raise TimeoutError(f"nothing listens on port {port} after {timeout:g}s")
 
 
 def window(goload: Path, target: Target, pid: int, seconds: float) -> tuple[float, int]:
@@ -131,49 +99,6 @@ def perf_shares(data: Path) -> dict[str, float]:
     return shares
 
 
-def echo_backend(port: int) -> list[str]:
-    """A plain echo server on `port` (uvloop), the app behind the inbound proxies."""
-    code = (
-        "import asyncio, uvloop\n"
-        "class Echo(asyncio.Protocol):\n"
-        "    def connection_made(self, t): self.t = t\n"
-        "    def data_received(self, d): self.t.write(d)\n"
-        "async def main():\n"
-        "    loop = asyncio.get_running_loop()\n"
-        f"    await loop.create_server(Echo, '127.0.0.1', {port})\n"
-        "    await asyncio.Event().wait()\n"
-        "uvloop.run(main())\n"
-    )
-    return [sys.executable, "-c", code]
-
-
-def tls_backend(stack: contextlib.ExitStack, goload: Path, api: AgentHTTP) -> int:
-    """goload's backend presenting the db leaf, registered as a Connect-native db: its port."""
-    backend = stack.enter_context(
-        started(
-            [str(goload), "-mode", "backend"],
-            LOAD_CPU,
-            stdin=subprocess.PIPE,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.DEVNULL,
-        )
-    )
-    assert backend.stdin is not None and backend.stdout is not None
-    backend.stdin.write(bench_goref.stdin_material(api.material("db")) + "\n")
-    backend.stdin.flush()
-    ready = backend.stdout.readline()  # READY plain=<port> tls=<port>
-    match = re.search(r"tls=(\d+)", ready)
-    if match is None:
-        raise RuntimeError(f"goload backend: no READY line ({ready.strip()!r})")
-    port = int(match.group(1))
-    api.put(
-        "/v1/agent/service/register",
-        {"Name": "db", "Address": "127.0.0.1", "Port": port, "Connect": {"Native": True}},
-    )
-    api.wait_connect_instance("db", port)
-    return port
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
     parser.add_argument("--layout", choices=("inbound", "outbound"), default="inbound")
@@ -185,58 +110,54 @@ def main() -> int:
             print(f"{tool} is not on PATH", file=sys.stderr)
             return 2
     os.sched_setaffinity(0, {LOAD_CPU})
-    with contextlib.ExitStack() as stack:
-        work = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="cpu-split-")))
-        agent, _ = stack.enter_context(dev_agent_process(LOAD_CPU))
+    procs = Processes(PROXY_CPU, LOAD_CPU)
+    scene = Scene("cpu-split")
+    try:
+        work = Path(procs.tmpdir("cpu-split-"))
         goload, why = bench_goload.build(work)
         goref, why_ref = bench_goref.build(work)
         if goload is None or goref is None:
             print(why or why_ref, file=sys.stderr)
             return 2
+        _, agent = procs.agent()
         api = AgentHTTP(agent)
-        web = api.material("web")
-        ours_port, go_port = free_port(), free_port()
-        quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
-        ours_argv = [sys.executable, "-m", "proxy", "-http-addr", agent, "-drain-timeout", "1s"]
+        web, db = api.material("web"), api.material("db")
+        # goload's backend: the plain port echoes, the mTLS one presents the db leaf.
+        _, plain_port, tls_port = procs.gobackend(goload, db)
+        ours_port = free_port()
         if args.layout == "inbound":
-            backend_port = free_port()
-            stack.enter_context(started(echo_backend(backend_port), LOAD_CPU, **quiet))
-            wait_listening(backend_port)
-            ours_argv += ["-service", "db", "-listen", f"127.0.0.1:{ours_port}"]
-            ours_argv += ["-service-addr", f"127.0.0.1:{backend_port}"]
+            ours_args = ["-service", "db", "-listen", f"127.0.0.1:{ours_port}"]
+            ours_args += ["-service-addr", f"127.0.0.1:{plain_port}"]
             go_argv = bench_goref.inbound_argv(
-                goref, agent, "db", f"127.0.0.1:{go_port}", f"127.0.0.1:{backend_port}"
+                goref, agent, "db", "127.0.0.1:0", f"127.0.0.1:{plain_port}"
             )
-            go_material, client = api.material("db"), web
+            go_material, client = db, web
         else:
-            tls_backend(stack, goload, api)
-            ours_argv += ["-service", "web", "-upstream", f"db:{ours_port}"]
+            api.put(
+                "/v1/agent/service/register",
+                {
+                    "Name": "db",
+                    "Address": "127.0.0.1",
+                    "Port": tls_port,
+                    "Connect": {"Native": True},
+                },
+            )
+            api.wait_connect_instance("db", tls_port)
+            ours_args = ["-service", "web", "-upstream", f"db:{ours_port}"]
             roots, _ = api.get("/v1/agent/connect/ca/roots")
             go_argv = bench_goref.outbound_argv(
                 goref,
                 agent,
                 "db",
-                f"127.0.0.1:{go_port}",
+                "127.0.0.1:0",
                 roots["TrustDomain"],
                 discovery="watch",
                 session_cache=False,
             )
             go_material, client = web, None
-        ours = stack.enter_context(started(ours_argv, PROXY_CPU, cwd=ROOT, **quiet))
-        go = stack.enter_context(
-            started(
-                go_argv,
-                PROXY_CPU,
-                stdin=subprocess.PIPE,
-                env={**os.environ, "GOMAXPROCS": "1"},
-                **quiet,
-            )
-        )
-        assert go.stdin is not None
-        go.stdin.write(bench_goref.stdin_material(go_material))
-        go.stdin.close()
-        for port in (ours_port, go_port):
-            wait_listening(port)
+        ours = procs.proxy(scene, "ours", ours_args, agent, None)
+        go_port = procs.goref(scene, "go-reference", go_argv, go_material, 1)
+        go = scene.proxies[-1]
         proxies = {"ours": (ours.pid, ours_port), "Go reference": (go.pid, go_port)}
         for pid, port in proxies.values():  # warm-up: pools, caches, sessions
             window(goload, Target("127.0.0.1", port, client), pid, 1.0)
@@ -261,6 +182,9 @@ def main() -> int:
                 recorder.send_signal(signal.SIGINT)
                 recorder.wait(30)
             shares[name] = perf_shares(data)
+    finally:
+        procs.end(scene)
+        procs.close()
     print(f"layout {args.layout}, goload at concurrency {CONCURRENCY}:")
     for name, values in per_conn.items():
         median = statistics.median(values)
@@ -271,6 +195,9 @@ def main() -> int:
                 print(f"  {label:52s} {share:6.1%}  {share * median:7,.0f} µs")
     ratio = statistics.median(per_conn["ours"]) / statistics.median(per_conn["Go reference"])
     print(f"ours / Go reference: {ratio:.2f}x")
+    for name, entry in procs.logs.items():
+        for problem in entry["problems"][:5]:
+            print(f"{name}: {problem}")
     return 0
 
 
