@@ -1,13 +1,13 @@
 """Where the instructions of a TLS 1.3 mutual handshake go, inside OpenSSL (valgrind callgrind).
 
 Both ends are the proxy's own `openssl` engine (`listeners.tls.contexts`, memory BIOs,
-leaves of the dev agent's CA); the client offers `--groups` (default X25519, as the Go
-load generator and Go reference of `bench/` do; `default` keeps OpenSSL's own list, with
-X25519MLKEM768 first). Two processes under callgrind make `--small` and `--large`
-handshakes; each function's inclusive instructions per handshake is the slope between them,
-so start-up cancels out. The parts printed are those issue 13 asks about: the server's
-whole state machine, its check of the client's chain, the signatures, the key exchange and
-the session tickets.
+leaves of the dev agent's CA), built as `tls_state.py` builds them, with its `--groups` on
+both ends (default X25519, as the Go load generator and Go reference of `bench/` offer;
+`default` keeps OpenSSL's own list, with X25519MLKEM768 first). Two processes under
+callgrind make `--small` and `--large` handshakes; each function's inclusive instructions
+per handshake is the slope between them, so start-up cancels out. The parts printed are
+those issue 13 asks about: the server's whole state machine, its check of the client's
+chain, the signatures, the key exchange and the session tickets.
 
     python bench/handshake_parts.py                  # about 1 minute on 2 cores
     python bench/handshake_parts.py --groups default
@@ -48,20 +48,11 @@ PARTS = [
 
 def child(count: int, groups: str) -> None:
     """The measured process: `count` handshakes between a fresh server and client each."""
-    from cryptography.hazmat.bindings.openssl.binding import Binding
+    from tls_state import contexts
 
-    from listeners.tls.contexts import build_contexts, handshake_in_memory
-    from proxy.devagent.ca import CertificateAuthority
+    from listeners.tls.contexts import handshake_in_memory
 
-    ca = CertificateAuthority("11111111-2222-3333-4444-555555555555")
-    roots = [r.cert_pem for r in ca.roots]
-    db, web = ca.sign_leaf("db", datacenter="dc1"), ca.sign_leaf("web", datacenter="dc1")
-    server = build_contexts(roots, db.cert_pem, db.private_key_pem, "openssl")[0]
-    client = build_contexts(roots, web.cert_pem, web.private_key_pem, "openssl")[1]
-    if groups != "default":
-        native = client._context  # type: ignore[union-attr]
-        if Binding.lib.SSL_CTX_set1_curves_list(native, groups.encode()) != 1:
-            raise SystemExit(f"--groups: OpenSSL refused {groups!r}")
+    server, client = contexts("openssl", "" if groups == "default" else groups, None)
     for _ in range(count):
         srv, cli = handshake_in_memory(server, client)
         if data := srv.take():
@@ -91,7 +82,7 @@ def main() -> int:
     parser.add_argument("--small", type=int, default=10, help="handshakes, first count")
     parser.add_argument("--large", type=int, default=60, help="handshakes, second count")
     parser.add_argument(
-        "--groups", default="X25519", help="the client's group list (default X25519; default)"
+        "--groups", default="X25519", help="both ends' group list (default X25519; default)"
     )
     parser.add_argument("--child", type=int, help=argparse.SUPPRESS)
     args = parser.parse_args()
