@@ -112,7 +112,7 @@ def main() -> int:
     span = args.large - args.small
     per = {name: (large.get(name, 0) - small.get(name, 0)) / span for _, name in PARTS}
     whole = per["SSL_do_handshake"] or 1.0
-    print(f"instructions per TLS 1.3 mutual handshake, client groups {args.groups}:")
+    print(f"instructions per TLS 1.3 mutual handshake, groups {args.groups}:")
     for label, name in PARTS:
         print(f"  {label:58s} {per[name]:>12,.0f}  ({per[name] / whole:6.1%} of both sides')")
     return 0
