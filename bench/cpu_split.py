@@ -26,6 +26,11 @@ the kernel cost ours is a floor no Python code can go under.
 
     python bench/cpu_split.py                  # about 1.5 minutes
     python bench/cpu_split.py --layout outbound --windows 6
+    git worktree add ../base HEAD~3 && python bench/cpu_split.py --baseline ../base
+
+`--baseline DIR` adds a third proxy to the alternation: ours from another checkout (its
+`proxy` and `listeners` packages first on the path), for a before/after of a change in the
+same windows.
 
 Rule 1: nothing here is collected by pytest; `go` and `perf` must be on PATH (else a clear
 error). Every process is started here and stopped by its PID.
@@ -104,7 +109,13 @@ def main() -> int:
     parser.add_argument("--layout", choices=("inbound", "outbound"), default="inbound")
     parser.add_argument("--windows", type=int, default=3, help="conn/s windows per proxy")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each window")
+    parser.add_argument(
+        "--baseline", metavar="DIR", type=Path, help="also ours from this other checkout"
+    )
     args = parser.parse_args()
+    if args.baseline is not None and not (args.baseline / "proxy" / "__main__.py").is_file():
+        print(f"--baseline {args.baseline}: not a checkout of this project", file=sys.stderr)
+        return 2
     for tool in ("go", "perf"):
         if shutil.which(tool) is None:
             print(f"{tool} is not on PATH", file=sys.stderr)
@@ -124,10 +135,15 @@ def main() -> int:
         web, db = api.material("web"), api.material("db")
         # goload's backend: the plain port echoes, the mTLS one presents the db leaf.
         _, plain_port, tls_port = procs.gobackend(goload, db)
-        ours_port = free_port()
+        ours_port, base_port = free_port(), free_port()
         if args.layout == "inbound":
-            ours_args = ["-service", "db", "-listen", f"127.0.0.1:{ours_port}"]
-            ours_args += ["-service-addr", f"127.0.0.1:{plain_port}"]
+
+            def ours_args(port: int) -> list[str]:
+                return [
+                    *("-service", "db", "-listen", f"127.0.0.1:{port}"),
+                    *("-service-addr", f"127.0.0.1:{plain_port}"),
+                ]
+
             go_argv = bench_goref.inbound_argv(
                 goref, agent, "db", "127.0.0.1:0", f"127.0.0.1:{plain_port}"
             )
@@ -143,7 +159,10 @@ def main() -> int:
                 },
             )
             api.wait_connect_instance("db", tls_port)
-            ours_args = ["-service", "web", "-upstream", f"db:{ours_port}"]
+
+            def ours_args(port: int) -> list[str]:
+                return ["-service", "web", "-upstream", f"db:{port}"]
+
             roots, _ = api.get("/v1/agent/connect/ca/roots")
             go_argv = bench_goref.outbound_argv(
                 goref,
@@ -155,10 +174,16 @@ def main() -> int:
                 session_cache=False,
             )
             go_material, client = web, None
-        ours = procs.proxy(scene, "ours", ours_args, agent, None)
+        ours = procs.proxy(scene, "ours", ours_args(ours_port), agent, None)
         go_port = procs.goref(scene, "go-reference", go_argv, go_material, 1)
         go = scene.proxies[-1]
         proxies = {"ours": (ours.pid, ours_port), "Go reference": (go.pid, go_port)}
+        if args.baseline is not None:
+            # Safe path: not the current directory first, so the other checkout's packages
+            # come before this one's (installed in editable mode).
+            where = {"PYTHONPATH": str(args.baseline.resolve()), "PYTHONSAFEPATH": "1"}
+            base = procs.proxy(scene, "baseline", ours_args(base_port), agent, None, env=where)
+            proxies["baseline"] = (base.pid, base_port)
         for pid, port in proxies.values():  # warm-up: pools, caches, sessions
             window(goload, Target("127.0.0.1", port, client), pid, 1.0)
         per_conn: dict[str, list[float]] = {name: [] for name in proxies}
@@ -193,8 +218,10 @@ def main() -> int:
         for label, share in sorted(shares[name].items(), key=lambda kv: -kv[1]):
             if share >= 0.001:
                 print(f"  {label:52s} {share:6.1%}  {share * median:7,.0f} µs")
-    ratio = statistics.median(per_conn["ours"]) / statistics.median(per_conn["Go reference"])
-    print(f"ours / Go reference: {ratio:.2f}x")
+    for other in proxies:
+        if other != "ours":
+            ratio = statistics.median(per_conn["ours"]) / statistics.median(per_conn[other])
+            print(f"ours / {other}: {ratio:.2f}x")
     for name, entry in procs.logs.items():
         for problem in entry["problems"][:5]:
             print(f"{name}: {problem}")

@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from listeners.events import INBOUND, UPSTREAM, Connection, Outcome, Refusal
+from proxy.console import log_fields
 from proxy.telemetry import Telemetry
 from proxy.throttle import Throttle
 
@@ -435,7 +436,7 @@ class ListenerObserver:
             key = (self.direction, self.listener, conn.refusal.value, conn.detail)
             if not self.metrics.throttle.admit(key):
                 return
-        self.log.log(level, "connection %s", outcome.value, extra={"fields": access_fields(conn)})
+        log_fields(self.log, level, "connection " + outcome.value, access_fields(conn))
 
 
 # Refusals that point at a problem on this side (the app, the mesh's instances), not at a
