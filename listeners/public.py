@@ -31,6 +31,7 @@ from listeners.limits import default_handshake_limit
 from listeners.pump import Pipe
 from listeners.serve import Listener, Slot
 from listeners.sockets import (
+    is_loopback,
     is_routine_close,
     peer_address,
     pending_bytes,
@@ -41,6 +42,7 @@ from listeners.tls.contexts import explain_verify_failure
 from listeners.tls.engine import TLSContext
 from listeners.tls.transport import HandshakeTimeout, TLSTransport
 from proxy.addr import join_host_port
+from proxy.deadline import Deadline
 from proxy.identity import Decision
 
 log = logging.getLogger("proxy.inbound")
@@ -130,6 +132,10 @@ class PublicListener(Listener):
         self.handshake_timeout = handshake_timeout
         self.app_connect_timeout = app_connect_timeout
         self.app_address = join_host_port(self.app_host, self.app_port)
+        # Keepalive finds a peer gone without a word across a network; on loopback the
+        # kernel ends both sides itself, so the probes could find nothing (and the option
+        # costs a socket object and system calls per connection).
+        self._app_keepalive = not is_loopback(self.app_host)
         self.close_timeout = close_timeout
         self.denied = 0  # refused by authorize
         self.forwarded = 0  # authorized and connected to the app
@@ -209,7 +215,7 @@ class PublicListener(Listener):
             conn.destination = self.app_address
             started = now()
             try:
-                async with asyncio.timeout(self.app_connect_timeout):
+                with Deadline(self.app_connect_timeout):
                     transport, _ = await loop.create_connection(
                         lambda: b, self.app_host, self.app_port
                     )
@@ -222,7 +228,8 @@ class PublicListener(Listener):
                 tls.close()
                 return
             conn.dial = now() - started
-            tune_socket(transport)
+            if self._app_keepalive:
+                tune_socket(transport)
             self.forwarded += 1
             tls.attach(pipe.a)
             conn.forwarded = True

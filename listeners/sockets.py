@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import ipaddress
 import socket
 import struct
 import sys
@@ -25,6 +26,17 @@ KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
 # family and type: 22 µs per connection for the four options (bench/README.md,
 # "Per-connection work, second pass").
 INHERITS_OPTIONS = sys.platform == "linux"
+
+
+def is_loopback(host: str) -> bool:
+    """Whether `host` (an address or a name) is this machine's loopback: `localhost`,
+    127.0.0.0/8, ::1. Other names are not resolved here, and count as not loopback."""
+    if host.lower().rstrip(".") == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 def pending_bytes(transport: asyncio.BaseTransport) -> int:

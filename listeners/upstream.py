@@ -31,6 +31,7 @@ from listeners.sockets import peer_address, tune_accepted, tune_socket
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
+from proxy.deadline import Deadline
 from proxy.errors import IdentityError, ProxyError
 from proxy.identity import Endpoint, PeerTarget, peer_identity, server_matches
 
@@ -139,7 +140,7 @@ class UpstreamListener(Listener):
         try:
             started = now()
             try:
-                async with asyncio.timeout(self.connect_timeout):
+                with Deadline(self.connect_timeout):
                     tls, endpoint = await self._dial(conn)
             except TimeoutError:
                 conn.refuse(

@@ -30,6 +30,8 @@ from typing import cast
 
 import httptools
 
+from proxy.deadline import Deadline
+
 # Idle connections kept per pool. Connections beyond it (a burst of concurrent calls) are
 # closed once their response is read.
 MAX_IDLE = 32
@@ -266,7 +268,7 @@ class KeepAlivePool:
             method, target, [("Host", self._host), *headers], None if body is None else len(body)
         )
         request = head + body if body else head
-        async with asyncio.timeout(timeout):
+        with Deadline(timeout):
             conn, reused = await self._take()
             try:
                 return await self._round_trip(conn, request)

@@ -15,7 +15,7 @@ import warnings
 import pytest
 
 from listeners.serve import Listener, Slot
-from listeners.sockets import tune_accepted, tune_socket
+from listeners.sockets import is_loopback, tune_accepted, tune_socket
 from listeners.tls.contexts import build_contexts
 from proxy.config import ProxyConfig, PublicListenerConfig
 from proxy.demo import ReservedPorts
@@ -141,6 +141,27 @@ async def test_accepted_connections_get_nodelay_and_keepalive() -> None:
         writer.close()
     finally:
         await listener.close()
+
+
+@pytest.mark.parametrize(
+    ("host", "loopback"),
+    [
+        ("127.0.0.1", True),
+        ("127.1.2.3", True),
+        ("::1", True),
+        ("[::1]", True),
+        ("localhost", True),
+        ("LOCALHOST.", True),
+        ("0.0.0.0", False),
+        ("10.0.0.5", False),
+        ("::", False),
+        ("app.internal", False),  # names other than localhost are not resolved
+        ("", False),
+    ],
+)
+def test_which_app_hosts_are_loopback(host: str, loopback: bool) -> None:
+    # The app dial leaves keepalive off on loopback only (listeners/public.py).
+    assert is_loopback(host) is loopback
 
 
 def test_a_reserved_port_is_held_on_every_address_yet_a_listener_can_take_it() -> None:

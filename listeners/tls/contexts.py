@@ -18,6 +18,7 @@ that does not load or does not chain.
 from __future__ import annotations
 
 import contextlib
+import functools
 import ssl
 from collections.abc import Sequence
 from typing import TYPE_CHECKING
@@ -41,6 +42,8 @@ from proxy.errors import TLSMaterialError
 
 if TYPE_CHECKING:
     from OpenSSL import SSL
+
+    from listeners.tls.openssl import OpenSSLEngine
 
 # Consul's TLS 1.2 cipher suites, in its preference order (TLS 1.3 suites are not configurable).
 TLS12_CIPHERS = ":".join(
@@ -83,11 +86,19 @@ def new_engine(
         return StdlibEngine(
             context, server_side=server_side, session=session, server_name=server_name
         )
-    # pyOpenSSL is loaded on first use only, so the stdlib engine never loads it.
+    assert session is None or not isinstance(session, ssl.SSLSession)
+    return _openssl_engine()(
+        context, server_side=server_side, session=session, server_name=server_name
+    )
+
+
+@functools.cache
+def _openssl_engine() -> type[OpenSSLEngine]:
+    # pyOpenSSL is loaded on first use only, so the stdlib engine never loads it; and once,
+    # not with an import statement run for every connection.
     from listeners.tls.openssl import OpenSSLEngine
 
-    assert session is None or not isinstance(session, ssl.SSLSession)
-    return OpenSSLEngine(context, server_side=server_side, session=session, server_name=server_name)
+    return OpenSSLEngine
 
 
 def build_contexts(
