@@ -129,6 +129,35 @@ def test_a_bad_record_after_good_ones_delivers_them_then_fails(
         srv.read(256 * 1024)
 
 
+@pytest.mark.parametrize("path", ["memory BIO", "bio_read"])
+def test_openssl_take_gives_every_record_in_order_by_either_path(
+    ca: CertificateAuthority, path: str
+) -> None:
+    """The pyOpenSSL engine reads outgoing ciphertext from OpenSSL's memory BIO into a
+    buffer of its own; `bio_read` is the way without pyOpenSSL's private attribute."""
+    srv, cli = handshake_in_memory(_server(ca, "openssl"), _client(ca, "openssl"))
+    for engine in (srv, cli):
+        assert engine._out_bio is not None  # type: ignore[attr-defined]  # with this pyOpenSSL
+        if path == "bio_read":
+            engine._out_bio = None  # type: ignore[attr-defined]
+    assert cli.take() == b"" and srv.take() == b""  # nothing to send: no error either
+    payload = os.urandom(5 * RECORD_SIZE + 123)  # more than one buffer of ciphertext
+    cli.write(payload)
+    wire = cli.take()
+    assert len(wire) > 5 * RECORD_SIZE and cli.take() == b""
+    srv.feed(wire)
+    got = b""
+    for _ in range(10):
+        chunk = srv.read(256 * 1024)
+        if not chunk:
+            break
+        got += chunk
+    assert got == payload
+    srv.write(b"back")
+    cli.feed(srv.take())
+    assert cli.read(1024) == b"back"
+
+
 @pytest.mark.parametrize("client_engine", ENGINES)
 async def test_openssl_server_picks_aes_128_first_as_go_does(
     ca: CertificateAuthority, client_engine: str

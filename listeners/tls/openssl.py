@@ -4,13 +4,17 @@ memory BIOs (see `listeners.tls.engine` for the interface and its rules).
 pyOpenSSL reads into a buffer of its own and copies the result out (`recv_into`,
 `bio_read`), on both the plaintext and the ciphertext side, so each byte is copied once more
 than with the stdlib engine: its public API cannot read into a caller's buffer. Records are
-gathered into one buffer per read as in `StdlibEngine`, and outgoing ciphertext is taken with
-one `bio_read` sized from what was just written, so the common paths raise no WantReadError.
+gathered into one buffer per read as in `StdlibEngine`. Outgoing ciphertext is read from
+OpenSSL's memory BIO (pyOpenSSL's `_from_ssl`) into one buffer per thread; where that
+attribute is missing, with one `bio_read` sized from what was just written, so the common
+paths raise no WantReadError.
 """
 
 from __future__ import annotations
 
 import contextlib
+import threading
+from typing import Any
 
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
@@ -21,6 +25,19 @@ from listeners.tls.engine import RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
 _TAKE_MIN = 32 * 1024
 
 _binding = Binding()
+
+# Outgoing ciphertext is read from the memory BIO into one buffer per thread, made once.
+# pyOpenSSL's `bio_read` allocates a new buffer for every call and raises WantReadError
+# when there is nothing to read, which three of the seven flushes of a connection find; it
+# has no way to ask first (no BIO_ctrl_pending in the bindings).
+_scratch = threading.local()
+
+
+def _scratch_buffer() -> Any:
+    buffer = getattr(_scratch, "buffer", None)
+    if buffer is None:
+        buffer = _scratch.buffer = _binding.ffi.new("char[]", _TAKE_MIN)
+    return buffer
 
 
 def _verify_result(conn: SSL.Connection) -> str:
@@ -62,7 +79,7 @@ def error_text(conn: SSL.Connection | None, exc: SSL.Error) -> str:
 class OpenSSLEngine:
     """The engine on pyOpenSSL: `OpenSSL.SSL.Connection(context, None)` (memory BIOs)."""
 
-    __slots__ = ("_conn", "_eof", "_error", "_fed", "_fed_eof", "_out_hint", "_reused")
+    __slots__ = ("_conn", "_eof", "_error", "_fed", "_fed_eof", "_out_bio", "_out_hint", "_reused")
 
     def __init__(
         self,
@@ -82,6 +99,9 @@ class OpenSSLEngine:
             if session is not None:
                 conn.set_session(session)  # ValueError unless made with this same context
         self._conn = conn
+        # The memory BIO OpenSSL writes ciphertext to: pyOpenSSL's own (private) attribute,
+        # read once; without it, `take` uses the public `bio_read`.
+        self._out_bio: Any = getattr(conn, "_from_ssl", None)
         self._fed = 0  # bytes of ciphertext fed since OpenSSL last wanted more
         self._fed_eof = False
         self._eof = False
@@ -103,6 +123,23 @@ class OpenSSLEngine:
         self._fed_eof = True
 
     def take(self) -> bytes:
+        bio = self._out_bio
+        if bio is None:
+            return self._take_public()
+        self._out_hint = _TAKE_MIN
+        read, buffer = _binding.lib.BIO_read, _scratch_buffer()
+        got = read(bio, buffer, _TAKE_MIN)
+        if got <= 0:  # empty (a memory BIO never fails otherwise)
+            return b""
+        data: bytes = _binding.ffi.buffer(buffer, got)[:]
+        if got < _TAKE_MIN:
+            return data
+        chunks = [data]
+        while (got := read(bio, buffer, _TAKE_MIN)) > 0:
+            chunks.append(_binding.ffi.buffer(buffer, got)[:])
+        return b"".join(chunks)
+
+    def _take_public(self) -> bytes:
         size, self._out_hint = self._out_hint, _TAKE_MIN
         conn = self._conn
         try:
