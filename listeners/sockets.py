@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import fcntl
+import functools
 import ipaddress
 import socket
 import struct
@@ -28,6 +29,7 @@ KEEPALIVE_IDLE = 15  # seconds, as Go's default dialer and listener
 INHERITS_OPTIONS = sys.platform == "linux"
 
 
+@functools.lru_cache(maxsize=256)  # asked per upstream dial; the hosts are few
 def is_loopback(host: str) -> bool:
     """Whether `host` (an address or a name) is this machine's loopback: `localhost`,
     127.0.0.0/8, ::1. Other names are not resolved here, and count as not loopback."""

@@ -22,12 +22,12 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
-from typing import Protocol
+from typing import NamedTuple, Protocol
 
 from listeners.events import UPSTREAM, Connection, Observer, Refusal, now
 from listeners.pump import Pipe, Side
 from listeners.serve import Listener, Slot
-from listeners.sockets import peer_address, tune_accepted, tune_socket
+from listeners.sockets import is_loopback, peer_address, tune_accepted, tune_socket
 from listeners.tls.engine import TLSContext, TLSSession
 from listeners.tls.transport import TLSTransport
 from proxy.addr import join_host_port
@@ -118,8 +118,10 @@ class UpstreamListener(Listener):
         self.failed = 0  # connections closed for want of a verified upstream
         self.resumed = 0
         # Per server: a session to resume (TLS 1.3 ticket or 1.2 session), tied to the client
-        # context that made it. A rotation brings a new context, hence full handshakes again.
-        self._sessions: dict[tuple[str, int], tuple[TLSContext, TLSSession]] = {}
+        # context that made it, and the URI SAN of the certificate the server showed in the
+        # full handshake that made it. A rotation brings a new context, hence full handshakes
+        # again.
+        self._sessions: dict[tuple[str, int], _Resumable] = {}
         self.bytes_out = 0  # local client -> upstream
         self.bytes_in = 0  # upstream -> local client
 
@@ -165,7 +167,7 @@ class UpstreamListener(Listener):
             stats = await pipe.done
             self.bytes_out += stats.a_to_b
             self.bytes_in += stats.b_to_a
-            self._remember_session(tls, endpoint)
+            self._remember_session(tls, endpoint, conn.peer_id)
         except asyncio.CancelledError:
             pipe.abort()
             if tls is not None and pipe.b.transport is None:
@@ -174,12 +176,12 @@ class UpstreamListener(Listener):
         finally:
             self.untrack(conn)
 
-    def _remember_session(self, tls: TLSTransport, endpoint: tuple[str, int]) -> None:
+    def _remember_session(self, tls: TLSTransport, endpoint: tuple[str, int], uri: str) -> None:
         context = self.contexts.client_context()
         if context is None or tls.context is not context:
             return  # a rotation happened meanwhile: this session belongs to the old context
         known = self._sessions.get(endpoint)
-        if tls.session_reused and known is not None and known[0] is context:
+        if tls.session_reused and known is not None and known.context is context:
             # The kept session still resumes. Reading SSLObject.session copies the whole
             # session (peer certificate and all), so it is read only after a full handshake.
             return
@@ -188,7 +190,7 @@ class UpstreamListener(Listener):
         # makes a full handshake, and its own session replaces this one.
         session = tls.session
         if session is not None:
-            self._sessions[endpoint] = (context, session)
+            self._sessions[endpoint] = _Resumable(context, session, uri)
 
     async def _dial(self, conn: Connection) -> tuple[TLSTransport, tuple[str, int]]:
         """Resolve and connect to the first instance that passes every check.
@@ -211,22 +213,31 @@ class UpstreamListener(Listener):
                     f"no trust bundle for peer {getattr(expected, 'peer', '?')}",
                 )
             known = self._sessions.get((host, port))
-            session = known[1] if known is not None and known[0] is context else None
+            if known is not None and known.context is not context:
+                known = None
+            session = known.session if known is not None else None
             sni = expected.sni if isinstance(expected, PeerTarget) else None
             tls = TLSTransport(context, server_side=False, session=session, server_name=sni)
             addr = join_host_port(host, port)
             conn.destination = addr
             try:
                 raw, _ = await loop.create_connection(_factory(tls), host, port)
-                tune_socket(raw)
+                if not is_loopback(host):  # as the public listener's app dial
+                    tune_socket(raw)
                 started = now()
                 await tls.handshake(self.connect_timeout)
                 conn.handshake = now() - started
-                peer = peer_identity(tls.peer_certificate() or b"")
-                conn.peer_id = peer.uri or ""
-                if peer.uri is None or not server_matches(peer.uri, expected):
+                if known is not None and tls.session_reused:
+                    # Resumed: the server holds the secret of the full handshake in which it
+                    # showed this URI (its certificate, kept in the session, is that one), so
+                    # the URI is not read again; it is still checked against this dial's.
+                    uri: str | None = known.uri
+                else:
+                    uri = peer_identity(tls.peer_certificate() or b"").uri
+                conn.peer_id = uri or ""
+                if uri is None or not server_matches(uri, expected):
                     raise IdentityError(
-                        f"peer certificate mismatch got {peer.uri}, want {expected.uri()}"
+                        f"peer certificate mismatch got {uri}, want {expected.uri()}"
                     )
             except (OSError, IdentityError) as exc:  # OSError: HandshakeError, TLSError too
                 tls.abort()
@@ -242,7 +253,7 @@ class UpstreamListener(Listener):
             log.debug(
                 "successfully connected to service instance addr=%s identity=%s resumed=%s",
                 addr,
-                peer.uri,
+                uri,
                 tls.session_reused,
             )
             self.resumed += tls.session_reused
@@ -255,6 +266,12 @@ class UpstreamListener(Listener):
         )
         tried = f" ({len(endpoints)} instances tried)" if len(endpoints) > 1 else ""
         raise _DialFailed(reason, f"{last}{tried}")
+
+
+class _Resumable(NamedTuple):
+    context: TLSContext  # the client context the session was made with
+    session: TLSSession
+    uri: str  # the server's URI SAN in the full handshake that made it
 
 
 class _DialFailed(ProxyError):

@@ -174,6 +174,7 @@ def matches_expected(peer_uri: str, expected: SpiffeIDService) -> bool:
     return peer_uri.lower() == want.lower()
 
 
+@functools.lru_cache(maxsize=1024)  # asked per upstream connection, of a few pairs
 def server_matches(peer_uri: str, expected: SpiffeIDService | PeerTarget) -> bool:
     """The server identity check of an upstream: `matches_expected` for a local service, an
     exact (case-insensitive) match with one of `PeerMeta.SpiffeID` for a peered one."""

@@ -314,3 +314,33 @@ async def test_upstream_dials_resume_tls_sessions(agent: DevAgent) -> None:
             await web.tls.rotations.reached(rotations + 1)
         assert await plain_exchange(local_port(web), b"fresh") == b"fresh"
         assert listener.resumed == 2
+
+
+async def test_a_resumed_dial_checks_the_server_identity_kept_with_its_session(
+    agent: DevAgent,
+) -> None:
+    async with (
+        echo_app() as app,
+        db_sidecar(agent, app),
+        running_proxy(agent, ProxyConfig(service="web", upstreams=(upstream("db"),))) as web,
+    ):
+        (listener,) = web.upstreams.values()
+        assert await plain_exchange(local_port(web), b"first") == b"first"
+        async with asyncio.timeout(5):
+            await listener.until_idle()
+        ((endpoint, known),) = listener._sessions.items()
+        assert known.uri.endswith("/svc/db")
+        # A resumed dial does not read the server's certificate again: it checks the URI the
+        # server showed in the full handshake that made the session. One that is not db's is
+        # refused, as a full handshake showing it would be.
+        wrong = known.uri.replace("/svc/db", "/svc/payments")
+        listener._sessions[endpoint] = known._replace(uri=wrong)
+        assert await plain_exchange(local_port(web), b"x") == b""
+        assert listener.failed == 1 and listener.resumed == 0
+        # The session went with the failure: the next dial is a full handshake, and passes.
+        assert await plain_exchange(local_port(web), b"again") == b"again"
+        assert listener.resumed == 0
+        async with asyncio.timeout(5):
+            await listener.until_idle()
+        assert await plain_exchange(local_port(web), b"resumed") == b"resumed"
+        assert listener.resumed == 1
