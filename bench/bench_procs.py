@@ -374,12 +374,13 @@ class Processes:
         cpus: set[int] | None = None,
         ready: int = 1,
         env: dict[str, str] | None = None,
+        python: str = sys.executable,
     ) -> Proc:
         """Start `python -m proxy <args>` on the proxy CPU (or on `cpus`) with the TLS engine
         `engine` (CONNECT_PROXY_TLS_ENGINE; unset for None) and `env` added to ours, and wait
         for `ready` ready lines (one per -workers process). Its access-log lines are counted
-        (`Proc.counted_lines`)."""
-        argv = [sys.executable, "-m", "proxy", *args, "-http-addr", agent_addr]
+        (`Proc.counted_lines`). `python`: the interpreter (this one unless given)."""
+        argv = [python, "-m", "proxy", *args, "-http-addr", agent_addr]
         argv += ["-drain-timeout", "1s"]
         extra = {**(env or {}), **({} if engine is None else {ENGINE_VAR: engine})}
         proc = self.start(

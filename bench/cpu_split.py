@@ -30,7 +30,8 @@ the kernel cost ours is a floor no Python code can go under.
 
 `--baseline DIR` adds a third proxy to the alternation: ours from another checkout (its
 `proxy` and `listeners` packages first on the path), for a before/after of a change in the
-same windows.
+same windows. `--baseline-python EXE` runs that third proxy with another interpreter (whose
+environment has this project's dependencies), with `--baseline .` the same code.
 
 Rule 1: nothing here is collected by pytest; `go` and `perf` must be on PATH (else a clear
 error). Every process is started here and stopped by its PID.
@@ -112,6 +113,12 @@ def main() -> int:
     parser.add_argument(
         "--baseline", metavar="DIR", type=Path, help="also ours from this other checkout"
     )
+    parser.add_argument(
+        "--baseline-python",
+        metavar="EXE",
+        default=sys.executable,
+        help="the interpreter of the --baseline proxy (default: this one)",
+    )
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "proxy" / "__main__.py").is_file():
         print(f"--baseline {args.baseline}: not a checkout of this project", file=sys.stderr)
@@ -182,7 +189,15 @@ def main() -> int:
             # Safe path: not the current directory first, so the other checkout's packages
             # come before this one's (installed in editable mode).
             where = {"PYTHONPATH": str(args.baseline.resolve()), "PYTHONSAFEPATH": "1"}
-            base = procs.proxy(scene, "baseline", ours_args(base_port), agent, None, env=where)
+            base = procs.proxy(
+                scene,
+                "baseline",
+                ours_args(base_port),
+                agent,
+                None,
+                env=where,
+                python=args.baseline_python,
+            )
             proxies["baseline"] = (base.pid, base_port)
         for pid, port in proxies.values():  # warm-up: pools, caches, sessions
             window(goload, Target("127.0.0.1", port, client), pid, 1.0)
@@ -221,7 +236,13 @@ def main() -> int:
     for other in proxies:
         if other != "ours":
             ratio = statistics.median(per_conn["ours"]) / statistics.median(per_conn[other])
-            print(f"ours / {other}: {ratio:.2f}x")
+            # Each round measures every proxy once, next to each other: the ratio within a
+            # round carries less of the machine's drift than the ratio of the medians.
+            rounds = sorted(a / b for a, b in zip(per_conn["ours"], per_conn[other], strict=True))
+            print(
+                f"ours / {other}: {ratio:.2f}x (ratio of the medians); within a round: median "
+                f"{statistics.median(rounds):.2f}x, from {rounds[0]:.2f}x to {rounds[-1]:.2f}x"
+            )
     for name, entry in procs.logs.items():
         for problem in entry["problems"][:5]:
             print(f"{name}: {problem}")
