@@ -282,6 +282,26 @@ async def test_peer_chain_is_the_chain_as_sent_leaf_first(
         assert at_client in ([db_der], [db_der, inter])
 
 
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+async def test_a_leaf_under_the_root_goes_alone_from_the_openssl_engine(
+    ca: CertificateAuthority, client_engine: str, server_engine: str
+) -> None:
+    """The `openssl` engine sends what the agent gave, as Consul's Go proxy does: a leaf the
+    root signed goes alone. Without SSL_MODE_NO_AUTO_CHAIN OpenSSL would complete the chain
+    from the trust store (checking our own leaf's signature on every handshake) and send the
+    root too, which CPython's ssl, unable to set that mode, still does."""
+    web, db = ca.sign_leaf("web", datacenter="dc1"), ca.sign_leaf("db", datacenter="dc1")
+    web_der, db_der = web.cert.public_bytes(DER), db.cert.public_bytes(DER)
+    root_der = x509.load_pem_x509_certificate(ca.active_root.cert_pem.encode()).public_bytes(DER)
+    server_ctx = build_contexts(_roots(ca), db.cert_pem, db.private_key_pem, server_engine)[0]
+    client_ctx = build_contexts(_roots(ca), web.cert_pem, web.private_key_pem, client_engine)[1]
+    async with asyncio.timeout(10):
+        at_server, at_client, resumed, _ = await _chains(server_ctx, client_ctx)
+    assert not resumed
+    assert at_server == ([web_der] if client_engine == "openssl" else [web_der, root_der])
+    assert at_client == ([db_der] if server_engine == "openssl" else [db_der, root_der])
+
+
 # -- half-close and bulk data -------------------------------------------------------------
 
 
