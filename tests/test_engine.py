@@ -18,7 +18,12 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
-from listeners.tls.contexts import build_contexts, handshake_in_memory, new_engine
+from listeners.tls.contexts import (
+    _with_issuing_root,
+    build_contexts,
+    handshake_in_memory,
+    new_engine,
+)
 from listeners.tls.engine import (
     RECORD_SIZE,
     RECORD_WIRE_SIZE,
@@ -300,6 +305,27 @@ async def test_a_leaf_under_the_root_goes_alone_from_the_openssl_engine(
     assert not resumed
     assert at_server == ([web_der] if client_engine == "openssl" else [web_der, root_der])
     assert at_client == ([db_der] if server_engine == "openssl" else [db_der, root_der])
+
+
+def test_the_ssl_engine_loads_a_lone_leaf_with_the_root_that_signed_it(
+    ca: CertificateAuthority,
+) -> None:
+    """CPython's ssl cannot turn auto-chaining off; a chain of two certificates does, so it
+    sends the same two without checking its own leaf on every handshake. Only the root whose
+    key signed the leaf is added, not another CA's."""
+    other = CertificateAuthority()
+    leaf = ca.sign_leaf("web", datacenter="dc1").cert_pem
+    roots = [other.active_root.cert_pem, ca.active_root.cert_pem]
+    sent = x509.load_pem_x509_certificates(_with_issuing_root(leaf, roots).encode())
+    expected = [leaf, ca.active_root.cert_pem]
+    assert [c.public_bytes(DER) for c in sent] == [
+        x509.load_pem_x509_certificate(pem.encode()).public_bytes(DER) for pem in expected
+    ]
+    assert _with_issuing_root(leaf, [other.active_root.cert_pem]) == leaf
+    with_intermediate = CertificateAuthority(use_intermediate=True)
+    chained = with_intermediate.sign_leaf("web", datacenter="dc1").cert_pem
+    assert _with_issuing_root(chained, _roots(with_intermediate)) == chained
+    assert _with_issuing_root("not a certificate", roots) == "not a certificate"
 
 
 # -- half-close and bulk data -------------------------------------------------------------

@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import TYPE_CHECKING
 
 from cryptography import x509
-from cryptography.exceptions import UnsupportedAlgorithm
+from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
 from cryptography.hazmat.primitives.serialization import load_pem_private_key
@@ -66,7 +66,7 @@ SERVER_TICKETS = 1
 
 # OpenSSL's SSL_MODE_NO_AUTO_CHAIN (ssl.h, the same value since 1.0.2), which cryptography's
 # bindings do not name; pyOpenSSL's set_mode() passes any mode bit through. The `ssl` engine
-# cannot set it: CPython's ssl has no way to set a mode.
+# cannot set it (CPython's ssl has no way to set a mode): `_with_issuing_root` instead.
 SSL_MODE_NO_AUTO_CHAIN = 0x00000008
 
 
@@ -120,8 +120,9 @@ def build_contexts(
     client = _base(ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), roots)
     # The peer's identity is its URI SAN, checked by the proxy; there is no host name.
     client.check_hostname = False
-    load_cert_chain(server, cert_pem, key_pem)
-    load_cert_chain(client, cert_pem, key_pem)
+    chain = _with_issuing_root(cert_pem, roots)
+    load_cert_chain(server, chain, key_pem)
+    load_cert_chain(client, chain, key_pem)
     # One TLS 1.3 ticket per full handshake, as Go's crypto/tls sends, not OpenSSL's two: a
     # client of ours keeps one session per server, so the second ticket was work for both
     # ends and nothing else (bench/README.md, "OpenSSL settings": 9 % of the instructions of
@@ -129,6 +130,31 @@ def build_contexts(
     # nor cryptography's bindings expose SSL_CTX_set_num_tickets.
     server.num_tickets = SERVER_TICKETS
     return server, client
+
+
+def _with_issuing_root(cert_pem: str, roots: Sequence[str]) -> str:
+    """`cert_pem`, and after it the root that signed it when it is a leaf alone.
+
+    CPython's ssl cannot set SSL_MODE_NO_AUTO_CHAIN. Given a chain of one, OpenSSL completes
+    it from the trust store on every handshake, with a full check of our own leaf's
+    signature, and sends the root along. Given the root as the chain's second certificate,
+    it sends the same certificates and checks nothing (bench/README.md, "No auto chain").
+    A leaf with intermediates, or one no root signed, is left as it is.
+    """
+    try:
+        certs = x509.load_pem_x509_certificates(cert_pem.strip().encode())
+    except ValueError:
+        return cert_pem  # the load below says what is wrong with it
+    if len(certs) != 1:
+        return cert_pem
+    for pem in roots:
+        try:
+            root = x509.load_pem_x509_certificate(pem.strip().encode())
+            certs[0].verify_directly_issued_by(root)
+        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+            continue
+        return cert_pem.strip() + "\n" + pem.strip() + "\n"
+    return cert_pem
 
 
 def load_cert_chain(
