@@ -27,7 +27,7 @@ from cryptography import x509
 from cryptography.exceptions import InvalidSignature, UnsupportedAlgorithm
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from cryptography.hazmat.primitives.asymmetric import dsa, ec, ed448, ed25519, rsa
-from cryptography.hazmat.primitives.serialization import load_pem_private_key
+from cryptography.hazmat.primitives.serialization import Encoding, load_pem_private_key
 
 from listeners.tls.engine import (
     DEFAULT_TLS_ENGINE,
@@ -149,11 +149,15 @@ def _with_issuing_root(cert_pem: str, roots: Sequence[str]) -> str:
         return cert_pem
     for pem in roots:
         try:
-            root = x509.load_pem_x509_certificate(pem.strip().encode())
-            certs[0].verify_directly_issued_by(root)
-        except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
-            continue
-        return cert_pem.strip() + "\n" + pem.strip() + "\n"
+            candidates = x509.load_pem_x509_certificates(pem.strip().encode())
+        except ValueError:
+            continue  # the roots' own load says what is wrong with them
+        for root in candidates:
+            try:
+                certs[0].verify_directly_issued_by(root)
+            except (ValueError, TypeError, InvalidSignature, UnsupportedAlgorithm):
+                continue
+            return cert_pem.strip() + "\n" + root.public_bytes(Encoding.PEM).decode()
     return cert_pem
 
 
