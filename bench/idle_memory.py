@@ -245,19 +245,19 @@ def main() -> int:
     parser.add_argument("--top", type=int, default=20, help="rows of each table")
     parser.add_argument("--child", nargs=3, help=argparse.SUPPRESS)
     args = parser.parse_args()
-    # A name the loops below do not know would measure a proxy with nothing behind it.
-    for option, value, known in (
-        ("--layout", args.layout, {"inbound", "outbound"}),
-        ("--engine", args.engine, {"ssl", "openssl"}),
-    ):
-        if args.child is None and not set(value.split(",")) <= known:
-            parser.error(f"{option} {value}: a comma-separated list of {', '.join(sorted(known))}")
     if args.child:
         from proxy import console
 
         console.install_uvloop()  # as `python -m proxy`
         asyncio.run(_child(args.child[0], args.child[1], int(args.child[2])))
         return 0
+    # A name the loops below do not know would measure a proxy with nothing behind it.
+    for option, value, known in (
+        ("--layout", args.layout, {"inbound", "outbound"}),
+        ("--engine", args.engine, {"ssl", "openssl"}),
+    ):
+        if not set(value.split(",")) <= known:
+            parser.error(f"{option} {value}: a comma-separated list of {', '.join(sorted(known))}")
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
     if hard < 3 * args.n + 200:
