@@ -122,6 +122,9 @@ class UpstreamListener(Listener):
         # full handshake that made it. A rotation brings a new context, hence full handshakes
         # again.
         self._sessions: dict[tuple[str, int], _Resumable] = {}
+        # Per server: the key exchange group it picked last time, so that the next dial
+        # offers a key share for that group only (`listeners.tls.openssl`).
+        self._key_shares: dict[tuple[str, int], str] = {}
         self.bytes_out = 0  # local client -> upstream
         self.bytes_in = 0  # upstream -> local client
 
@@ -217,7 +220,14 @@ class UpstreamListener(Listener):
                 known = None
             session = known.session if known is not None else None
             sni = expected.sni if isinstance(expected, PeerTarget) else None
-            tls = TLSTransport(context, server_side=False, session=session, server_name=sni)
+            key_share = self._key_shares.get((host, port))
+            tls = TLSTransport(
+                context,
+                server_side=False,
+                session=session,
+                server_name=sni,
+                key_share=key_share,
+            )
             addr = join_host_port(host, port)
             conn.destination = addr
             try:
@@ -242,6 +252,7 @@ class UpstreamListener(Listener):
             except (OSError, IdentityError) as exc:  # OSError: HandshakeError, TLSError too
                 tls.abort()
                 self._sessions.pop((host, port), None)
+                self._key_shares.pop((host, port), None)
                 last = exc
                 log.debug(
                     "failed to connect to instance addr=%s upstream=%s error=%s",
@@ -258,6 +269,9 @@ class UpstreamListener(Listener):
             )
             self.resumed += tls.session_reused
             conn.resumed = tls.session_reused
+            picked = tls.key_share()
+            if picked is not None and picked != key_share:
+                self._key_shares[(host, port)] = picked
             return tls, (host, port)
         reason = (
             Refusal.WRONG_SERVER_IDENTITY

@@ -76,6 +76,7 @@ def new_engine(
     server_side: bool,
     session: TLSSession | None = None,
     server_name: str | None = None,
+    key_share: str | None = None,
 ) -> TLSEngine:
     """An engine for one connection, of the kind that built `context`.
 
@@ -85,6 +86,8 @@ def new_engine(
         session: client side, a session of an earlier connection made with `context`.
         server_name: client side, the SNI to send (a peered upstream's `PeerMeta.SNI`);
             sent only, never checked against the server's certificate.
+        key_share: client side, the group this server picked before (`TLSEngine.key_share`):
+            the one key share to offer (`openssl` engine; the `ssl` engine ignores it).
     """
     if isinstance(context, ssl.SSLContext):
         assert session is None or isinstance(session, ssl.SSLSession)
@@ -93,7 +96,11 @@ def new_engine(
         )
     assert session is None or not isinstance(session, ssl.SSLSession)
     return _openssl_engine()(
-        context, server_side=server_side, session=session, server_name=server_name
+        context,
+        server_side=server_side,
+        session=session,
+        server_name=server_name,
+        key_share=key_share,
     )
 
 

@@ -116,6 +116,10 @@ class TLSEngine(Protocol):
     def version(self) -> str | None:
         """The negotiated protocol ("TLSv1.3", "TLSv1.2"), once the handshake has completed."""
 
+    def key_share(self) -> str | None:
+        """The key exchange group of the completed handshake, by OpenSSL's name ("x25519",
+        "X25519MLKEM768"), or None where the engine cannot tell (the stdlib engine)."""
+
     @property
     def session(self) -> TLSSession | None:
         """The session to offer when dialling the same server again (client side)."""
@@ -268,6 +272,9 @@ class StdlibEngine:
 
     def version(self) -> str | None:
         return self._ssl.version()
+
+    def key_share(self) -> str | None:
+        return None  # CPython's ssl does not say (nor can it choose a client's key shares)
 
     @property
     def session(self) -> ssl.SSLSession | None:

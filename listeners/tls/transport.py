@@ -72,11 +72,16 @@ class TLSTransport(asyncio.Protocol):
         server_side: bool,
         session: TLSSession | None = None,
         server_name: str | None = None,
+        key_share: str | None = None,
     ) -> None:
         self._context = context
         self._server_side = server_side
         self._engine = new_engine(
-            context, server_side=server_side, session=session, server_name=server_name
+            context,
+            server_side=server_side,
+            session=session,
+            server_name=server_name,
+            key_share=key_share,
         )
         self._raw: asyncio.Transport | None = None
         self._app: asyncio.BaseProtocol | None = None
@@ -327,6 +332,10 @@ class TLSTransport(asyncio.Protocol):
 
     def version(self) -> str | None:
         return self._engine.version()
+
+    def key_share(self) -> str | None:
+        """The key exchange group of the completed handshake (`TLSEngine.key_share`)."""
+        return self._engine.key_share()
 
     @property
     def context(self) -> TLSContext:
