@@ -269,6 +269,11 @@ def _openssl_contexts(
             # OpenSSL refuses to resume a session of a verified peer without a session ID
             # context (CPython's ssl sets one too).
             ctx.set_session_id(b"connect-proxy")
+            # Resumption is by stateless tickets only, which need no cache. Without one, the
+            # stateful tickets sent to clients that cannot resume (`OpenSSLEngine.feed`),
+            # and TLS 1.2 sessions without tickets, are never kept: no memory held for
+            # them after the connection.
+            ctx.set_session_cache_mode(SSL.SESS_CACHE_OFF)
         try:
             ctx.use_certificate(chain[0])
             for extra in chain[1:]:

@@ -30,6 +30,7 @@ from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
 from listeners.tls.engine import RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
+from listeners.tls.hello import offers_resumption
 
 # Smallest ciphertext read: a whole handshake flight (certificates included) fits.
 _TAKE_MIN = 32 * 1024
@@ -111,7 +112,17 @@ def error_text(conn: SSL.Connection | None, exc: SSL.Error) -> str:
 class OpenSSLEngine:
     """The engine on pyOpenSSL: `OpenSSL.SSL.Connection(context, None)` (memory BIOs)."""
 
-    __slots__ = ("_conn", "_eof", "_error", "_fed", "_fed_eof", "_out_bio", "_out_hint", "_reused")
+    __slots__ = (
+        "_conn",
+        "_eof",
+        "_error",
+        "_fed",
+        "_fed_eof",
+        "_hello",
+        "_out_bio",
+        "_out_hint",
+        "_reused",
+    )
 
     def __init__(
         self,
@@ -145,6 +156,7 @@ class OpenSSLEngine:
         self._error: TLSError | None = None
         self._out_hint = _TAKE_MIN
         self._reused: bool | None = None
+        self._hello = server_side  # the client's first bytes are still to come
 
     def _failure(self, exc: SSL.Error) -> TLSError:
         error = TLSError(error_text(self._conn, exc))
@@ -152,6 +164,14 @@ class OpenSSLEngine:
         return error
 
     def feed(self, data: bytes) -> None:
+        if self._hello:
+            self._hello = False
+            if offers_resumption(data) is False:
+                # A client that cannot resume: no stateless tickets for it. OpenSSL then
+                # sends small stateful ones, which the server's session cache, switched
+                # off (`listeners.tls.contexts`), never keeps. 14 % of a server's full
+                # handshake (bench/README.md, "Tickets nobody can use").
+                self._conn.set_options(SSL.OP_NO_TICKET)
         self._conn.bio_write(data)
         self._fed += len(data)
 
