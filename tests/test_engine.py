@@ -474,6 +474,40 @@ async def test_second_dial_resumes_and_a_new_server_context_does_not(
         assert third[:2] == (False, False)
 
 
+@pytest.mark.parametrize("version", VERSIONS)
+def test_the_openssl_engine_reads_resumption_both_ways_alike(
+    ca: CertificateAuthority, version: str
+) -> None:
+    # `session_reused` asks OpenSSL through pyOpenSSL's private `_ssl`; without it, it reads
+    # the verified chain (none after a resumed handshake). Both readings, on both sides,
+    # of a full and of a resumed handshake.
+    server_ctx, client_ctx = _server(ca, "openssl"), _client(ca, "openssl", version)
+    session = None
+    for resumed in (False, True):
+        server = new_engine(server_ctx, server_side=True)
+        client = new_engine(client_ctx, server_side=False, session=session)
+        done = [False, False]
+        for _ in range(8):
+            done[0] = done[0] or client.do_handshake()
+            if data := client.take():
+                server.feed(data)
+            done[1] = done[1] or server.do_handshake()
+            if data := server.take():
+                client.feed(data)
+            if all(done):
+                break
+        assert all(done)
+        client.read(1)  # TLS 1.3 tickets come after the handshake
+        for engine in (server, client):
+            native = engine.native
+            assert isinstance(native, SSL.Connection)
+            assert engine.session_reused is resumed
+            assert (native.get_verified_chain() is None) is resumed
+        session = client.session
+        server.shutdown()  # a clean close, so that OpenSSL keeps the session resumable
+        client.feed(server.take())
+
+
 @pytest.mark.tls_engines()
 async def test_a_session_only_resumes_with_the_context_that_made_it(
     ca: CertificateAuthority, tls_engine: str
