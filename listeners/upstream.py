@@ -195,6 +195,14 @@ class UpstreamListener(Listener):
         if session is not None:
             self._sessions[endpoint] = _Resumable(context, session, uri)
 
+    def _forget_all_but(self, endpoints: Sequence[Endpoint]) -> None:
+        """Drop what is kept for servers the resolver no longer returns (instances come and
+        go with deployments; without this the two maps would only grow)."""
+        current = {(host, port) for host, port, _ in endpoints}
+        for kept in (self._sessions, self._key_shares):
+            for endpoint in [e for e in kept if e not in current]:
+                del kept[endpoint]
+
     async def _dial(self, conn: Connection) -> tuple[TLSTransport, tuple[str, int]]:
         """Resolve and connect to the first instance that passes every check.
 
@@ -206,6 +214,8 @@ class UpstreamListener(Listener):
         endpoints = await self.resolver.resolve()
         if not endpoints:
             raise _DialFailed(Refusal.NO_HEALTHY_INSTANCE, "no healthy instances found")
+        if len(self._sessions) + len(self._key_shares) > 4 * len(endpoints) + _KEPT_SLACK:
+            self._forget_all_but(endpoints)
         loop = asyncio.get_running_loop()
         last: Exception | None = None
         for host, port, expected in endpoints:
@@ -280,6 +290,11 @@ class UpstreamListener(Listener):
         )
         tried = f" ({len(endpoints)} instances tried)" if len(endpoints) > 1 else ""
         raise _DialFailed(reason, f"{last}{tried}")
+
+
+# Entries kept beyond those of the current instances before the maps are pruned: a few
+# instances that left, whose sessions may serve again if they come back.
+_KEPT_SLACK = 32
 
 
 class _Resumable(NamedTuple):

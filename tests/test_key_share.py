@@ -232,3 +232,19 @@ async def test_a_server_that_wants_another_group_now_asks_and_gets_it() -> None:
         assert relay.offered[-1] == [SECP256R1]
         assert listener._key_shares == {("127.0.0.1", relay.port): "secp256r1"}
         assert listener.failed == 0
+
+
+async def test_what_is_kept_for_servers_no_longer_resolved_is_forgotten() -> None:
+    ca = _ca()
+    async with tls_server(ca, b"X25519") as relay, web_upstream(ca, relay.port) as listener:
+        await _dials(listener, 1)
+        endpoint = ("127.0.0.1", relay.port)
+        (kept,) = listener._sessions.values()
+        # Instances that left since (deployments): far more than the resolver now returns.
+        for port in range(1, 61):
+            listener._sessions[("10.0.0.9", port)] = kept
+            listener._key_shares[("10.0.0.9", port)] = "x25519"
+        await _dials(listener, 1)
+        assert list(listener._sessions) == [endpoint]
+        assert listener._key_shares == {endpoint: "x25519"}
+        assert listener.resumed == 1  # what the current server needs was kept
