@@ -248,3 +248,17 @@ async def test_what_is_kept_for_servers_no_longer_resolved_is_forgotten() -> Non
         assert list(listener._sessions) == [endpoint]
         assert listener._key_shares == {endpoint: "x25519"}
         assert listener.resumed == 1  # what the current server needs was kept
+
+
+async def test_a_group_list_openssl_refuses_leaves_its_own() -> None:
+    ca = _ca()
+    async with tls_server(ca, b"X25519") as relay, web_upstream(ca, relay.port) as listener:
+        # A name this OpenSSL does not know (as an OpenSSL before 3.5 would not know the
+        # "?" syntax): the list is refused, the dial offers OpenSSL's own pair, goes
+        # through, and learns the group the server picks.
+        listener._key_shares[("127.0.0.1", relay.port)] = "no-such-group"
+        await _dials(listener, 2)
+        first = [X25519MLKEM768, X25519] if HYBRID else [X25519]
+        assert relay.offered == [first, [X25519]]
+        assert listener._key_shares == {("127.0.0.1", relay.port): "x25519"}
+        assert listener.failed == 0

@@ -141,9 +141,12 @@ class OpenSSLEngine:
             if server_name:
                 conn.set_tlsext_host_name(server_name.encode())  # SNI only, never checked
             pointer = getattr(conn, "_ssl", None) if key_share else None
-            if pointer is not None:
-                # 0 when this OpenSSL refuses the list: the connection keeps the context's.
-                _binding.lib.SSL_set1_curves_list(pointer, _groups_led_by(key_share))
+            if pointer is not None and not _binding.lib.SSL_set1_curves_list(
+                pointer, _groups_led_by(key_share)
+            ):
+                # Refused (an OpenSSL before 3.5): the connection keeps the context's list,
+                # and no error is left queued for a later call to report as its own.
+                _binding.lib.ERR_clear_error()
             if session is not None:
                 conn.set_session(session)  # ValueError unless made with this same context
         self._conn = conn
@@ -329,7 +332,10 @@ class OpenSSLEngine:
         return self._conn.get_protocol_version_name()
 
     def key_share(self) -> str | None:
-        return self._conn.get_group_name()
+        try:
+            return self._conn.get_group_name()
+        except NotImplementedError:  # pyOpenSSL's answer on an OpenSSL before 3.2
+            return None
 
     @property
     def session(self) -> SSL.Session | None:
