@@ -66,6 +66,10 @@ def _groups_led_by(group: str) -> bytes:
     return ":".join((group, *rest)).encode()
 
 
+# OpenSSL's SSL_session_reused() as cryptography's binding gives it (None if it did not).
+_SESSION_REUSED: Any = getattr(_binding.lib, "SSL_session_reused", None)
+
+
 def _scratch_buffer() -> Any:
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None:
@@ -354,8 +358,8 @@ class OpenSSLEngine:
         # SSL_session_reused() on the other end of the same connections.
         if self._reused is None:
             pointer = getattr(self._conn, "_ssl", None)
-            if pointer is not None:
-                self._reused = bool(_binding.lib.SSL_session_reused(pointer))
+            if pointer is not None and _SESSION_REUSED is not None:
+                self._reused = bool(_SESSION_REUSED(pointer))
             else:
                 self._reused = self._conn.get_verified_chain() is None
         return self._reused
