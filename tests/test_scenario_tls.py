@@ -53,7 +53,13 @@ async def test_leaf_and_root_rotation_keep_established_connections(agent: DevAge
         )
         try:
             writer.write(b"before")
-            assert await reader.readexactly(6) == b"before"
+            try:
+                echoed = await reader.readexactly(6)
+            except asyncio.IncompleteReadError as exc:
+                # Seen once in CI under load (2026-12-07), not reproduced in 150 runs: say why.
+                refused = [(c.refusal, c.detail) for c in db.metrics.recent_refusals]
+                raise AssertionError(f"closed before the echo; refused: {refused}") from exc
+            assert echoed == b"before"
             old_serial = db.tls.material.leaf.serial
             rotations = db.tls.rotations.value
             agent.rotate_ca()  # new root, cross-signed; every cached leaf re-issued
