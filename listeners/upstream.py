@@ -20,6 +20,7 @@ Rule 2: this module takes from `proxy/` only level-0 modules (`proxy.addr`, `pro
 from __future__ import annotations
 
 import asyncio
+import functools
 import logging
 from collections.abc import Callable, Sequence
 from typing import NamedTuple, Protocol
@@ -162,6 +163,14 @@ class UpstreamListener(Listener):
                     tls.close()
                 local.close()
                 return
+            known = self._sessions.get(endpoint)
+            if known is None or known.context is not tls.context:
+                # No session for this server yet: take this connection's once its tickets
+                # are in, not only when it ends, so that the dials meanwhile (the first
+                # burst, or all of them while long-lived connections stay open) resume.
+                tls.when_data_arrives(
+                    functools.partial(self._remember_session, tls, endpoint, conn.peer_id)
+                )
             tls.attach(pipe.b)
             conn.forwarded = True
             conn.stats = pipe.stats

@@ -1,5 +1,6 @@
-"""The upstream's key shares (`openssl` engine): after a first dial, a client offers a key
-share for the group that server picked, and for no other.
+"""What the upstream listener keeps per server (`openssl` engine): the group the server
+picked, so that later dials offer a key share for it and for no other; and its session,
+kept as soon as its tickets are in, and forgotten once the server is gone.
 
 Each server here is a real TLS server of the project's own engine (leaves of the project's
 CA) behind a TCP relay on 127.0.0.1 that parses the ClientHello of every dial, so the
@@ -262,3 +263,19 @@ async def test_a_group_list_openssl_refuses_leaves_its_own() -> None:
         assert relay.offered == [first, [X25519]]
         assert listener._key_shares == {("127.0.0.1", relay.port): "x25519"}
         assert listener.failed == 0
+
+
+async def test_a_session_is_kept_while_its_first_connection_is_still_open() -> None:
+    # Sessions were kept only when a connection ended: every dial while the first ones were
+    # open (a burst, long-lived connections) made a full handshake.
+    ca = _ca()
+    async with tls_server(ca, b"X25519") as relay, web_upstream(ca, relay.port) as listener:
+        reader, writer = await asyncio.open_connection("127.0.0.1", listener.port)
+        try:
+            writer.write(b"first")
+            async with asyncio.timeout(5):
+                assert await reader.readexactly(5) == b"first"
+            assert await plain_exchange(listener.port, b"second") == b"second"
+            assert listener.resumed == 1
+        finally:
+            writer.close()

@@ -20,6 +20,7 @@ paused, so memory stays bounded by the kernel buffers and the transports' high-w
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Callable
 from typing import Any, cast
 
 from listeners.tls.contexts import new_engine
@@ -58,6 +59,7 @@ class TLSTransport(asyncio.Protocol):
         "_eof_sent",
         "_handshake",
         "_lost",
+        "_on_first_data",
         "_raw",
         "_reading_paused",
         "_server_side",
@@ -95,6 +97,7 @@ class TLSTransport(asyncio.Protocol):
         # Whether the peer sent anything at all: a TCP health check connects and closes
         # without a byte, which is no TLS failure.
         self.received_any = False
+        self._on_first_data: Callable[[], None] | None = None
 
     # -- raw side (asyncio.Protocol) -----------------------------------------------------
 
@@ -230,8 +233,17 @@ class TLSTransport(asyncio.Protocol):
             # A bytearray of its own (the engine never touches it again): bytes-like, and
             # taken by asyncio's, uvloop's and our transports as bytes are.
             app.data_received(cast(bytes, chunk))
+            if self._on_first_data is not None:
+                callback, self._on_first_data = self._on_first_data, None
+                callback()
         # TLS 1.3 key updates and session tickets may have produced records to send.
         self._flush()
+
+    def when_data_arrives(self, callback: Callable[[], None]) -> None:
+        """Call `callback` once, right after the first application data from the peer has
+        gone to the app. On a client, a TLS 1.3 server's session tickets, which it sends
+        straight after the handshake, have been read by then."""
+        self._on_first_data = callback
 
     def _abort_with(self, exc: Exception) -> None:
         if self._raw is not None:
