@@ -128,6 +128,7 @@ class TLSTransport(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._lost = True
+        self._on_first_data = None  # it may refer back to this transport: no cycle left
         if not self._handshake.done():
             self._fail_handshake(exc or HandshakeError("connection closed during TLS handshake"))
             return
