@@ -118,6 +118,10 @@ async def db_sidecar(
     agent: DevAgent, app: EchoApp, metrics: ProxyMetrics | None = None, **public: object
 ) -> AsyncIterator[Proxy]:
     """The `db` proxy: public listener on 127.0.0.1:0 in front of `app`, registered."""
+    # The app runs on the test's own loop. On a loaded 2-core CI machine (the browser test
+    # on the other worker) its accept once took over Consul's default second, and the
+    # proxy refused the connection (app_dial_failed): give the dial more room here.
+    public.setdefault("local_connect_timeout", 10.0)
     cfg = ProxyConfig(
         service="db",
         public_listener=PublicListenerConfig(
