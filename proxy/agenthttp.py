@@ -96,7 +96,9 @@ class _Connection(asyncio.Protocol):
     """
 
     def __init__(self) -> None:
-        self.parser = httptools.HttpResponseParser(self)
+        # The parser calls back into this object: dropped when the connection is lost, so
+        # that the two are not a cycle left to the garbage collector.
+        self.parser: httptools.HttpResponseParser | None = httptools.HttpResponseParser(self)
         self.transport: asyncio.Transport | None = None
         self.answer: asyncio.Future[RawResponse] | None = None
         self.got_bytes = False
@@ -120,6 +122,8 @@ class _Connection(asyncio.Protocol):
             self._broken = True
             self.close()
             return
+        if self.parser is None:
+            return  # lost already
         try:
             self.parser.feed_data(data)
         except httptools.HttpParserError as exc:
@@ -134,6 +138,7 @@ class _Connection(asyncio.Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self.lost = True
+        self.parser = None
         if not self.closed.done():
             self.closed.set_result(None)
         self._fail(exc or ConnectionResetError("the agent closed the connection"))
@@ -156,10 +161,12 @@ class _Connection(asyncio.Protocol):
         self._body.append(bytes(body))
 
     def on_message_complete(self) -> None:
-        if self.parser.get_status_code() < 200:
+        parser = self.parser
+        assert parser is not None  # called from its feed_data()
+        if parser.get_status_code() < 200:
             self._reading = False  # an interim response (1xx): the real one follows
             return
-        self._complete(keep_alive=self.parser.should_keep_alive())
+        self._complete(keep_alive=parser.should_keep_alive())
 
     # --------------------------------------------------------------------------------------
 
@@ -174,6 +181,7 @@ class _Connection(asyncio.Protocol):
     def _complete(self, *, keep_alive: bool) -> None:
         self._reading = False
         self._keep_alive = keep_alive
+        assert self.parser is not None  # the connection is not lost yet
         response = RawResponse(self.parser.get_status_code(), self._headers, b"".join(self._body))
         self._body = []
         if self.answer is not None and not self.answer.done():

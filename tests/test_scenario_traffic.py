@@ -4,9 +4,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import gc
 import hashlib
 import os
+from collections import Counter
 from collections.abc import AsyncIterator
+
+import pytest
 
 from proxy.config import ProxyConfig
 from proxy.devagent import DevAgent
@@ -137,3 +141,52 @@ async def test_500_concurrent_connections(agent: DevAgent) -> None:
                 pending.cancel()
             await asyncio.gather(all_open, *tasks, return_exceptions=True)
         assert results == [f"conn {i}\n".encode() for i in range(count)]
+
+
+# Where the objects of a proxied connection come from: the proxy's code (not the in-process
+# dev agent's, which is another program) and the TLS libraries.
+_PROXY_MODULES = ("listeners.", "proxy.", "OpenSSL.", "ssl")
+
+
+def _proxy_garbage() -> Counter[str]:
+    return Counter(
+        f"{type(o).__module__}.{type(o).__qualname__}"
+        for o in gc.garbage
+        if type(o).__module__.startswith(_PROXY_MODULES)
+        and not type(o).__module__.startswith("proxy.devagent")
+    )
+
+
+@pytest.mark.tls_engines()
+async def test_finished_connections_are_freed_without_the_garbage_collector(
+    agent: DevAgent, tls_engine: str
+) -> None:
+    """A connection's objects on both proxies (pipe, sides, transports, TLS engine, the
+    agent pool's connections) form no reference cycle once it is over, so reference
+    counting frees them at once. Left in cycles, each waited for the cyclic collector, whose
+    passes then also walked every live connection (bench/README.md, "Connections freed
+    without the collector")."""
+    async with echo_app() as app, mesh(agent, app) as (web, db):
+        port = local_port(web)
+        (outbound,) = web.upstreams.values()
+        assert db.public is not None
+        # The first connection fills what lives on: the agent pool, the upstream's session.
+        assert await plain_exchange(port, b"warm-up") == b"warm-up"
+        async with asyncio.timeout(10):
+            await outbound.until_idle()
+            await db.public.until_idle()
+        gc.collect()
+        gc.set_debug(gc.DEBUG_SAVEALL)  # what the collector finds is kept in gc.garbage
+        try:
+            for n in range(5):
+                payload = os.urandom(1000 * (n + 1))
+                assert await plain_exchange(port, payload) == payload
+            async with asyncio.timeout(10):
+                await outbound.until_idle()
+                await db.public.until_idle()
+            gc.collect()
+            left = _proxy_garbage()
+        finally:
+            gc.set_debug(0)
+            gc.garbage.clear()
+    assert not left, f"objects of finished connections left to the collector: {dict(left)}"

@@ -132,8 +132,9 @@ class TLSTransport(asyncio.Protocol):
         if not self._handshake.done():
             self._fail_handshake(exc or HandshakeError("connection closed during TLS handshake"))
             return
-        if self._app is not None:
-            self._app.connection_lost(exc)
+        app, self._app = self._app, None  # it refers back to this transport: no cycle left
+        if app is not None:
+            app.connection_lost(exc)
 
     def pause_writing(self) -> None:
         self._writing_paused = True
@@ -251,7 +252,8 @@ class TLSTransport(asyncio.Protocol):
             self._raw.abort()
         if self._app is not None and not self._lost:
             self._lost = True
-            self._app.connection_lost(exc)
+            app, self._app = self._app, None
+            app.connection_lost(exc)
 
     def _flush(self) -> None:
         data = self._engine.take()
