@@ -28,6 +28,7 @@ from proxy.config import (
 )
 from proxy.errors import ConfigError, ProxyError
 from proxy.goflags import FlagError, HelpRequested
+from proxy.memtrim import freeze_startup_objects
 from proxy.observe import ProxyMetrics
 from proxy.proxyargs import PROXY_HELP, ProxyOptions, flag_set, parse_proxy_args
 from proxy.register import RegisterMonitor
@@ -98,8 +99,11 @@ async def serve(
     watch_backoff: float | None = None,
     register_periods: tuple[float, float] | None = None,
     metrics: ProxyMetrics | None = None,
+    on_ready: Callable[[], None] | None = None,
 ) -> int:
-    """Run the proxy described by `options` until `stop` is set. Returns the exit code."""
+    """Run the proxy described by `options` until `stop` is set. Returns the exit code.
+
+    `on_ready` is called once, when the first config is served."""
     backoff_base = BACKOFF_BASE if watch_backoff is None else watch_backoff
     if metrics is None:
         metrics = ProxyMetrics(access_log=options.access_log)
@@ -169,6 +173,7 @@ async def serve(
                 register=_register(options, agent, register_periods),
                 metrics=metrics,
                 state=state,
+                on_ready=None if on_ready is None else (lambda _proxy: on_ready()),
             )
         except (ProxyError, OSError) as exc:
             console.error(f"Failed running proxy: {exc}")
@@ -246,7 +251,9 @@ def run_with_signals(options: ProxyOptions, args: Sequence[str] = ()) -> int:
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, on_signal, sig)
         loop.add_signal_handler(signal.SIGUSR1, on_usr1)
-        code = await serve(options, stop, metrics=metrics)
+        # This process is the proxy's own: what start-up made stays, so the collector's
+        # full passes need not walk it again and again.
+        code = await serve(options, stop, metrics=metrics, on_ready=freeze_startup_objects)
         if signals["count"] == 0:
             # This process stopped on its own (it could not serve): stop the others too. After
             # a signal they already have theirs; a second one would cut their drain short.
