@@ -32,6 +32,8 @@ the kernel cost ours is a floor no Python code can go under.
 `proxy` and `listeners` packages first on the path), for a before/after of a change in the
 same windows. `--baseline-python EXE` runs that third proxy with another interpreter (whose
 environment has this project's dependencies), with `--baseline .` the same code.
+`--ours-flag FLAG` gives our proxy a flag the baseline does not get: with `--baseline .`, the
+same code with and without it (`--ours-flag=-authorize-cache`).
 
 Rule 1: nothing here is collected by pytest; `go` and `perf` must be on PATH (else a clear
 error). Every process is started here and stopped by its PID.
@@ -119,6 +121,13 @@ def main() -> int:
         default=sys.executable,
         help="the interpreter of the --baseline proxy (default: this one)",
     )
+    parser.add_argument(
+        "--ours-flag",
+        metavar="FLAG",
+        action="append",
+        default=[],
+        help="one more flag for our proxy only, not the --baseline one (repeatable)",
+    )
     args = parser.parse_args()
     if args.baseline is not None and not (args.baseline / "proxy" / "__main__.py").is_file():
         print(f"--baseline {args.baseline}: not a checkout of this project", file=sys.stderr)
@@ -181,7 +190,7 @@ def main() -> int:
                 session_cache=False,
             )
             go_material, client = web, None
-        ours = procs.proxy(scene, "ours", ours_args(ours_port), agent, None)
+        ours = procs.proxy(scene, "ours", [*ours_args(ours_port), *args.ours_flag], agent, None)
         go_port = procs.goref(scene, "go-reference", go_argv, go_material, 1)
         go = scene.proxies[-1]
         proxies = {"ours": (ours.pid, ours_port), "Go reference": (go.pid, go_port)}
