@@ -8,6 +8,8 @@ client-server: `openssl-ssl` is a pyOpenSSL client talking to a stdlib server.
 from __future__ import annotations
 
 import asyncio
+import ctypes
+import gc
 import hashlib
 import os
 import socket
@@ -25,9 +27,11 @@ from listeners.tls.contexts import (
     new_engine,
 )
 from listeners.tls.engine import (
+    BIO_SLICE,
     RECORD_SIZE,
     RECORD_WIRE_SIZE,
     TLSContext,
+    TLSEngine,
     TLSError,
     TLSSession,
 )
@@ -132,6 +136,85 @@ def test_a_bad_record_after_good_ones_delivers_them_then_fails(
     assert srv.read(256 * 1024) == b"a" * RECORD_SIZE
     with pytest.raises(TLSError):
         srv.read(256 * 1024)
+
+
+def _read_all(engine: TLSEngine, size: int) -> bytes:
+    got = bytearray()
+    for _ in range(size // RECORD_SIZE + 4):  # bounded: a record per call at the least
+        chunk = engine.read(256 * 1024)
+        if not chunk:
+            break
+        got += chunk
+    return bytes(got)
+
+
+@pytest.mark.parametrize(("client_engine", "server_engine"), PAIRS)
+def test_data_beyond_a_slice_arrives_whole_with_the_handshake_and_an_eof(
+    ca: CertificateAuthority, client_engine: str, server_engine: str
+) -> None:
+    """A client's last handshake flight, application data several slices long and the end
+    of its transport, fed as one: the server completes its handshake, reads every byte in
+    order, and only then sees the EOF."""
+    server = new_engine(_server(ca, server_engine), server_side=True, session=None)
+    client = new_engine(_client(ca, client_engine), server_side=False, session=None)
+    assert not client.do_handshake()
+    server.feed(client.take())
+    assert not server.do_handshake()
+    client.feed(server.take())
+    assert client.do_handshake()
+    payload = os.urandom(5 * BIO_SLICE + 77)
+    client.write(payload)
+    server.feed(client.take())  # the client's Finished, then the data: one feed
+    server.feed_eof()
+    assert server.do_handshake()
+    assert _read_all(server, len(payload)) == payload
+    assert server.read(1024) == b""  # the EOF, after the data
+
+
+def _malloc_in_use() -> int:
+    class MallInfo2(ctypes.Structure):
+        _fields_ = [
+            (name, ctypes.c_size_t)
+            for name in (
+                *("arena", "ordblks", "smblks", "hblks", "hblkhd"),
+                *("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"),
+            )
+        ]
+
+    libc = ctypes.CDLL("libc.so.6")  # glibc: Linux, as the suite
+    libc.mallinfo2.restype = MallInfo2
+    info = libc.mallinfo2()
+    return int(info.uordblks + info.hblkhd)
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_a_bulk_transfer_leaves_the_memory_bios_no_larger_than_a_slice(
+    ca: CertificateAuthority, engine: str
+) -> None:
+    """A memory BIO keeps the capacity of the most it ever held. Pairs of connections held
+    idle after two writes of 256 KiB each way (as a socket's reads come) hold about what
+    pairs hold after two writes of one slice: before slices, about ten times as much."""
+    server_ctx, client_ctx = _server(ca, engine), _client(ca, engine)
+
+    def held_per_pair(size: int, count: int = 40) -> float:
+        blob = os.urandom(size)
+        gc.collect()
+        before = _malloc_in_use()
+        pairs = []
+        for _ in range(count):
+            srv, cli = handshake_in_memory(server_ctx, client_ctx)
+            for sender, receiver in ((srv, cli), (cli, srv)):
+                for _ in range(2):
+                    sender.write(blob)
+                    receiver.feed(sender.take())
+                    assert _read_all(receiver, len(blob)) == blob
+            pairs.append((srv, cli))
+        gc.collect()
+        return (_malloc_in_use() - before) / count
+
+    sliced = held_per_pair(BIO_SLICE)
+    bulk = held_per_pair(256 * 1024)
+    assert bulk < 1.3 * sliced, f"{bulk / 1024:.0f} KiB per pair after bulk, {sliced / 1024:.0f}"
 
 
 @pytest.mark.parametrize("path", ["memory BIO", "bio_read"])

@@ -29,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
-from listeners.tls.engine import RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
+from listeners.tls.engine import BIO_SLICE, RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
 from listeners.tls.hello import offers_resumption
 
 # Smallest ciphertext read: a whole handshake flight (certificates included) fits.
@@ -119,10 +119,13 @@ class OpenSSLEngine:
     __slots__ = (
         "_conn",
         "_eof",
+        "_eof_held",
         "_error",
         "_fed",
         "_fed_eof",
+        "_held",
         "_hello",
+        "_out",
         "_out_bio",
         "_out_hint",
         "_reused",
@@ -159,6 +162,11 @@ class OpenSSLEngine:
         self._out_bio: Any = getattr(conn, "_from_ssl", None)
         self._fed = 0  # bytes of ciphertext fed since OpenSSL last wanted more
         self._fed_eof = False
+        # Ciphertext not yet in the memory BIO (`BIO_SLICE`), and whether the transport's
+        # EOF comes after it; encrypted records not yet taken, made slice by slice.
+        self._held: memoryview | None = None
+        self._eof_held = False
+        self._out: list[bytes] | None = None
         self._eof = False
         self._error: TLSError | None = None
         self._out_hint = _TAKE_MIN
@@ -179,14 +187,43 @@ class OpenSSLEngine:
                 # off (`listeners.tls.contexts`), never keeps. 14 % of a server's full
                 # handshake (bench/README.md, "Tickets nobody can use").
                 self._conn.set_options(SSL.OP_NO_TICKET)
-        self._conn.bio_write(data)
-        self._fed += len(data)
+        if self._held is not None:
+            self._held = memoryview(bytes(self._held) + data)  # rare: fed again while held
+        elif len(data) > BIO_SLICE:
+            self._held = memoryview(data)
+            self._feed_more()
+        else:
+            self._conn.bio_write(data)
+            self._fed += len(data)
+
+    def _feed_more(self) -> bool:
+        """Move the next slice of held ciphertext into the BIO (False when none is held)."""
+        held = self._held
+        if held is None:
+            return False
+        piece = held[:BIO_SLICE]
+        self._held = held[BIO_SLICE:] if len(held) > BIO_SLICE else None
+        self._conn.bio_write(piece)
+        self._fed += len(piece)
+        if self._held is None and self._eof_held:
+            self.feed_eof()
+        return True
 
     def feed_eof(self) -> None:
+        if self._held is not None:
+            self._eof_held = True  # after what is still held
+            return
         self._conn.bio_shutdown()
         self._fed_eof = True
 
     def take(self) -> bytes:
+        if self._out is not None:
+            chunks, self._out = self._out, None
+            chunks.append(self._take())
+            return b"".join(chunks)
+        return self._take()
+
+    def _take(self) -> bytes:
         bio = self._out_bio
         if bio is None:
             return self._take_public()
@@ -223,24 +260,28 @@ class OpenSSLEngine:
         return b"".join(chunks)
 
     def do_handshake(self) -> bool:
-        try:
-            self._conn.do_handshake()
-        except SSL.WantReadError:
-            self._fed = 0
-            return False
-        except SSL.Error as exc:
-            raise self._failure(exc) from exc
-        return True
+        while True:
+            try:
+                self._conn.do_handshake()
+            except SSL.WantReadError:
+                self._fed = 0
+                if self._feed_more():
+                    continue
+                return False
+            except SSL.Error as exc:
+                raise self._failure(exc) from exc
+            return True
 
     def read(self, size: int) -> bytearray | bytes | None:
         if self._error is not None:
             raise self._error
         if self._eof:
             return b""
-        if not self._fed and not self._fed_eof:
+        held = 0 if self._held is None else len(self._held)
+        if not self._fed and not self._fed_eof and not held:
             return None  # nothing new since OpenSSL last asked for more
         conn = self._conn
-        if self._fed <= RECORD_WIRE_SIZE:
+        if self._fed <= RECORD_WIRE_SIZE and not held:
             # One record at most (small messages): nothing to gather, no buffer to size.
             try:
                 return conn.recv(min(size, RECORD_SIZE))
@@ -260,10 +301,12 @@ class OpenSSLEngine:
         # The plaintext to come is smaller than the ciphertext fed since then (but for the rest
         # of a record begun before, which the next call reads: `_fed` stays set until OpenSSL
         # wants more). pyOpenSSL does not show how full its memory BIO is.
-        buf = bytearray(min(size, self._fed))
+        buf = bytearray(min(size, self._fed + held))
         got = 0
         with memoryview(buf) as view:
             while got < len(buf):
+                if not self._fed and not self._feed_more():
+                    break  # OpenSSL asked for more, and nothing is held
                 # A slice of our own, released after each call. Left to the garbage, it
                 # lives as long as anything refers to it: a failure kept for the next read
                 # does (its traceback's frames hold the slice), and so does anything that
@@ -274,8 +317,8 @@ class OpenSSLEngine:
                 try:
                     got += conn.recv_into(rest, RECORD_SIZE)
                 except SSL.WantReadError:
-                    self._fed = 0
-                    break
+                    self._fed = 0  # the BIO is empty: the next turn feeds what is held
+                    continue
                 except SSL.ZeroReturnError:
                     self._eof = True
                     break
@@ -300,6 +343,19 @@ class OpenSSLEngine:
         return buf
 
     def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) > BIO_SLICE:
+            # Slice by slice, each taken out of the BIO at once: it keeps no more capacity
+            # than a slice for the rest of the connection.
+            view = memoryview(data).cast("B")
+            out = self._out if self._out is not None else []
+            for start in range(0, len(view), BIO_SLICE):
+                self._write(view[start : start + BIO_SLICE])
+                out.append(self._take())
+            self._out = out
+            return
+        self._write(data)
+
+    def _write(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
         try:
             sent = conn.send(data)
