@@ -128,6 +128,7 @@ class OpenSSLEngine:
         "_out",
         "_out_bio",
         "_out_hint",
+        "_renew",
         "_reused",
     )
 
@@ -167,6 +168,9 @@ class OpenSSLEngine:
         self._held: memoryview | None = None
         self._eof_held = False
         self._out: list[bytes] | None = None
+        # Fresh memory BIOs (`_renew_bios`): 0 before the handshake completes, 1 due once
+        # its last flight is taken, 2 done.
+        self._renew = 0
         self._eof = False
         self._error: TLSError | None = None
         self._out_hint = _TAKE_MIN
@@ -221,7 +225,44 @@ class OpenSSLEngine:
             chunks, self._out = self._out, None
             chunks.append(self._take())
             return b"".join(chunks)
-        return self._take()
+        data = self._take()
+        if self._renew == 1:
+            self._renew = 2
+            self._renew_bios()
+        return data
+
+    def _renew_bios(self) -> None:
+        """Give the connection two new, empty memory BIOs once the handshake is over.
+
+        A memory BIO keeps the capacity of the most it ever held; after a handshake that is
+        the largest flight, certificates (and an ML-KEM key share) included: 5.3 KiB for the
+        two, for the life of the connection (bench/README.md, "Memory BIOs kept at their
+        largest"). What the peer sent after its last handshake message moves to the new
+        incoming BIO; the outgoing one has just been emptied. This reads pyOpenSSL's private
+        `_ssl` and `_into_ssl`, and sets `_into_ssl` and `_from_ssl`, which its `bio_write`,
+        `bio_shutdown` and `bio_read` use; without them, the BIOs stay.
+        """
+        conn = self._conn
+        pointer = getattr(conn, "_ssl", None)
+        old_in = getattr(conn, "_into_ssl", None)
+        if pointer is None or old_in is None or self._out_bio is None or self._fed_eof:
+            return
+        lib, ffi = _binding.lib, _binding.ffi
+        new_in = lib.BIO_new(lib.BIO_s_mem())
+        new_out = lib.BIO_new(lib.BIO_s_mem())
+        if ffi.NULL in (new_in, new_out):
+            for bio in (new_in, new_out):
+                if bio != ffi.NULL:
+                    lib.BIO_free(bio)
+            return
+        buffer = _scratch_buffer()
+        while (got := lib.BIO_read(old_in, buffer, _TAKE_MIN)) > 0:
+            lib.BIO_write(new_in, buffer, got)
+        # Both differ from the BIOs in place: OpenSSL frees those and owns these.
+        lib.SSL_set_bio(pointer, new_in, new_out)
+        conn._into_ssl = new_in
+        conn._from_ssl = new_out
+        self._out_bio = new_out
 
     def _take(self) -> bytes:
         bio = self._out_bio
@@ -270,6 +311,8 @@ class OpenSSLEngine:
                 return False
             except SSL.Error as exc:
                 raise self._failure(exc) from exc
+            if not self._renew:
+                self._renew = 1
             return True
 
     def read(self, size: int) -> bytearray | bytes | None:
