@@ -141,10 +141,54 @@ class TLSEngine(Protocol):
         """The underlying object (`ssl.SSLObject` or `OpenSSL.SSL.Connection`), for tests."""
 
 
-class StdlibEngine:
+class SlicedFeed:
+    """Ciphertext beyond `BIO_SLICE` held back and handed to OpenSSL a slice at a time, as
+    its memory BIO empties (`_feed_more`, called by the engine when OpenSSL wants more); an
+    EOF fed meanwhile waits until all of it is in. An engine gives `_bio_write` and
+    `_bio_eof`, and sets `_held` and `_eof_held` when it is made."""
+
+    __slots__ = ("_eof_held", "_held")
+
+    _held: memoryview | None  # ciphertext not yet in the BIO
+    _eof_held: bool  # the transport's EOF, after what is held
+
+    def _bio_write(self, data: bytes | memoryview) -> None:
+        raise NotImplementedError
+
+    def _bio_eof(self) -> None:
+        raise NotImplementedError
+
+    def feed(self, data: bytes) -> None:
+        if self._held is not None:
+            self._held = memoryview(bytes(self._held) + data)  # rare: fed again while held
+        elif len(data) > BIO_SLICE:
+            self._held = memoryview(data)
+            self._feed_more()
+        else:
+            self._bio_write(data)
+
+    def _feed_more(self) -> bool:
+        """Move the next slice of held ciphertext into the BIO (False when none is held)."""
+        held = self._held
+        if held is None:
+            return False
+        self._held = held[BIO_SLICE:] if len(held) > BIO_SLICE else None
+        self._bio_write(held[:BIO_SLICE])
+        if self._held is None and self._eof_held:
+            self._bio_eof()
+        return True
+
+    def feed_eof(self) -> None:
+        if self._held is not None:
+            self._eof_held = True
+            return
+        self._bio_eof()
+
+
+class StdlibEngine(SlicedFeed):
     """The engine on CPython's `ssl` module: `SSLObject` over `MemoryBIO`s."""
 
-    __slots__ = ("_eof", "_eof_held", "_error", "_held", "_incoming", "_out", "_outgoing", "_ssl")
+    __slots__ = ("_eof", "_error", "_incoming", "_out", "_outgoing", "_ssl")
 
     def __init__(
         self,
@@ -166,36 +210,14 @@ class StdlibEngine:
         )
         self._eof = False
         self._error: TLSError | None = None
-        # Ciphertext not yet in the incoming BIO (`BIO_SLICE`), and whether the transport's
-        # EOF comes after it; encrypted records not yet taken, made slice by slice.
-        self._held: memoryview | None = None
+        self._held = None  # `SlicedFeed`
         self._eof_held = False
-        self._out: list[bytes] | None = None
+        self._out: list[bytes] | None = None  # records made slice by slice, not yet taken
 
-    def feed(self, data: bytes) -> None:
-        if self._held is not None:
-            self._held = memoryview(bytes(self._held) + data)  # rare: fed again while held
-        elif len(data) > BIO_SLICE:
-            self._held = memoryview(data)
-            self._feed_more()
-        else:
-            self._incoming.write(data)
+    def _bio_write(self, data: bytes | memoryview) -> None:
+        self._incoming.write(data)
 
-    def _feed_more(self) -> bool:
-        """Move the next slice of held ciphertext into the BIO (False when none is held)."""
-        held = self._held
-        if held is None:
-            return False
-        self._held = held[BIO_SLICE:] if len(held) > BIO_SLICE else None
-        self._incoming.write(held[:BIO_SLICE])
-        if self._held is None and self._eof_held:
-            self._incoming.write_eof()
-        return True
-
-    def feed_eof(self) -> None:
-        if self._held is not None:
-            self._eof_held = True  # after what is still held
-            return
+    def _bio_eof(self) -> None:
         self._incoming.write_eof()
 
     def take(self) -> bytes:

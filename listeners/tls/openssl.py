@@ -29,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
-from listeners.tls.engine import BIO_SLICE, RECORD_SIZE, RECORD_WIRE_SIZE, TLSError
+from listeners.tls.engine import BIO_SLICE, RECORD_SIZE, RECORD_WIRE_SIZE, SlicedFeed, TLSError
 from listeners.tls.hello import offers_resumption
 
 # Smallest ciphertext read: a whole handshake flight (certificates included) fits.
@@ -113,17 +113,15 @@ def error_text(conn: SSL.Connection | None, exc: SSL.Error) -> str:
     return text
 
 
-class OpenSSLEngine:
+class OpenSSLEngine(SlicedFeed):
     """The engine on pyOpenSSL: `OpenSSL.SSL.Connection(context, None)` (memory BIOs)."""
 
     __slots__ = (
         "_conn",
         "_eof",
-        "_eof_held",
         "_error",
         "_fed",
         "_fed_eof",
-        "_held",
         "_hello",
         "_out",
         "_out_bio",
@@ -163,11 +161,9 @@ class OpenSSLEngine:
         self._out_bio: Any = getattr(conn, "_from_ssl", None)
         self._fed = 0  # bytes of ciphertext fed since OpenSSL last wanted more
         self._fed_eof = False
-        # Ciphertext not yet in the memory BIO (`BIO_SLICE`), and whether the transport's
-        # EOF comes after it; encrypted records not yet taken, made slice by slice.
-        self._held: memoryview | None = None
+        self._held = None  # `SlicedFeed`
         self._eof_held = False
-        self._out: list[bytes] | None = None
+        self._out: list[bytes] | None = None  # records made slice by slice, not yet taken
         # Fresh memory BIOs (`_renew_bios`): 0 before the handshake completes, 1 due once
         # its last flight is taken, 2 done.
         self._renew = 0
@@ -191,32 +187,13 @@ class OpenSSLEngine:
                 # off (`listeners.tls.contexts`), never keeps. 14 % of a server's full
                 # handshake (bench/README.md, "Tickets nobody can use").
                 self._conn.set_options(SSL.OP_NO_TICKET)
-        if self._held is not None:
-            self._held = memoryview(bytes(self._held) + data)  # rare: fed again while held
-        elif len(data) > BIO_SLICE:
-            self._held = memoryview(data)
-            self._feed_more()
-        else:
-            self._conn.bio_write(data)
-            self._fed += len(data)
+        SlicedFeed.feed(self, data)
 
-    def _feed_more(self) -> bool:
-        """Move the next slice of held ciphertext into the BIO (False when none is held)."""
-        held = self._held
-        if held is None:
-            return False
-        piece = held[:BIO_SLICE]
-        self._held = held[BIO_SLICE:] if len(held) > BIO_SLICE else None
-        self._conn.bio_write(piece)
-        self._fed += len(piece)
-        if self._held is None and self._eof_held:
-            self.feed_eof()
-        return True
+    def _bio_write(self, data: bytes | memoryview) -> None:
+        self._conn.bio_write(data)
+        self._fed += len(data)
 
-    def feed_eof(self) -> None:
-        if self._held is not None:
-            self._eof_held = True  # after what is still held
-            return
+    def _bio_eof(self) -> None:
         self._conn.bio_shutdown()
         self._fed_eof = True
 
