@@ -141,21 +141,33 @@ class TLSEngine(Protocol):
         """The underlying object (`ssl.SSLObject` or `OpenSSL.SSL.Connection`), for tests."""
 
 
-class SlicedFeed:
-    """Ciphertext beyond `BIO_SLICE` held back and handed to OpenSSL a slice at a time, as
-    its memory BIO empties (`_feed_more`, called by the engine when OpenSSL wants more); an
-    EOF fed meanwhile waits until all of it is in. An engine gives `_bio_write` and
-    `_bio_eof`, and sets `_held` and `_eof_held` when it is made."""
+class SlicedBIOs:
+    """Memory BIOs that never hold more than a slice (`BIO_SLICE`), in both directions.
 
-    __slots__ = ("_eof_held", "_held")
+    Ciphertext fed beyond a slice is held back and handed to OpenSSL a slice at a time as
+    its BIO empties (`_feed_more`, called by the engine when OpenSSL wants more); an EOF fed
+    meanwhile waits until all of it is in. Plaintext written beyond a slice is encrypted a
+    slice at a time, each slice's records taken out of the BIO at once and kept here until
+    `take()`. An engine gives `_bio_write`, `_bio_eof`, `_encrypt` and `_bio_take`, and sets
+    `_held`, `_eof_held` and `_out` when it is made.
+    """
+
+    __slots__ = ("_eof_held", "_held", "_out")
 
     _held: memoryview | None  # ciphertext not yet in the BIO
     _eof_held: bool  # the transport's EOF, after what is held
+    _out: list[bytes] | None  # records made slice by slice, not yet taken
 
     def _bio_write(self, data: bytes | memoryview) -> None:
         raise NotImplementedError
 
     def _bio_eof(self) -> None:
+        raise NotImplementedError
+
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
+        raise NotImplementedError
+
+    def _bio_take(self) -> bytes:
         raise NotImplementedError
 
     def feed(self, data: bytes) -> None:
@@ -184,11 +196,30 @@ class SlicedFeed:
             return
         self._bio_eof()
 
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        if len(data) <= BIO_SLICE:
+            self._encrypt(data)
+            return
+        view = memoryview(data).cast("B")
+        out = self._out if self._out is not None else []
+        for start in range(0, len(view), BIO_SLICE):
+            self._encrypt(view[start : start + BIO_SLICE])
+            out.append(self._bio_take())
+        self._out = out
 
-class StdlibEngine(SlicedFeed):
+    def take(self) -> bytes:
+        data = self._bio_take()
+        if self._out is None:
+            return data
+        chunks, self._out = self._out, None
+        chunks.append(data)
+        return b"".join(chunks)
+
+
+class StdlibEngine(SlicedBIOs):
     """The engine on CPython's `ssl` module: `SSLObject` over `MemoryBIO`s."""
 
-    __slots__ = ("_eof", "_error", "_incoming", "_out", "_outgoing", "_ssl")
+    __slots__ = ("_eof", "_error", "_incoming", "_outgoing", "_ssl")
 
     def __init__(
         self,
@@ -210,9 +241,8 @@ class StdlibEngine(SlicedFeed):
         )
         self._eof = False
         self._error: TLSError | None = None
-        self._held = None  # `SlicedFeed`
+        self._held = self._out = None  # `SlicedBIOs`
         self._eof_held = False
-        self._out: list[bytes] | None = None  # records made slice by slice, not yet taken
 
     def _bio_write(self, data: bytes | memoryview) -> None:
         self._incoming.write(data)
@@ -220,14 +250,9 @@ class StdlibEngine(SlicedFeed):
     def _bio_eof(self) -> None:
         self._incoming.write_eof()
 
-    def take(self) -> bytes:
+    def _bio_take(self) -> bytes:
         # MemoryBIO.read() sizes its result from what is pending: one allocation, one copy.
-        data = self._outgoing.read() if self._outgoing.pending else b""
-        if self._out is None:
-            return data
-        chunks, self._out = self._out, None
-        chunks.append(data)
-        return b"".join(chunks)
+        return self._outgoing.read() if self._outgoing.pending else b""
 
     def do_handshake(self) -> bool:
         while True:
@@ -269,10 +294,11 @@ class StdlibEngine(SlicedFeed):
         got = 0
         with memoryview(buf) as view:
             while got < len(buf):
-                if not incoming.pending and not obj.pending() and self._held is not None:
-                    self._feed_more()
-                elif got and not incoming.pending and not obj.pending():
-                    break  # the same check between records: the common end of a batch
+                if not incoming.pending and not obj.pending():
+                    if self._held is not None:
+                        self._feed_more()
+                    elif got:
+                        break  # the same check between records: the common end of a batch
                 # A slice of our own, released after each call (as in the `openssl` engine:
                 # a failure kept for the next read must not keep `buf` exported).
                 rest = view[got:]
@@ -308,19 +334,9 @@ class StdlibEngine(SlicedFeed):
         self._eof = True
         return b""
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
         try:
-            if len(data) <= BIO_SLICE:
-                self._ssl.write(data)
-                return
-            # Slice by slice, each taken out of the BIO at once (`BIO_SLICE`).
-            view = memoryview(data).cast("B")
-            out = self._out if self._out is not None else []
-            outgoing = self._outgoing
-            for start in range(0, len(view), BIO_SLICE):
-                self._ssl.write(view[start : start + BIO_SLICE])
-                out.append(outgoing.read())
-            self._out = out
+            self._ssl.write(data)
         except ssl.SSLError as exc:
             raise TLSError(str(exc)) from exc
 

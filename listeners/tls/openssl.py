@@ -29,7 +29,7 @@ from typing import Any
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
-from listeners.tls.engine import BIO_SLICE, RECORD_SIZE, RECORD_WIRE_SIZE, SlicedFeed, TLSError
+from listeners.tls.engine import RECORD_SIZE, RECORD_WIRE_SIZE, SlicedBIOs, TLSError
 from listeners.tls.hello import offers_resumption
 
 # Smallest ciphertext read: a whole handshake flight (certificates included) fits.
@@ -113,7 +113,7 @@ def error_text(conn: SSL.Connection | None, exc: SSL.Error) -> str:
     return text
 
 
-class OpenSSLEngine(SlicedFeed):
+class OpenSSLEngine(SlicedBIOs):
     """The engine on pyOpenSSL: `OpenSSL.SSL.Connection(context, None)` (memory BIOs)."""
 
     __slots__ = (
@@ -123,7 +123,6 @@ class OpenSSLEngine(SlicedFeed):
         "_fed",
         "_fed_eof",
         "_hello",
-        "_out",
         "_out_bio",
         "_out_hint",
         "_renew",
@@ -161,9 +160,8 @@ class OpenSSLEngine(SlicedFeed):
         self._out_bio: Any = getattr(conn, "_from_ssl", None)
         self._fed = 0  # bytes of ciphertext fed since OpenSSL last wanted more
         self._fed_eof = False
-        self._held = None  # `SlicedFeed`
+        self._held = self._out = None  # `SlicedBIOs`
         self._eof_held = False
-        self._out: list[bytes] | None = None  # records made slice by slice, not yet taken
         # Fresh memory BIOs (`_renew_bios`): 0 before the handshake completes, 1 due once
         # its last flight is taken, 2 done.
         self._renew = 0
@@ -187,7 +185,7 @@ class OpenSSLEngine(SlicedFeed):
                 # off (`listeners.tls.contexts`), never keeps. 14 % of a server's full
                 # handshake (bench/README.md, "Tickets nobody can use").
                 self._conn.set_options(SSL.OP_NO_TICKET)
-        SlicedFeed.feed(self, data)
+        super().feed(data)
 
     def _bio_write(self, data: bytes | memoryview) -> None:
         self._conn.bio_write(data)
@@ -198,11 +196,7 @@ class OpenSSLEngine(SlicedFeed):
         self._fed_eof = True
 
     def take(self) -> bytes:
-        if self._out is not None:
-            chunks, self._out = self._out, None
-            chunks.append(self._take())
-            return b"".join(chunks)
-        data = self._take()
+        data = super().take()
         if self._renew == 1:
             self._renew = 2
             self._renew_bios()
@@ -241,7 +235,7 @@ class OpenSSLEngine(SlicedFeed):
         conn._from_ssl = new_out
         self._out_bio = new_out
 
-    def _take(self) -> bytes:
+    def _bio_take(self) -> bytes:
         bio = self._out_bio
         if bio is None:
             return self._take_public()
@@ -362,20 +356,7 @@ class OpenSSLEngine(SlicedFeed):
         del buf[got:]
         return buf
 
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        if len(data) > BIO_SLICE:
-            # Slice by slice, each taken out of the BIO at once: it keeps no more capacity
-            # than a slice for the rest of the connection.
-            view = memoryview(data).cast("B")
-            out = self._out if self._out is not None else []
-            for start in range(0, len(view), BIO_SLICE):
-                self._write(view[start : start + BIO_SLICE])
-                out.append(self._take())
-            self._out = out
-            return
-        self._write(data)
-
-    def _write(self, data: bytes | bytearray | memoryview) -> None:
+    def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
         conn = self._conn
         try:
             sent = conn.send(data)
