@@ -8,12 +8,13 @@ client-server: `openssl-ssl` is a pyOpenSSL client talking to a stdlib server.
 from __future__ import annotations
 
 import asyncio
-import ctypes
 import gc
 import hashlib
 import os
 import socket
 import ssl
+import sys
+from pathlib import Path
 
 import pytest
 from cryptography import x509
@@ -38,6 +39,12 @@ from listeners.tls.engine import (
 from listeners.tls.transport import HandshakeError, TLSTransport
 from proxy.devagent.ca import CertificateAuthority
 from tests.certs import Sink, attach, cap_at_tls12, connect_pair
+
+BENCH = Path(__file__).resolve().parent.parent / "bench"
+if str(BENCH) not in sys.path:
+    sys.path.insert(0, str(BENCH))
+
+from tls_state import malloc_in_use  # noqa: E402  # bench's measure of malloc'd bytes
 
 PAIRS = [
     pytest.param("ssl", "ssl", id="ssl-ssl"),
@@ -171,22 +178,6 @@ def test_data_beyond_a_slice_arrives_whole_with_the_handshake_and_an_eof(
     assert server.read(1024) == b""  # the EOF, after the data
 
 
-def _malloc_in_use() -> int:
-    class MallInfo2(ctypes.Structure):
-        _fields_ = [
-            (name, ctypes.c_size_t)
-            for name in (
-                *("arena", "ordblks", "smblks", "hblks", "hblkhd"),
-                *("usmblks", "fsmblks", "uordblks", "fordblks", "keepcost"),
-            )
-        ]
-
-    libc = ctypes.CDLL("libc.so.6")  # glibc: Linux, as the suite
-    libc.mallinfo2.restype = MallInfo2
-    info = libc.mallinfo2()
-    return int(info.uordblks + info.hblkhd)
-
-
 @pytest.mark.parametrize("engine", ENGINES)
 def test_a_bulk_transfer_leaves_the_memory_bios_no_larger_than_a_slice(
     ca: CertificateAuthority, engine: str
@@ -199,7 +190,7 @@ def test_a_bulk_transfer_leaves_the_memory_bios_no_larger_than_a_slice(
     def held_per_pair(size: int, count: int = 40) -> float:
         blob = os.urandom(size)
         gc.collect()
-        before = _malloc_in_use()
+        before = malloc_in_use()
         pairs = []
         for _ in range(count):
             srv, cli = handshake_in_memory(server_ctx, client_ctx)
@@ -210,7 +201,7 @@ def test_a_bulk_transfer_leaves_the_memory_bios_no_larger_than_a_slice(
                     assert _read_all(receiver, len(blob)) == blob
             pairs.append((srv, cli))
         gc.collect()
-        return (_malloc_in_use() - before) / count
+        return (malloc_in_use() - before) / count
 
     sliced = held_per_pair(BIO_SLICE)
     bulk = held_per_pair(256 * 1024)
@@ -251,10 +242,10 @@ def test_the_openssl_engine_renews_its_bios_after_the_handshake_and_keeps_what_c
 
     def held_per_pair(renew: bool, count: int = 60) -> float:
         gc.collect()
-        before = _malloc_in_use()
+        before = malloc_in_use()
         pairs = [one_pair(renew) for _ in range(count)]
         gc.collect()
-        held = (_malloc_in_use() - before) / count
+        held = (malloc_in_use() - before) / count
         del pairs
         return held
 
