@@ -25,6 +25,9 @@ pytestmark = pytest.mark.one_loop  # the subject is a child process
 NODE = "exec-node"
 DEADLINE = 20.0
 MGMT = "root-token"
+# The quiet period of runs where this agent must acknowledge: the ack has to reach the CLI
+# within it, and on a loaded 2-core CI machine 200 ms once was not enough.
+ACK_WAIT = "1s"
 
 
 @pytest.fixture
@@ -74,7 +77,7 @@ async def job_session(agent: DevAgent, timeout: float = 5.0) -> str:
 
 
 async def test_command_output_summary_and_clean_up(agent: DevAgent) -> None:
-    run = await run_cli(agent.http_addr, "-wait", "300ms", "echo hello; echo world >&2")
+    run = await run_cli(agent.http_addr, "-wait", ACK_WAIT, "echo hello; echo world >&2")
     assert run.code == 0, run.err
     assert run.out.splitlines() == [
         f"    {NODE}: hello",
@@ -88,7 +91,7 @@ async def test_command_output_summary_and_clean_up(agent: DevAgent) -> None:
 
 
 async def test_non_zero_exit_gives_2_and_verbose_progress(agent: DevAgent) -> None:
-    run = await run_cli(agent.http_addr, "-wait", "300ms", "-verbose", "sh", "-c", "'exit 3'")
+    run = await run_cli(agent.http_addr, "-wait", ACK_WAIT, "-verbose", "sh", "-c", "'exit 3'")
     assert run.code == 2
     lines = run.out.splitlines()
     assert lines[0].startswith("Created remote execution session: ")
@@ -102,11 +105,11 @@ async def test_non_zero_exit_gives_2_and_verbose_progress(agent: DevAgent) -> No
 
 
 async def test_shell_false_runs_argv_and_stdin_runs_a_script(agent: DevAgent) -> None:
-    run = await run_cli(agent.http_addr, "-wait", "300ms", "-shell=false", "echo", "$HOME;", "x")
+    run = await run_cli(agent.http_addr, "-wait", ACK_WAIT, "-shell=false", "echo", "$HOME;", "x")
     assert run.code == 0, run.err
     assert f"    {NODE}: $HOME; x" in run.out.splitlines()
     script = b"#!/bin/sh\necho from-script\nexit 4\n"
-    run = await run_cli(agent.http_addr, "-wait", "300ms", "-", stdin=script)
+    run = await run_cli(agent.http_addr, "-wait", ACK_WAIT, "-", stdin=script)
     assert run.code == 2
     assert f"    {NODE}: from-script" in run.out.splitlines()
     assert f"==> {NODE}: finished with exit code 4" in run.out.splitlines()
@@ -128,15 +131,16 @@ async def test_filters_that_match_nothing(
     assert (run.code, run.out) == (0, "0 / 0 node(s) completed / acknowledged\n")
     assert agent.remote_exec.jobs_started == 0
     run = await run_cli(
-        agent.http_addr, "-wait", "200ms", "-service", "web-1", "-tag", "bl", "true"
+        agent.http_addr, "-wait", ACK_WAIT, "-service", "web-1", "-tag", "bl", "true"
     )
     assert run.code == 0 and "1 / 1 node(s)" in run.out  # the matching case runs
     assert_clean(agent)
 
 
 async def test_heartbeats_keep_a_silent_command_alive(agent: DevAgent) -> None:
-    # Silent for 1 s with -wait 200ms: heartbeats every 200 ms keep the CLI waiting.
-    run = await run_cli(agent.http_addr, "-wait", "200ms", "-verbose", "sleep 1; echo late")
+    # Silent for 3 s with -wait 1s (2 s once acknowledged): heartbeats every second keep the
+    # CLI waiting.
+    run = await run_cli(agent.http_addr, "-wait", ACK_WAIT, "-verbose", "sleep 3; echo late")
     assert run.code == 0, run.err
     lines = run.out.splitlines()
     assert lines.count(f"==> {NODE}: heartbeat received") >= 2
@@ -147,7 +151,7 @@ async def test_heartbeats_keep_a_silent_command_alive(agent: DevAgent) -> None:
 
 async def test_big_output_streams_in_4k_chunks(agent: DevAgent) -> None:
     size = 2 * 1024 * 1024
-    proc = await spawn(agent.http_addr, "-wait", "500ms", f"head -c {size} /dev/zero | tr '\\0' x")
+    proc = await spawn(agent.http_addr, "-wait", ACK_WAIT, f"head -c {size} /dev/zero | tr '\\0' x")
     # While it runs, the node's keys are 4 KiB chunks (never the whole output at once).
     kv = agent.state.kv.entries
     await wait_until(lambda: sum("/out/" in k for k in kv) >= 4, DEADLINE)
@@ -212,7 +216,7 @@ async def test_acl_denial_has_consuls_message() -> None:
 async def test_several_nodes_interleaved_and_one_that_never_exits(
     agent: DevAgent, client: httpx.AsyncClient
 ) -> None:
-    proc = await spawn(agent.http_addr, "-wait", "400ms", "echo own")
+    proc = await spawn(agent.http_addr, "-wait", ACK_WAIT, "echo own")
     session = await job_session(agent)
 
     async def write(key: str, value: bytes = b"") -> None:
@@ -267,7 +271,7 @@ async def test_bad_exit_value_is_reported_and_the_node_stays_unfinished(
 
 
 async def test_session_expired_mid_run(agent: DevAgent) -> None:
-    proc = await spawn(agent.http_addr, "-wait", "300ms", "-verbose", "sleep 2; echo late")
+    proc = await spawn(agent.http_addr, "-wait", ACK_WAIT, "-verbose", "sleep 3; echo late")
     session = await job_session(agent)
     assert proc.stdout is not None
     seen: list[bytes] = []
@@ -314,7 +318,7 @@ async def test_foreign_datacenter_needs_a_server_there(agent: DevAgent) -> None:
         "Failed to create session: Failed to find Consul server in remote datacenter: "
         "Unexpected response code: 500 (No path to datacenter)\n"
     )
-    run = await run_cli(agent.http_addr, "-datacenter", "dc1", "-wait", "200ms", "echo", "ok")
+    run = await run_cli(agent.http_addr, "-datacenter", "dc1", "-wait", ACK_WAIT, "echo", "ok")
     assert run.code == 0 and f"    {NODE}: ok" in run.out
     assert_clean(agent)
 
@@ -408,7 +412,7 @@ async def test_session_is_renewed_while_the_job_runs(
     renewals: list[str] = []
     agent.state.sessions.listeners.append(lambda sid, ttl: renewals.append(sid) if ttl else None)
     options = command.parse_exec_args(
-        ["-http-addr", agent.http_addr, "-wait", "300ms", "-wait-repl", "0s", "sleep 0.6"],
+        ["-http-addr", agent.http_addr, "-wait", ACK_WAIT, "-wait-repl", "0s", "sleep 0.6"],
         {},
         lambda: b"",
     )
