@@ -35,9 +35,14 @@ def issue_leaf(
     serial: int | None = None,
     cn: str | None = None,
     days: tuple[float, float] = (-1 / 1440, 1 / 24),
+    usages: tuple[x509.ObjectIdentifier, ...] = (
+        ExtendedKeyUsageOID.CLIENT_AUTH,
+        ExtendedKeyUsageOID.SERVER_AUTH,
+    ),
 ) -> tuple[str, str]:
     """(cert PEM, key PEM) of a leaf signed by (`issuer`, `issuer_key`), valid from
-    `days[0]` to `days[1]` days from now, with a URI SAN `uri` (critical without a CN)."""
+    `days[0]` to `days[1]` days from now, with a URI SAN `uri` (critical without a CN) and
+    the extended key `usages`."""
     key = ec.generate_private_key(ec.SECP256R1())
     now = dt.datetime.now(dt.UTC)
     subject = x509.Name([x509.NameAttribute(x509.NameOID.COMMON_NAME, cn)]) if cn else x509.Name([])
@@ -50,12 +55,7 @@ def issue_leaf(
         .not_valid_before(now + dt.timedelta(days=days[0]))
         .not_valid_after(now + dt.timedelta(days=days[1]))
         .add_extension(x509.BasicConstraints(ca=False, path_length=None), True)
-        .add_extension(
-            x509.ExtendedKeyUsage(
-                [ExtendedKeyUsageOID.CLIENT_AUTH, ExtendedKeyUsageOID.SERVER_AUTH]
-            ),
-            False,
-        )
+        .add_extension(x509.ExtendedKeyUsage(list(usages)), False)
         .add_extension(
             x509.AuthorityKeyIdentifier(key_id(issuer_key.public_key()), None, None), False
         )

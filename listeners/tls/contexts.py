@@ -210,15 +210,17 @@ def _openssl_contexts(
     from OpenSSL import SSL, crypto
 
     from listeners.tls.openssl import error_text
+    from listeners.tls.verified import VerifiedChains, VerifyingContext
 
     try:
-        trusted = [
-            crypto.X509.from_cryptography(cert)
-            for pem in roots
-            for cert in x509.load_pem_x509_certificates(pem.strip().encode())
+        root_certs = [
+            cert for pem in roots for cert in x509.load_pem_x509_certificates(pem.strip().encode())
         ]
     except ValueError as exc:
         raise TLSMaterialError(f"failed to load the CA roots: {exc}") from exc
+    # Both contexts check peers' chains through one `VerifiedChains`: each distinct chain
+    # in full once, then by its bytes (listeners.tls.verified).
+    verified = VerifiedChains(root_certs)
     try:
         chain = x509.load_pem_x509_certificates(cert_pem.strip().encode())
         key = load_pem_private_key(key_pem.strip().encode(), password=None)
@@ -237,7 +239,7 @@ def _openssl_contexts(
         )
     contexts: list[SSL.Context] = []
     for server_side in (True, False):
-        ctx = SSL.Context(SSL.TLS_SERVER_METHOD if server_side else SSL.TLS_CLIENT_METHOD)
+        ctx = VerifyingContext(SSL.TLS_SERVER_METHOD if server_side else SSL.TLS_CLIENT_METHOD)
         ctx.set_min_proto_version(SSL.TLS1_2_VERSION)
         ctx.set_cipher_list(TLS12_CIPHERS.encode())
         # Go's crypto/tls (Consul's proxy) prefers AES-128-GCM when the CPU has AES
@@ -259,12 +261,13 @@ def _openssl_contexts(
         # bytes less each way (bench/README.md, "No auto chain").
         ctx.set_mode(SSL.MODE_RELEASE_BUFFERS | SSL_MODE_NO_AUTO_CHAIN)
         ctx.clear_mode(Binding.lib.SSL_MODE_ENABLE_PARTIAL_WRITE)
-        ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
         # No ALPN and no host name check, as `_base`: the proxy checks the peer's URI SAN.
-        store = ctx.get_cert_store()
-        assert store is not None
-        for cert in trusted:
-            store.add_cert(cert)
+        if not verified.install(ctx):
+            ctx.set_verify(SSL.VERIFY_PEER | SSL.VERIFY_FAIL_IF_NO_PEER_CERT)
+            store = ctx.get_cert_store()
+            assert store is not None
+            for cert in root_certs:
+                store.add_cert(crypto.X509.from_cryptography(cert))
         if server_side:
             # OpenSSL refuses to resume a session of a verified peer without a session ID
             # context (CPython's ssl sets one too).
