@@ -5,12 +5,12 @@ bytes until its root expires or the roots change.
 A full check of a peer's chain, the root's signature on it included, was a fifth of the
 instructions of each side of a TLS 1.3 mutual handshake, spent again on every connection
 of the same few leaves; without it a server's handshake takes 16 % fewer, a client's 18 %
-(bench/README.md, "Chains verified once"). Here the context's own trust store stays empty. OpenSSL still runs
-its whole check of every chain on every handshake: the peer's proof of its key
-(CertificateVerify), the leaf's validity dates and purpose, the CA flags and signatures of
-the intermediates the peer sent. Only the last link is missing: no issuer of the top
-certificate is found, and OpenSSL asks this module's verify callback. The callback takes the
-chain as built so far and
+(bench/README.md, "Chains verified once"). Here the context's own trust store stays empty.
+OpenSSL still runs its whole check of every chain on every handshake: the peer's proof of
+its key (CertificateVerify), the leaf's validity dates and purpose, the CA flags and
+signatures of the intermediates the peer sent. Only the last link is missing: no issuer of
+the top certificate is found, and OpenSSL asks this module's verify callback. The callback
+takes the chain as built so far and
 - trusts it if the same chain (SHA-256 of each certificate) verified before against these
   roots, and the root it ended at has not expired since;
 - else has OpenSSL check it in full against a second store that holds the roots (no
@@ -28,6 +28,7 @@ Rule 2: the callback never raises: an exception inside it refuses the chain.
 from __future__ import annotations
 
 import logging
+import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
@@ -67,10 +68,21 @@ _SHA256: Any = _lib.EVP_get_digestbyname(b"sha256")
 _UNSPECIFIED = 1
 
 
-def _digest(cert: Any, buffer: Any, size: Any) -> bytes:
-    if not _lib.X509_digest(cert, _SHA256, buffer, size):
-        raise ValueError("X509_digest failed")
-    return bytes(_ffi.buffer(buffer, _DIGEST_SIZE))
+class _Digest(threading.local):
+    """A certificate's SHA-256, into buffers of this thread's (cffi lets go of the GIL in C
+    calls, so a buffer shared between threads could be overwritten before it is read)."""
+
+    def __init__(self) -> None:
+        self._buffer = _ffi.new("unsigned char[]", 64)
+        self._size = _ffi.new("unsigned int *")
+
+    def of(self, cert: Any) -> bytes:
+        if not _lib.X509_digest(cert, _SHA256, self._buffer, self._size):
+            raise ValueError("X509_digest failed")
+        return _ffi.buffer(self._buffer, _DIGEST_SIZE)[:]  # type: ignore[no-any-return]
+
+
+_DIGEST = _Digest()
 
 
 def _load_der(der: bytes) -> Any:
@@ -130,7 +142,6 @@ class VerifiedChains:
         self._store = _ffi.gc(store, _lib.X509_STORE_free)
         # Each root's SHA-256 -> the end of its validity (seconds since the epoch).
         self._root_ends: dict[bytes, float] = {}
-        buffer, size = _ffi.new("unsigned char[]", 64), _ffi.new("unsigned int *")
         for root in roots:
             native = _load_der(root.public_bytes(Encoding.DER))
             try:
@@ -138,7 +149,7 @@ class VerifiedChains:
                 # ("cert already in hash table"), which changes nothing.
                 _lib.X509_STORE_add_cert(self._store, native)
                 end = root.not_valid_after_utc.timestamp()
-                self._root_ends[_digest(native, buffer, size)] = end
+                self._root_ends[_DIGEST.of(native)] = end
             finally:
                 _lib.X509_free(native)
         _lib.ERR_clear_error()
@@ -182,41 +193,51 @@ class VerifiedChains:
             return 1
         if _lib.X509_STORE_CTX_get_error(store_ctx) not in ANCHOR_ERRORS:
             return 0
+        if _lib.X509_STORE_CTX_get_error_depth(store_ctx) == 0:
+            # The chain is the leaf alone (its top is at depth 0): no copy of it needed.
+            leaf = _lib.X509_STORE_CTX_get_current_cert(store_ctx)
+            if leaf == _ffi.NULL:
+                return 0
+            return self._answer(store_ctx, _DIGEST.of(leaf), leaf, _ffi.NULL)
         chain = _lib.X509_STORE_CTX_get1_chain(store_ctx)
         if chain == _ffi.NULL:
             return 0
         try:
-            buffer, size = _ffi.new("unsigned char[]", 64), _ffi.new("unsigned int *")
-            certs = (_lib.sk_X509_value(chain, i) for i in range(_lib.sk_X509_num(chain)))
-            key = b"".join(_digest(cert, buffer, size) for cert in certs)
-            end = self._chains.get(key)
-            if end is not None:
-                if self.clock() < end:
-                    self.hits += 1
-                    _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
-                    return 1
-                del self._chains[key]
-            self.misses += 1
-            error, end = self._verify(chain, buffer, size)
-            if error != _lib.X509_V_OK:
-                _lib.X509_STORE_CTX_set_error(store_ctx, error)
-                return 0
-            if end > self.clock():
-                if len(self._chains) >= MAX_CHAINS:
-                    del self._chains[next(iter(self._chains))]
-                self._chains[key] = end
-            _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
-            return 1
+            count = _lib.sk_X509_num(chain)
+            key = b"".join([_DIGEST.of(_lib.sk_X509_value(chain, i)) for i in range(count)])
+            return self._answer(store_ctx, key, _lib.sk_X509_value(chain, 0), chain)
         finally:
             _free_chain(chain)
 
-    def _verify(self, chain: Any, buffer: Any, size: Any) -> tuple[int, float]:
-        """OpenSSL's full check of `chain` against the roots: (error, end of its root)."""
+    def _answer(self, store_ctx: Any, key: bytes, leaf: Any, chain: Any) -> int:
+        """Accept (1) a chain known by `key` or passing the full check now, else refuse (0)."""
+        end = self._chains.get(key)
+        if end is not None:
+            if self.clock() < end:
+                self.hits += 1
+                _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
+                return 1
+            del self._chains[key]
+        self.misses += 1
+        error, end = self._verify(leaf, chain)
+        if error != _lib.X509_V_OK:
+            _lib.X509_STORE_CTX_set_error(store_ctx, error)
+            return 0
+        if end > self.clock():
+            if len(self._chains) >= MAX_CHAINS:
+                del self._chains[next(iter(self._chains))]
+            self._chains[key] = end
+        _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
+        return 1
+
+    def _verify(self, leaf: Any, chain: Any) -> tuple[int, float]:
+        """OpenSSL's full check of `leaf` (and `chain`, as sent, or NULL) against the roots:
+        (error, end of the root it led to)."""
         ctx = _lib.X509_STORE_CTX_new()
         if ctx == _ffi.NULL:
             return _lib.X509_V_ERR_OUT_OF_MEM, 0.0
         try:
-            if not _lib.X509_STORE_CTX_init(ctx, self._store, _lib.sk_X509_value(chain, 0), chain):
+            if not _lib.X509_STORE_CTX_init(ctx, self._store, leaf, chain):
                 return _UNSPECIFIED, 0.0
             if _lib.X509_verify_cert(ctx) != 1:
                 return _lib.X509_STORE_CTX_get_error(ctx) or _UNSPECIFIED, 0.0
@@ -225,7 +246,7 @@ class VerifiedChains:
                 return _lib.X509_V_OK, 0.0  # verified, but not remembered
             try:
                 top = _lib.sk_X509_value(verified, _lib.sk_X509_num(verified) - 1)
-                return _lib.X509_V_OK, self._root_ends.get(_digest(top, buffer, size), 0.0)
+                return _lib.X509_V_OK, self._root_ends.get(_DIGEST.of(top), 0.0)
             finally:
                 _free_chain(verified)
         finally:
