@@ -27,6 +27,7 @@ Rule 2: the callback never raises: an exception inside it refuses the chain.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import threading
 import time
@@ -217,7 +218,7 @@ class VerifiedChains:
                 self.hits += 1
                 _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
                 return 1
-            del self._chains[key]
+            self._chains.pop(key, None)
         self.misses += 1
         error, end = self._verify(leaf, chain)
         if error != _lib.X509_V_OK:
@@ -225,7 +226,10 @@ class VerifiedChains:
             return 0
         if end > self.clock():
             if len(self._chains) >= MAX_CHAINS:
-                del self._chains[next(iter(self._chains))]
+                # Contexts used from several threads: another may change the dict between
+                # these two steps. A chain not dropped now is dropped the next time.
+                with contextlib.suppress(RuntimeError, StopIteration, KeyError):
+                    del self._chains[next(iter(self._chains))]
             self._chains[key] = end
         _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
         return 1
