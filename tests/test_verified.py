@@ -13,6 +13,7 @@ import re
 import time
 import weakref
 from dataclasses import dataclass
+from typing import Any
 
 import pytest
 from cryptography import x509
@@ -43,18 +44,10 @@ def _ca(use_intermediate: bool = False) -> CertificateAuthority:
     return CertificateAuthority(CLUSTER, use_intermediate=use_intermediate)
 
 
-def _leaf(
-    ca: CertificateAuthority,
-    *,
-    cn: str | None = None,
-    days: tuple[float, float] = (-1 / 1440, 1 / 24),
-    usages: tuple[x509.ObjectIdentifier, ...] = (
-        ExtendedKeyUsageOID.CLIENT_AUTH,
-        ExtendedKeyUsageOID.SERVER_AUTH,
-    ),
-) -> tuple[str, str]:
+def _leaf(ca: CertificateAuthority, **options: Any) -> tuple[str, str]:
+    """A leaf for web under `ca`'s active root (`options`: `issue_leaf`'s cn, days, usages)."""
     root = ca.active_root
-    return issue_leaf(root.cert, root.key, uri=WEB, cn=cn, days=days, usages=usages)
+    return issue_leaf(root.cert, root.key, uri=WEB, **options)
 
 
 def _cases() -> dict[str, Case]:
