@@ -70,7 +70,7 @@ class _InboundTLS(TLSTransport):
     __slots__ = ("listener", "slot")
 
     def __init__(self, listener: PublicListener, context: TLSContext, slot: Slot) -> None:
-        super().__init__(context, server_side=True)
+        super().__init__(context, server_side=True, loop=listener.running_loop())
         self.listener = listener
         self.slot = slot
 
@@ -209,13 +209,13 @@ class PublicListener(Listener):
                 tls.close()
                 return
             conn.detail = decision.reason
-            pipe = Pipe(close_timeout=self.close_timeout)
-            loop = asyncio.get_running_loop()
+            loop = self.running_loop()
+            pipe = Pipe(close_timeout=self.close_timeout, loop=loop)
             b = pipe.b
             conn.destination = self.app_address
             started = now()
             try:
-                with Deadline(self.app_connect_timeout):
+                with Deadline(self.app_connect_timeout, loop):
                     transport, _ = await loop.create_connection(
                         lambda: b, self.app_host, self.app_port
                     )

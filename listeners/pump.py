@@ -158,7 +158,13 @@ class Pipe:
         "stats",
     )
 
-    def __init__(self, a: Side | None = None, *, close_timeout: float = 10.0) -> None:
+    def __init__(
+        self,
+        a: Side | None = None,
+        *,
+        close_timeout: float = 10.0,
+        loop: asyncio.AbstractEventLoop | None = None,
+    ) -> None:
         self.stats = PipeStats()
         self.close_timeout = close_timeout
         self.a = a if a is not None else Side()
@@ -166,7 +172,9 @@ class Pipe:
         self.a.pipe, self.a.name, self.a.peer = self, "a", self.b
         self.b.pipe, self.b.name, self.b.peer = self, "b", self.a
         self.error: Exception | None = None
-        self.done: asyncio.Future[PipeStats] = asyncio.get_running_loop().create_future()
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        self.done: asyncio.Future[PipeStats] = loop.create_future()
         self._closing = False
         self._close_handle: asyncio.TimerHandle | None = None
         self.started = False
@@ -234,8 +242,7 @@ class Pipe:
 
     def close_later(self) -> None:
         if self._close_handle is None and not self._closing:
-            loop = asyncio.get_running_loop()
-            self._close_handle = loop.call_later(self.close_timeout, self.close)
+            self._close_handle = self.done.get_loop().call_later(self.close_timeout, self.close)
 
     def abort(self) -> None:
         """Cut both sides now."""

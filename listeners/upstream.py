@@ -134,7 +134,9 @@ class UpstreamListener(Listener):
         await self.bind(self._accept)
 
     def _accept(self, slot: Slot) -> asyncio.BaseProtocol:
-        return Pipe(_Local(self, slot), close_timeout=self.close_timeout).a
+        return Pipe(
+            _Local(self, slot), close_timeout=self.close_timeout, loop=self.running_loop()
+        ).a
 
     async def handle(self, pipe: Pipe, source: str = "") -> None:
         """Dial the upstream for the local connection on side A of `pipe`, then pump."""
@@ -146,7 +148,7 @@ class UpstreamListener(Listener):
         try:
             started = now()
             try:
-                with Deadline(self.connect_timeout):
+                with Deadline(self.connect_timeout, self.running_loop()):
                     tls, endpoint = await self._dial(conn)
             except TimeoutError:
                 conn.refuse(
@@ -225,7 +227,7 @@ class UpstreamListener(Listener):
             raise _DialFailed(Refusal.NO_HEALTHY_INSTANCE, "no healthy instances found")
         if len(self._sessions) + len(self._key_shares) > 4 * len(endpoints) + _KEPT_SLACK:
             self._forget_all_but(endpoints)
-        loop = asyncio.get_running_loop()
+        loop = self.running_loop()
         last: Exception | None = None
         for host, port, expected in endpoints:
             context = self.contexts.client_context()
@@ -246,6 +248,7 @@ class UpstreamListener(Listener):
                 session=session,
                 server_name=sni,
                 key_share=key_share,
+                loop=loop,
             )
             addr = join_host_port(host, port)
             conn.destination = addr

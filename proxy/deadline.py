@@ -25,14 +25,18 @@ class Deadline:
 
     __slots__ = ("_cancelling", "_expired", "_handle", "_task")
 
-    def __init__(self, delay: float) -> None:
-        task = asyncio.current_task()
+    def __init__(self, delay: float, loop: asyncio.AbstractEventLoop | None = None) -> None:
+        """`loop`: the running loop, when the caller has it at hand (CPython 3.11 makes a
+        system call in every `asyncio.get_running_loop()`, bench/README.md)."""
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        task = asyncio.current_task(loop)
         if task is None:
             raise RuntimeError("Deadline must be used inside a task")
         self._task = task
         self._cancelling = task.cancelling()
         self._expired = False
-        self._handle = asyncio.get_running_loop().call_later(delay, self._expire)
+        self._handle = loop.call_later(delay, self._expire)
 
     def _expire(self) -> None:
         self._expired = True

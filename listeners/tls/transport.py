@@ -75,6 +75,7 @@ class TLSTransport(asyncio.Protocol):
         session: TLSSession | None = None,
         server_name: str | None = None,
         key_share: str | None = None,
+        loop: asyncio.AbstractEventLoop | None = None,
     ) -> None:
         self._context = context
         self._server_side = server_side
@@ -87,7 +88,9 @@ class TLSTransport(asyncio.Protocol):
         )
         self._raw: asyncio.Transport | None = None
         self._app: asyncio.BaseProtocol | None = None
-        self._handshake: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if loop is None:
+            loop = asyncio.get_running_loop()
+        self._handshake: asyncio.Future[None] = loop.create_future()
         self._reading_paused = False
         self._writing_paused = False  # the raw transport asked us to stop writing
         self._eof_sent = False
@@ -184,7 +187,7 @@ class TLSTransport(asyncio.Protocol):
             return
         # A loop timer that fails the handshake, not `asyncio.timeout()` around the await: the
         # same deadline with no timeout context to enter and leave on every connection.
-        timer = asyncio.get_running_loop().call_later(timeout, self._time_out, timeout)
+        timer = self._handshake.get_loop().call_later(timeout, self._time_out, timeout)
         try:
             await asyncio.shield(self._handshake)
         finally:
