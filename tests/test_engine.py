@@ -21,6 +21,7 @@ from cryptography import x509
 from cryptography.hazmat.primitives.serialization import Encoding
 from OpenSSL import SSL
 
+from listeners.tls import openssl as openssl_engine
 from listeners.tls.contexts import (
     _with_issuing_root,
     build_contexts,
@@ -280,6 +281,101 @@ def test_openssl_take_gives_every_record_in_order_by_either_path(
     srv.write(b"back")
     cli.feed(srv.take())
     assert cli.read(1024) == b"back"
+
+
+_LARGE = bytes(range(256)) * (3 * RECORD_SIZE // 256 + 7)  # three records and a bit
+
+
+def _outcomes(ca: CertificateAuthority, stranger: TLSContext) -> list[object]:
+    """What the openssl engine gives, call by call, on paths that end each way OpenSSL can:
+    data small and large, a closure with and without close_notify, a damaged record, a
+    refused client."""
+    seen: list[object] = []
+    large = _LARGE
+    server_ctx, client_ctx = _server(ca, "openssl"), _client(ca, "openssl")
+    srv, cli = handshake_in_memory(server_ctx, client_ctx)
+    seen.append((srv.read(1024), cli.read(1024)))  # nothing yet; the client takes its tickets
+    for sender, receiver, payload in ((cli, srv, b"ping"), (srv, cli, large)):
+        sender.write(payload)
+        receiver.feed(sender.take())
+        seen.append(_read_all(receiver, len(payload)) == payload)
+    srv.shutdown()
+    cli.feed(srv.take())
+    seen.append((cli.read(1024), cli.read(1024)))  # close_notify: EOF, and EOF again
+    srv, cli = handshake_in_memory(server_ctx, client_ctx)
+    cli.write(b"cut short")
+    srv.feed(cli.take()[:-3])
+    srv.feed_eof()  # a "ragged" EOF: no close_notify
+    seen.append(srv.read(1024))
+    srv, cli = handshake_in_memory(server_ctx, client_ctx)
+    cli.write(b"x" * 100)
+    damaged = bytearray(cli.take())
+    damaged[-1] ^= 0xFF
+    srv.feed(bytes(damaged))
+    with pytest.raises(TLSError) as bad:
+        srv.read(1024)
+    seen.append(str(bad.value))
+    # The same endings behind more than a record: the path that gathers records.
+    srv, cli = handshake_in_memory(server_ctx, client_ctx)
+    cli.write(large)
+    cli.shutdown()
+    srv.feed(cli.take())
+    seen.append((_read_all(srv, len(large)) == large, srv.read(1024)))
+    srv, cli = handshake_in_memory(server_ctx, client_ctx)
+    cli.write(large)
+    srv.feed(cli.take()[:-3])
+    srv.feed_eof()
+    seen.append((len(_read_all(srv, len(large))), srv.read(1024)))
+    srv, cli = handshake_in_memory(server_ctx, client_ctx)
+    cli.write(large)
+    good = cli.take()
+    cli.write(b"x" * 100)
+    damaged = bytearray(cli.take())
+    damaged[-1] ^= 0xFF
+    srv.feed(good + bytes(damaged))
+    seen.append(srv.read(256 * 1024) == large)  # what came whole; the failure comes next
+    with pytest.raises(TLSError) as late:
+        srv.read(1024)
+    seen.append(str(late.value))
+    with pytest.raises(TLSError) as refused:
+        handshake_in_memory(_server(ca, "openssl"), stranger)
+    seen.append(str(refused.value))
+    return seen
+
+
+def test_the_openssl_engine_calls_openssl_straight_with_pyopenssls_outcomes(
+    ca: CertificateAuthority, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Handshakes, reads, writes and incoming ciphertext go straight to OpenSSL through
+    pyOpenSSL's pointers (`listeners.tls.openssl.DIRECT`); every outcome is the one
+    pyOpenSSL's public methods give."""
+    stranger = CertificateAuthority().sign_leaf("web", datacenter="dc1")
+    stranger_ctx = build_contexts(
+        _roots(ca), stranger.cert_pem, stranger.private_key_pem, "openssl"
+    )[1]
+    engine = new_engine(_server(ca, "openssl"), server_side=True)
+    assert engine._ptr is not None  # type: ignore[attr-defined]  # with this pyOpenSSL
+    straight = _outcomes(ca, stranger_ctx)
+    monkeypatch.setattr(openssl_engine, "DIRECT", False)
+    assert new_engine(_server(ca, "openssl"), server_side=True)._ptr is None  # type: ignore[attr-defined]
+    public = _outcomes(ca, stranger_ctx)
+    assert straight == public
+    records = len(_LARGE) // RECORD_SIZE * RECORD_SIZE  # the last, cut short, never comes
+    assert straight == [
+        (None, None),
+        True,
+        True,
+        (b"", b""),
+        b"",
+        straight[5],
+        (True, b""),
+        (records, b""),
+        True,
+        straight[5],
+        straight[10],
+    ]
+    assert "decryption failed or bad record mac" in str(straight[5])
+    assert "unable to get local issuer certificate" in str(straight[10])
 
 
 @pytest.mark.parametrize("client_engine", ENGINES)

@@ -17,6 +17,14 @@ server that picks the hybrid leaves the X25519 one unused. Every group stays in 
 so a server that now wants another asks for it (HelloRetryRequest) and gets it: no group
 is given up. Setting the list reads pyOpenSSL's `_ssl`; without it, OpenSSL's own list
 stays.
+
+The calls made for every record (SSL_do_handshake, SSL_read, SSL_write, BIO_write) go
+straight to cryptography's binding with pyOpenSSL's own pointers (`_ssl`, `_into_ssl`).
+pyOpenSSL's wrappers raise WantReadError where OpenSSL only wants more ciphertext (six
+times per inbound connection), allocate a buffer per read and copy it out twice; straight,
+a read lands in the caller's buffer, and only an outcome other than data or "want read"
+goes through pyOpenSSL (`_raise_ssl_error`), so every error is the exception it raises
+for the same call. Without those attributes, pyOpenSSL's public methods do the same work.
 """
 
 from __future__ import annotations
@@ -36,6 +44,12 @@ from listeners.tls.hello import offers_resumption
 _TAKE_MIN = 32 * 1024
 
 _binding = Binding()
+_lib: Any = _binding.lib
+_ffi: Any = _binding.ffi
+_WANT_READ = _lib.SSL_ERROR_WANT_READ
+
+# False: pyOpenSSL's public methods for every call (the tests run both ways).
+DIRECT = True
 
 # Outgoing ciphertext is read from the memory BIO into one buffer per thread, made once.
 # pyOpenSSL's `bio_read` allocates a new buffer for every call and raises WantReadError
@@ -123,8 +137,10 @@ class OpenSSLEngine(SlicedBIOs):
         "_fed",
         "_fed_eof",
         "_hello",
+        "_in_bio",
         "_out_bio",
         "_out_hint",
+        "_ptr",
         "_renew",
         "_reused",
     )
@@ -158,6 +174,12 @@ class OpenSSLEngine(SlicedBIOs):
         # The memory BIO OpenSSL writes ciphertext to: pyOpenSSL's own (private) attribute,
         # read once; without it, `take` uses the public `bio_read`.
         self._out_bio: Any = getattr(conn, "_from_ssl", None)
+        # The SSL pointer and incoming BIO for straight calls (the module's docstring).
+        direct = DIRECT and hasattr(conn, "_raise_ssl_error")
+        self._ptr: Any = getattr(conn, "_ssl", None) if direct else None
+        self._in_bio: Any = getattr(conn, "_into_ssl", None) if self._ptr is not None else None
+        if self._in_bio is None:
+            self._ptr = None
         self._fed = 0  # bytes of ciphertext fed since OpenSSL last wanted more
         self._fed_eof = False
         self._held = self._out = None  # `SlicedBIOs`
@@ -188,7 +210,13 @@ class OpenSSLEngine(SlicedBIOs):
         super().feed(data)
 
     def _bio_write(self, data: bytes | memoryview) -> None:
-        self._conn.bio_write(data)
+        bio = self._in_bio
+        if bio is None:
+            self._conn.bio_write(data)
+        elif _lib.BIO_write(bio, _ffi.from_buffer(data), len(data)) != len(data):
+            # A memory BIO takes all or, out of memory, nothing.
+            _lib.ERR_clear_error()
+            raise MemoryError("OpenSSL could not grow its memory BIO")
         self._fed += len(data)
 
     def _bio_eof(self) -> None:
@@ -234,6 +262,8 @@ class OpenSSLEngine(SlicedBIOs):
         conn._into_ssl = new_in
         conn._from_ssl = new_out
         self._out_bio = new_out
+        if self._in_bio is not None:
+            self._in_bio = new_in
 
     def _bio_take(self) -> bytes:
         bio = self._out_bio
@@ -272,19 +302,29 @@ class OpenSSLEngine(SlicedBIOs):
         return b"".join(chunks)
 
     def do_handshake(self) -> bool:
+        ptr = self._ptr
         while True:
             try:
-                self._conn.do_handshake()
+                if ptr is None:
+                    self._conn.do_handshake()
+                    done = True
+                else:
+                    result = _lib.SSL_do_handshake(ptr)
+                    done = result == 1
+                    if not done and _lib.SSL_get_error(ptr, result) != _WANT_READ:
+                        self._conn._raise_ssl_error(ptr, result)
+                        done = True  # nothing raised: pyOpenSSL's do_handshake returns too
             except SSL.WantReadError:
-                self._fed = 0
-                if self._feed_more():
-                    continue
-                return False
+                done = False
             except SSL.Error as exc:
                 raise self._failure(exc) from exc
-            if not self._renew:
-                self._renew = 1
-            return True
+            if done:
+                if not self._renew:
+                    self._renew = 1
+                return True
+            self._fed = 0
+            if not self._feed_more():
+                return False
 
     def read(self, size: int) -> bytearray | bytes | None:
         if self._error is not None:
@@ -294,11 +334,21 @@ class OpenSSLEngine(SlicedBIOs):
         held = 0 if self._held is None else len(self._held)
         if not self._fed and not self._fed_eof and not held:
             return None  # nothing new since OpenSSL last asked for more
-        conn = self._conn
+        conn, ptr = self._conn, self._ptr
         if self._fed <= RECORD_WIRE_SIZE and not held:
             # One record at most (small messages): nothing to gather, no buffer to size.
             try:
-                return conn.recv(min(size, RECORD_SIZE))
+                if ptr is None:
+                    return conn.recv(min(size, RECORD_SIZE))
+                buffer = _scratch_buffer()
+                got = _lib.SSL_read(ptr, buffer, min(size, RECORD_SIZE))
+                if got > 0:
+                    return _ffi.buffer(buffer, got)[:]  # type: ignore[no-any-return]
+                if _lib.SSL_get_error(ptr, got) == _WANT_READ:
+                    self._fed = 0
+                    return None
+                conn._raise_ssl_error(ptr, got)
+                return b""  # nothing raised: pyOpenSSL's recv gives no bytes too
             except SSL.WantReadError:
                 self._fed = 0
                 return None
@@ -329,7 +379,19 @@ class OpenSSLEngine(SlicedBIOs):
                 # what it had read.
                 rest = view[got:]
                 try:
-                    got += conn.recv_into(rest, RECORD_SIZE)
+                    if ptr is None:
+                        got += conn.recv_into(rest, RECORD_SIZE)
+                        continue
+                    with _ffi.from_buffer(rest) as into:  # read in place: no copy
+                        result = _lib.SSL_read(ptr, into, min(len(rest), RECORD_SIZE))
+                    if result > 0:
+                        got += result
+                        continue
+                    if _lib.SSL_get_error(ptr, result) == _WANT_READ:
+                        self._fed = 0
+                        continue
+                    conn._raise_ssl_error(ptr, result)
+                    break  # nothing raised: no bytes either, as from pyOpenSSL's recv_into
                 except SSL.WantReadError:
                     self._fed = 0  # the BIO is empty: the next turn feeds what is held
                     continue
@@ -357,9 +419,15 @@ class OpenSSLEngine(SlicedBIOs):
         return buf
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
-        conn = self._conn
+        conn, ptr = self._conn, self._ptr
         try:
-            sent = conn.send(data)
+            if ptr is None:
+                sent = conn.send(data)
+            else:
+                with _ffi.from_buffer(data) as plain:
+                    sent = _lib.SSL_write(ptr, plain, len(plain))
+                if sent <= 0:
+                    conn._raise_ssl_error(ptr, sent)
             if sent < len(data):
                 # Only with SSL_MODE_ENABLE_PARTIAL_WRITE, which listeners.tls.contexts clears so
                 # that one SSL_write encrypts everything into the memory BIO.
