@@ -12,6 +12,7 @@ import contextlib
 import json
 import re
 import socket
+import ssl
 from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -46,9 +47,11 @@ from proxy.answers import (
     services_from,
     xds_ports_from,
 )
+from proxy.devagent.ca import CertificateAuthority
 from proxy.errors import AgentResponseError, AgentUnavailable, ConfigError
 from proxy.httpflags import HTTPOptions, load_http_options
 from proxy.identity import SpiffeIDService
+from tests.certs import load_chain
 
 TOKEN = "5e1f0c2a-secret-token"
 
@@ -595,6 +598,40 @@ def test_tls_files_are_not_read_for_plain_http(tmp_path: Path) -> None:
     client = make_http_client(options)
     assert isinstance(client, httpx.AsyncClient)
     assert str(client.base_url) == "http://127.0.0.1:8500"
+
+
+@pytest.mark.parametrize("scheme", ["http", "unix"])
+def test_a_client_for_a_plain_agent_loads_no_ca_bundle(tmp_path: Path, scheme: str) -> None:
+    # httpx's default context loads certifi's bundle: 3 MiB of a sidecar's RSS, unused.
+    address = str(tmp_path / "consul.sock") if scheme == "unix" else "127.0.0.1:8500"
+    client = make_http_client(HTTPOptions(scheme=scheme, address=address))
+    context = client._transport._pool._ssl_context  # type: ignore[attr-defined]  # httpcore's
+    assert isinstance(context, ssl.SSLContext)
+    assert context.cert_store_stats()["x509_ca"] == 0
+    assert context.verify_mode == ssl.CERT_REQUIRED
+
+
+async def test_a_client_for_a_plain_agent_trusts_no_tls_server(ca: CertificateAuthority) -> None:
+    # No request of ours leaves the plain agent's address; one that went to a TLS server
+    # anyway would find nothing trusted and fail.
+    leaf = ca.sign_leaf("db", datacenter="dc1")
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    load_chain(server_ctx, leaf.cert_pem, leaf.private_key_pem)
+
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        with contextlib.suppress(OSError, ssl.SSLError):
+            await reader.read(1)
+        writer.close()
+
+    server = await asyncio.start_server(answer, "127.0.0.1", 0, ssl=server_ctx)
+    port = server.sockets[0].getsockname()[1]
+    try:
+        async with make_http_client(HTTPOptions(scheme="http")) as client:
+            with pytest.raises(httpx.ConnectError, match="CERTIFICATE_VERIFY_FAILED"):
+                await client.get(f"https://127.0.0.1:{port}/v1/agent/self")
+    finally:
+        server.close()
+        await server.wait_closed()
 
 
 def test_path_prefix_is_part_of_the_base_url() -> None:
