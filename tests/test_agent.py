@@ -602,7 +602,7 @@ def test_tls_files_are_not_read_for_plain_http(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("scheme", ["http", "unix"])
 def test_a_client_for_a_plain_agent_loads_no_ca_bundle(tmp_path: Path, scheme: str) -> None:
-    # httpx's default context loads certifi's bundle: 3 MiB of a sidecar's RSS, unused.
+    # httpx's default context loads certifi's bundle: 1.3 MiB of a sidecar's RSS, unused.
     address = str(tmp_path / "consul.sock") if scheme == "unix" else "127.0.0.1:8500"
     client = make_http_client(HTTPOptions(scheme=scheme, address=address))
     context = client._transport._pool._ssl_context  # type: ignore[attr-defined]  # httpcore's

@@ -20,11 +20,12 @@ stays.
 
 The calls made for every record (SSL_do_handshake, SSL_read, SSL_write, BIO_write) go
 straight to cryptography's binding with pyOpenSSL's own pointers (`_ssl`, `_into_ssl`).
-pyOpenSSL's wrappers raise WantReadError where OpenSSL only wants more ciphertext (six
-times per inbound connection), allocate a buffer per read and copy it out twice; straight,
-a read lands in the caller's buffer, and only an outcome other than data or "want read"
-goes through pyOpenSSL (`_raise_ssl_error`), so every error is the exception it raises
-for the same call. Without those attributes, pyOpenSSL's public methods do the same work.
+pyOpenSSL's wrappers raise WantReadError where OpenSSL only wants more ciphertext (three
+times per inbound connection), allocate a buffer for every read and copy out of it;
+straight, a gathering read lands in the caller's buffer, and only an outcome other than
+data or "want read" goes through pyOpenSSL (`_raise_ssl_error`), so every error is the
+exception it raises for the same call. Without those attributes, pyOpenSSL's public
+methods do the same work.
 """
 
 from __future__ import annotations
