@@ -35,6 +35,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 
 from listeners.events import INBOUND, UPSTREAM, Connection, Outcome, Refusal
+from listeners.tls.verified import CHECKS
 from proxy.console import log_fields
 from proxy.telemetry import Telemetry
 from proxy.throttle import Throttle
@@ -297,8 +298,17 @@ class _Collector:
             "Authorize calls to the agent for inbound connections.",
         )
         authorize.add_metric([], m.authorize.cumulative(), m.authorize.sum)
+        chains = CounterMetricFamily(
+            "connect_proxy_tls_chain_checks",
+            "Answers of the openssl engine's verify callback about peer chains, one or two per "
+            "full handshake: known (the same chain passed a full check against the roots "
+            "before), verified (it passed one now), refused. This process, every listener.",
+            labels=["result"],
+        )
+        for result in ("known", "verified", "refused"):
+            chains.add_metric([result], getattr(CHECKS, result))
         found: list[Metric] = [connections, refused, active, forwarded, handshake, completed]
-        found.append(authorize)
+        found += [chains, authorize]
         found += [dial, duration, pauses, *_cache_series(m.cache_counts())]
         return found
 

@@ -15,6 +15,7 @@ from listeners.events import NullObserver, Refusal
 from proxy.config import ProxyConfig, PublicListenerConfig, UpstreamConfig
 from proxy.demo import ReservedPorts
 from proxy.devagent import DevAgent
+from proxy.devagent.ca import CertificateAuthority
 from proxy.observe import ProxyMetrics
 from proxy.supervisor import Proxy
 from proxy.throttle import Throttle
@@ -132,6 +133,39 @@ async def test_resumed_handshakes_are_counted_on_both_sides_of_a_chain(agent: De
         assert completed(direction, "true") >= 1, rows  # a session ticket came and was used
     # What the client side resumed, the server side saw resumed: the same connections.
     assert completed("inbound", "true") == completed("upstream", "true")
+
+
+@pytest.mark.tls_engines("openssl")
+async def test_peer_chain_checks_are_counted(agent: DevAgent, tls_engine: str) -> None:
+    """Full handshakes from one client leaf: its chain is checked against the roots once,
+    then known; a client of another CA is refused."""
+    metrics = ProxyMetrics()
+
+    def checks() -> dict[str, float]:
+        rows = scraped(metrics)
+        return {
+            result: rows[("connect_proxy_tls_chain_checks_total", (("result", result),))]
+            for result in ("known", "verified", "refused")
+        }
+
+    async with echo_app() as app, db_sidecar(agent, app, metrics) as db:
+        assert db.public is not None
+        before = checks()  # the proxy's own check of its contexts at start is counted too
+        ctx = client_ctx(agent, "web")  # no session kept: a full handshake each time
+        for _ in range(3):
+            assert await tls_exchange(db.public.port, ctx, b"x") == b"x"
+        once = checks()
+        stranger = CertificateAuthority().sign_leaf("web", datacenter="dc1")
+        foreign = client_ctx(agent, None)
+        load_chain(foreign, stranger.cert_pem, stranger.private_key_pem)
+        assert await tls_exchange(db.public.port, foreign, b"x") == b""
+        await _idle(db)
+    after = checks()
+    assert once["verified"] - before["verified"] == 1
+    assert once["known"] - before["known"] >= 2  # the second and third handshakes
+    assert once["refused"] == before["refused"]
+    assert after["refused"] - once["refused"] >= 1
+    assert after["verified"] == once["verified"] and after["known"] == once["known"]
 
 
 async def test_leaf_expiry_gauge_follows_the_leaf_in_use(agent: DevAgent) -> None:

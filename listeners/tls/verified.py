@@ -23,6 +23,8 @@ Rule 1: only successes are remembered, at most `MAX_CHAINS`, the oldest dropped 
 chain is never trusted on less than its exact bytes, its root's validity, and the roots of
 the context that checks it (contexts are rebuilt when the roots change, and with them this).
 Rule 2: the callback never raises: an exception inside it refuses the chain.
+Rule 3: `CHECKS` counts the callback's answers for the life of the process, across the
+contexts of every rotation (the metrics read it).
 """
 
 from __future__ import annotations
@@ -33,6 +35,7 @@ import threading
 import time
 import weakref
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from cryptography import x509
@@ -44,6 +47,19 @@ log = logging.getLogger(__name__)
 
 _lib: Any = Binding.lib
 _ffi: Any = Binding.ffi
+
+
+@dataclass(slots=True)
+class ChainChecks:
+    """The verify callback's answers to "no trusted issuer for this chain" and to OpenSSL's
+    other refusals, in this process (one or two answers per full handshake)."""
+
+    known: int = 0  # trusted: the same chain passed a full check before
+    verified: int = 0  # passed a full check against the roots now
+    refused: int = 0  # failed that check, or refused by OpenSSL's own
+
+
+CHECKS = ChainChecks()
 
 # How many verified chains a context keeps: one per client leaf (and its intermediates) in
 # use, which change at each leaf rotation.
@@ -193,15 +209,18 @@ class VerifiedChains:
         if ok:
             return 1
         if _lib.X509_STORE_CTX_get_error(store_ctx) not in ANCHOR_ERRORS:
+            CHECKS.refused += 1
             return 0
         if _lib.X509_STORE_CTX_get_error_depth(store_ctx) == 0:
             # The chain is the leaf alone (its top is at depth 0): no copy of it needed.
             leaf = _lib.X509_STORE_CTX_get_current_cert(store_ctx)
             if leaf == _ffi.NULL:
+                CHECKS.refused += 1
                 return 0
             return self._answer(store_ctx, _DIGEST.of(leaf), leaf, _ffi.NULL)
         chain = _lib.X509_STORE_CTX_get1_chain(store_ctx)
         if chain == _ffi.NULL:
+            CHECKS.refused += 1
             return 0
         try:
             count = _lib.sk_X509_num(chain)
@@ -216,14 +235,17 @@ class VerifiedChains:
         if end is not None:
             if self.clock() < end:
                 self.hits += 1
+                CHECKS.known += 1
                 _lib.X509_STORE_CTX_set_error(store_ctx, _lib.X509_V_OK)
                 return 1
             self._chains.pop(key, None)
         self.misses += 1
         error, end = self._verify(leaf, chain)
         if error != _lib.X509_V_OK:
+            CHECKS.refused += 1
             _lib.X509_STORE_CTX_set_error(store_ctx, error)
             return 0
+        CHECKS.verified += 1
         if end > self.clock():
             if len(self._chains) >= MAX_CHAINS:
                 # Contexts used from several threads: another may change the dict between
