@@ -82,13 +82,13 @@ def _groups_led_by(group: str) -> bytes:
 
 
 # OpenSSL's SSL_session_reused() as cryptography's binding gives it (None if it did not).
-_SESSION_REUSED: Any = getattr(_binding.lib, "SSL_session_reused", None)
+_SESSION_REUSED: Any = getattr(_lib, "SSL_session_reused", None)
 
 
 def _scratch_buffer() -> Any:
     buffer = getattr(_scratch, "buffer", None)
     if buffer is None:
-        buffer = _scratch.buffer = _binding.ffi.new("char[]", _TAKE_MIN)
+        buffer = _scratch.buffer = _ffi.new("char[]", _TAKE_MIN)
     return buffer
 
 
@@ -97,17 +97,16 @@ def _verify_result(conn: SSL.Connection) -> str:
 
     pyOpenSSL reports "certificate verify failed" without the reason, and has no accessor for
     SSL_get_verify_result(). This reads it through cryptography's OpenSSL binding with the
-    Connection's SSL pointer: the one private attribute this engine touches, and only after a
-    handshake has failed. Without it, the error keeps OpenSSL's general words.
+    Connection's SSL pointer (pyOpenSSL's private `_ssl`), only after a handshake has
+    failed. Without it, the error keeps OpenSSL's general words.
     """
     pointer = getattr(conn, "_ssl", None)
     if pointer is None:
         return ""
-    lib, ffi = _binding.lib, _binding.ffi
-    code = lib.SSL_get_verify_result(pointer)
+    code = _lib.SSL_get_verify_result(pointer)
     if code == 0:  # X509_V_OK
         return ""
-    return str(ffi.string(lib.X509_verify_cert_error_string(code)).decode())
+    return str(_ffi.string(_lib.X509_verify_cert_error_string(code)).decode())
 
 
 def error_text(conn: SSL.Connection | None, exc: SSL.Error) -> str:
@@ -163,12 +162,12 @@ class OpenSSLEngine(SlicedBIOs):
             if server_name:
                 conn.set_tlsext_host_name(server_name.encode())  # SNI only, never checked
             pointer = getattr(conn, "_ssl", None) if key_share else None
-            if pointer is not None and not _binding.lib.SSL_set1_curves_list(
+            if pointer is not None and not _lib.SSL_set1_curves_list(
                 pointer, _groups_led_by(key_share)
             ):
                 # Refused (an OpenSSL before 3.5): the connection keeps the context's list,
                 # and no error is left queued for a later call to report as its own.
-                _binding.lib.ERR_clear_error()
+                _lib.ERR_clear_error()
             if session is not None:
                 conn.set_session(session)  # ValueError unless made with this same context
         self._conn = conn
@@ -247,19 +246,18 @@ class OpenSSLEngine(SlicedBIOs):
         old_in = getattr(conn, "_into_ssl", None)
         if pointer is None or old_in is None or self._out_bio is None or self._fed_eof:
             return
-        lib, ffi = _binding.lib, _binding.ffi
-        new_in = lib.BIO_new(lib.BIO_s_mem())
-        new_out = lib.BIO_new(lib.BIO_s_mem())
-        if ffi.NULL in (new_in, new_out):
+        new_in = _lib.BIO_new(_lib.BIO_s_mem())
+        new_out = _lib.BIO_new(_lib.BIO_s_mem())
+        if _ffi.NULL in (new_in, new_out):
             for bio in (new_in, new_out):
-                if bio != ffi.NULL:
-                    lib.BIO_free(bio)
+                if bio != _ffi.NULL:
+                    _lib.BIO_free(bio)
             return
         buffer = _scratch_buffer()
-        while (got := lib.BIO_read(old_in, buffer, _TAKE_MIN)) > 0:
-            lib.BIO_write(new_in, buffer, got)
+        while (got := _lib.BIO_read(old_in, buffer, _TAKE_MIN)) > 0:
+            _lib.BIO_write(new_in, buffer, got)
         # Both differ from the BIOs in place: OpenSSL frees those and owns these.
-        lib.SSL_set_bio(pointer, new_in, new_out)
+        _lib.SSL_set_bio(pointer, new_in, new_out)
         conn._into_ssl = new_in
         conn._from_ssl = new_out
         self._out_bio = new_out
@@ -271,16 +269,16 @@ class OpenSSLEngine(SlicedBIOs):
         if bio is None:
             return self._take_public()
         self._out_hint = _TAKE_MIN
-        read, buffer = _binding.lib.BIO_read, _scratch_buffer()
+        read, buffer = _lib.BIO_read, _scratch_buffer()
         got = read(bio, buffer, _TAKE_MIN)
         if got <= 0:  # empty (a memory BIO never fails otherwise)
             return b""
-        data: bytes = _binding.ffi.buffer(buffer, got)[:]
+        data: bytes = _ffi.buffer(buffer, got)[:]
         if got < _TAKE_MIN:
             return data
         chunks = [data]
         while (got := read(bio, buffer, _TAKE_MIN)) > 0:
-            chunks.append(_binding.ffi.buffer(buffer, got)[:])
+            chunks.append(_ffi.buffer(buffer, got)[:])
         return b"".join(chunks)
 
     def _take_public(self) -> bytes:
