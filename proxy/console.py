@@ -96,6 +96,20 @@ class _HCLogFormatter(logging.Formatter):
 
 
 _NEEDS_QUOTES = re.compile(r'[\s"=\\]')
+_TEXTS_MAX = 256
+# String values as written, by value: most repeat on every line of a listener (its name, the
+# peer's URI, the app's address, the decision's reason), and a quoted one costs a
+# `json.dumps`. Emptied when full (client ports make a new `src` on every line).
+_texts: dict[str, str] = {}
+
+
+def _text(value: str) -> str:
+    """A string value as hclog writes it: as it is, or quoted when it has spaces or quotes."""
+    text = json.dumps(value) if _NEEDS_QUOTES.search(value) else value
+    if len(_texts) >= _TEXTS_MAX:
+        _texts.clear()
+    _texts[value] = text
+    return text
 
 
 def _pairs(fields: Mapping[str, object]) -> str:
@@ -106,25 +120,38 @@ def _pairs(fields: Mapping[str, object]) -> str:
         if value is None or value == "":
             continue
         if type(value) is str:
-            text = json.dumps(value) if _NEEDS_QUOTES.search(value) else value
+            text = _texts.get(value)
+            if text is None:
+                text = _text(value)
         else:
             text = str(value)
         parts.append(f"{key}={text}")
     return " ".join(parts)
 
 
+# How long lines of `log_fields` may wait in the stream's buffer before a flush sends them.
+# A flush per turn of the event loop made about one write to the pipe per connection (one
+# per line under strace), each waking the reader: 16.3 µs of CPU per line that way, 9.6 when
+# lines wait for a timer (writer and reader counted together; bench/README.md, "The access
+# log's cost"). A line reaches a pipe at most this late; a terminal still sees each line at
+# once (a line-buffered stream writes on every newline).
+FLUSH_AFTER = 0.1
+
+
 class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that drops lines when its stream is gone (a closed pipe).
 
-    Lines from `log_fields` are written without a flush each: one flush per turn of the
-    running event loop sends them all (a record through `emit` flushes them too, in order).
+    Lines from `log_fields` are written without a flush each: a flush `FLUSH_AFTER` seconds
+    after the first of them sends them all (a record through `emit` flushes them too, in
+    order, and so does `logging.shutdown` at exit).
     """
 
     def __init__(self, stream: object, formatter: _HCLogFormatter) -> None:
         super().__init__(stream)
         self.setFormatter(formatter)
         self.line_formatter = formatter
-        self._flush_soon = False
+        # The loop whose timer will flush what is written now; None when none will.
+        self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def handleError(self, record: logging.LogRecord) -> None:
         exc = sys.exc_info()[1]
@@ -138,18 +165,20 @@ class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
                 self.stream.write(line + self.terminator)
             except (OSError, ValueError):
                 return
-        if self._flush_soon:
-            return
+        pending = self._flush_loop
+        if pending is not None and not pending.is_closed():
+            return  # a closed loop dropped its timer: a new one is set below
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
+            self._flush_loop = None
             self.flush()
             return
-        self._flush_soon = True
-        loop.call_soon(self._flush_now)
+        self._flush_loop = loop
+        loop.call_later(FLUSH_AFTER, self._flush_now)
 
     def _flush_now(self) -> None:
-        self._flush_soon = False
+        self._flush_loop = None
         with contextlib.suppress(OSError, ValueError):
             self.flush()
 

@@ -7,7 +7,7 @@ import io
 import json
 import logging
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import pytest
 
@@ -32,10 +32,13 @@ class CountingStream(io.StringIO):
         super().__init__()
         self.flushes = 0
         self.flushed = ""
+        self.on_flush: Callable[[], None] | None = None
 
     def flush(self) -> None:
         self.flushes += 1
         self.flushed = self.getvalue()
+        if self.on_flush is not None:
+            self.on_flush()
 
 
 @pytest.fixture
@@ -118,26 +121,66 @@ def test_another_handler_gets_the_record(restore_logging: None) -> None:
     assert console._console_alone(logger, logging.INFO) is not None
 
 
-async def test_lines_are_flushed_once_per_loop_turn_in_order(restore_logging: None) -> None:
+async def _flushed(stream: CountingStream, flushes: int) -> None:
+    """Wait until `stream` has been flushed `flushes` times."""
+    async with asyncio.timeout(5):
+        while stream.flushes < flushes:
+            flushed = asyncio.Event()
+            stream.on_flush = flushed.set
+            await flushed.wait()
+    stream.on_flush = None
+
+
+async def test_lines_wait_for_one_flush_in_order(restore_logging: None) -> None:
     stream = CountingStream()
     console.setup_logging("INFO", False, stream)
     logger = logging.getLogger("proxy.inbound")
+    loop = asyncio.get_running_loop()
+    first = loop.time()
+    # Lines of many turns of the loop share one flush: one write for all of them.
     for i in range(100):
         console.log_fields(logger, logging.INFO, f"connection {i}", {})
+        await asyncio.sleep(0)
     assert stream.flushes == 0 and stream.flushed == ""
-    turned = asyncio.get_running_loop().create_future()
-    asyncio.get_running_loop().call_soon(turned.set_result, None)
-    await turned
+    await _flushed(stream, 1)
+    assert loop.time() - first >= console.FLUSH_AFTER * 0.9  # uvloop's clock is in ms
     assert stream.flushes == 1
     assert [line.split(": ", 1)[1] for line in stream.flushed.splitlines()] == [
         f"connection {i}" for i in range(100)
     ]
+    # The next line sets a flush of its own.
+    console.log_fields(logger, logging.INFO, "connection later", {})
+    await _flushed(stream, 2)
+    assert stream.flushed.endswith("proxy.inbound: connection later\n")
     # A record through logging flushes what waits before it, and keeps the order.
     console.log_fields(logger, logging.INFO, "connection before", {})
     logging.getLogger("proxy").warning("a warning")
     lines = stream.flushed.splitlines()
     assert lines[-2].endswith("proxy.inbound: connection before")
     assert lines[-1].endswith("[WARN]  proxy: a warning")
+
+
+def test_a_flush_lost_with_its_loop_is_set_again(restore_logging: None) -> None:
+    """A loop closed before its flush ran does not keep the lines of the next one waiting."""
+    stream = CountingStream()
+    console.setup_logging("INFO", False, stream)
+    logger = logging.getLogger("proxy.inbound")
+
+    async def one_line(text: str) -> None:
+        console.log_fields(logger, logging.INFO, text, {})
+
+    asyncio.run(one_line("connection 1"))  # ends, and closes its loop, before the flush
+    assert stream.flushes == 0
+
+    async def next_loop() -> None:
+        await one_line("connection 2")
+        await _flushed(stream, 1)
+
+    asyncio.run(next_loop())
+    assert [line.split(": ", 1)[1] for line in stream.flushed.splitlines()] == [
+        "connection 1",
+        "connection 2",
+    ]
 
 
 def test_a_closed_stream_is_ignored(restore_logging: None) -> None:
