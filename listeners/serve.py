@@ -266,7 +266,10 @@ class Listener:
 
     def _watch(self, loop: asyncio.AbstractEventLoop) -> None:
         for sock in self._sockets:
-            loop.add_reader(sock.fileno(), self._accept_ready, sock)
+            # As plain numbers, taken once: `socket.accept()` reads the listening socket's
+            # family and type as enums for every connection it makes.
+            shape = (int(sock.family), int(sock.type), sock.proto)
+            loop.add_reader(sock.fileno(), self._accept_ready, sock, shape)
 
     def _unwatch(self, loop: asyncio.AbstractEventLoop) -> None:
         for sock in self._sockets:
@@ -282,11 +285,15 @@ class Listener:
         loop = self._loop
         return loop if loop is not None else asyncio.get_running_loop()
 
-    def _accept_ready(self, sock: socket.socket) -> None:
+    def _accept_ready(self, sock: socket.socket, shape: tuple[int, int, int]) -> None:
         loop = self.running_loop()
+        family, kind, proto = shape
         for _ in range(ACCEPT_BATCH):
             try:
-                conn, address = sock.accept()
+                # `socket.accept()` without its conversions (the listening socket is
+                # non-blocking, so it would not make the new one blocking either).
+                fd, address = sock._accept()  # type: ignore[attr-defined]
+                conn = socket.socket(family, kind, proto, fd)
             except (BlockingIOError, InterruptedError):
                 return
             except ConnectionAbortedError:
