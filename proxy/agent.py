@@ -15,6 +15,7 @@ Rule 2: every call travels over a persistent connection: watches and rare calls 
 from __future__ import annotations
 
 import base64
+import functools
 import json
 import ssl
 import urllib.parse
@@ -140,6 +141,15 @@ def _wait_param(seconds: float) -> str:
 def _encode(body: Any) -> bytes:
     # Go's json.Encoder ends every document with a newline.
     return (json.dumps(body) + "\n").encode()
+
+
+@functools.lru_cache(maxsize=1024)
+def _authorize_body(target: str, client_cert_uri: str, client_cert_serial: str) -> bytes:
+    """The authorize call's body, once per client leaf: a client sends the same leaf on every
+    connection until it rotates."""
+    return _encode(
+        {"Target": target, "ClientCertURI": client_cert_uri, "ClientCertSerial": client_cert_serial}
+    )
 
 
 AUTHORIZE_PATH = "/v1/agent/connect/authorize"
@@ -272,13 +282,7 @@ class AgentClient:
         self, target: str, client_cert_uri: str, client_cert_serial: str
     ) -> AuthorizeResult:
         """`POST /v1/agent/connect/authorize`, over the keep-alive pool."""
-        content = _encode(
-            {
-                "Target": target,
-                "ClientCertURI": client_cert_uri,
-                "ClientCertSerial": client_cert_serial,
-            }
-        )
+        content = _authorize_body(target, client_cert_uri, client_cert_serial)
         raw = await self._fast("POST", self._authorize_target, self._authorize_headers, content)
         return authorize_result(AUTHORIZE_PATH, raw.status, raw.body)
 
