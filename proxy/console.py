@@ -117,14 +117,19 @@ def _pairs(fields: Mapping[str, object]) -> str:
     empty and absent values are left out."""
     parts = []
     for key, value in fields.items():
-        if value is None or value == "":
-            continue
         if type(value) is str:
+            if not value:
+                continue
             text = _texts.get(value)
             if text is None:
                 text = _text(value)
+        elif value is None:
+            continue
         else:
+            # Numbers mostly: asking them `== ""` first, as before, was a slow mixed compare.
             text = str(value)
+            if not text:
+                continue  # an empty str subclass, left out as an empty str is
         parts.append(f"{key}={text}")
     return " ".join(parts)
 

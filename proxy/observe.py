@@ -51,7 +51,10 @@ Labels = tuple[tuple[str, str], ...]
 
 
 def _ms(seconds: float | None) -> float | None:
-    return None if seconds is None else round(seconds * 1000, 3)
+    """Milliseconds to the microsecond (a float whose shortest form has three decimals at
+    most): integer arithmetic, a fifth of `round(x, 3)`'s cost, four times per access-log
+    line."""
+    return None if seconds is None else int(seconds * 1e6 + 0.5) / 1000
 
 
 class _Histogram:
