@@ -10,8 +10,9 @@ slope between two counts (the start-up cancels out):
 
     (Ir(on, large) - Ir(on, small)) / (large - small)   against the same for bare
 
-`on` is the proxy as shipped (metrics, access log at info to /dev/null); `bare` is
-CONNECT_PROXY_METRICS=off (no observer on any listener). Both proxies of the path are
+`on` is the proxy as shipped (metrics, access log at info to /dev/null); `nolog` the same
+without the access log (`-access-log=false`); `bare` is CONNECT_PROXY_METRICS=off (no
+observer on any listener). Both proxies of the path are
 observed, so the difference is two observed connections; the ratio is over everything in
 the process (client, app, agent, both proxies), so the proxies' own share of it is larger.
 
@@ -48,16 +49,17 @@ WARMUP = 20
 _DEVNULL = open(os.devnull, "w")  # noqa: SIM115 (for the life of the process)
 
 
-async def _proxy(agent: DevAgent, config: ProxyConfig, observe: bool) -> Proxy:
+async def _proxy(agent: DevAgent, config: ProxyConfig, variant: str) -> Proxy:
     client = AgentClient(HTTPOptions(address=agent.http_addr))
-    proxy = Proxy(client, config, ProxySettings(observe=observe), ProxyMetrics())
+    settings = ProxySettings(observe=variant != "bare")
+    proxy = Proxy(client, config, settings, ProxyMetrics(access_log=variant == "on"))
     await proxy.start()
     async with asyncio.timeout(30):
         await proxy.wait_ready()
     return proxy
 
 
-async def child(observe: bool, n: int) -> None:
+async def child(variant: str, n: int) -> None:
     """The measured process: the path web -> db -> app, then n connections through it."""
     # The access log goes where a sidecar's stdout would, minus the reader.
     console.setup_logging("INFO", False, _DEVNULL)
@@ -66,7 +68,7 @@ async def child(observe: bool, n: int) -> None:
     app = await asyncio.start_server(echo_handler, "127.0.0.1", 0)
     app_port = app.sockets[0].getsockname()[1]
     public = PublicListenerConfig(bind_address="127.0.0.1", local_service_port=app_port)
-    db = await _proxy(agent, ProxyConfig(service="db", public_listener=public), observe)
+    db = await _proxy(agent, ProxyConfig(service="db", public_listener=public), variant)
     assert db.public is not None
     registration = {
         "Kind": "connect-proxy",
@@ -77,7 +79,7 @@ async def child(observe: bool, n: int) -> None:
     }
     await db.agent.register(registration)
     upstream = UpstreamConfig(destination_name="db", local_bind_port=0)
-    web = await _proxy(agent, ProxyConfig(service="web", upstreams=(upstream,)), observe)
+    web = await _proxy(agent, ProxyConfig(service="web", upstreams=(upstream,)), variant)
     (listener,) = web.upstreams.values()
     await connect_many(listener.port, WARMUP, b"hello world", concurrency=CONCURRENCY)
     await connect_many(listener.port, n, b"hello world", concurrency=CONCURRENCY)
@@ -95,8 +97,9 @@ def main() -> int:
     parser.add_argument(
         "--variants",
         default="on,bare",
-        help="which variants to run, comma-separated (default on,bare; `on` alone gives the "
-        "instructions per connection of the proxy as shipped, for other comparisons)",
+        help="which variants to run, comma-separated, of on, nolog and bare (default on,bare; "
+        "`on` alone gives the instructions per connection of the proxy as shipped, for other "
+        "comparisons)",
     )
     parser.add_argument(
         "--loop",
@@ -108,7 +111,7 @@ def main() -> int:
     parser.add_argument("--child", nargs=2, metavar=("VARIANT", "N"), help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
-        run = child(args.child[0] == "on", int(args.child[1]))
+        run = child(args.child[0], int(args.child[1]))
         if os.environ.get(_LOOP_VARIABLE) == "uvloop":
             import uvloop
 
@@ -121,8 +124,8 @@ def main() -> int:
         print("need 0 < --small < --large", file=sys.stderr)
         return 2
     variants = [v for v in args.variants.split(",") if v]
-    if not variants or not set(variants) <= {"on", "bare"}:
-        print("--variants takes on, bare or both", file=sys.stderr)
+    if not variants or not set(variants) <= {"on", "nolog", "bare"}:
+        print("--variants takes on, nolog, bare or several of them", file=sys.stderr)
         return 2
     try:
         per = callgrind_slopes(__file__, variants, args.small, args.large)
@@ -132,7 +135,10 @@ def main() -> int:
     print(f"instructions per connection ({args.small} -> {args.large} connections, whole process):")
     for variant in variants:
         print(f"  {variant:5s} {per[variant]:>14,.0f}")
-    if len(per) < 2:
+    if "on" in per and "nolog" in per:
+        log = per["on"] - per["nolog"]
+        print(f"  on - nolog: {log:,.0f} per connection ({log / 2:,.0f} per observing proxy)")
+    if "on" not in per or "bare" not in per:
         return 0
     extra = per["on"] - per["bare"]
     print(f"  on - bare: {extra:,.0f} per connection ({extra / 2:,.0f} per observing proxy)")
