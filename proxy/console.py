@@ -134,28 +134,36 @@ def _pairs(fields: Mapping[str, object]) -> str:
     return " ".join(parts)
 
 
-# How long lines of `log_fields` may wait in the stream's buffer before a flush sends them.
-# A flush per turn of the event loop made about one write to the pipe per connection (one
-# per line under strace), each waking the reader: 16.3 µs of CPU per line that way, 9.6 when
-# lines wait for a timer (writer and reader counted together; bench/README.md, "The access
-# log's cost"). A line reaches a pipe at most this late; a terminal still sees each line at
-# once (a line-buffered stream writes on every newline).
+# How long lines of `log_fields` may wait before they are formatted and written, all at once.
+# Written as they came, with a flush per turn of the event loop, they cost about one write
+# to a pipe per connection, each waking the reader; formatted one by one amid a
+# connection's other work they cost an inbound proxy about 28 µs each, 5 % of its CPU
+# (bench/README.md, "The access log's cost"); in a batch, 13 µs less.
 FLUSH_AFTER = 0.1
+# ... or once this many wait, whichever comes first (a bound on memory and on the delay
+# under a flood of connections).
+MAX_WAITING = 512
+
+# A line of `log_fields` not yet formatted: created, level name, logger name, message, fields.
+_Line = tuple[float, str, str, str, Mapping[str, object]]
 
 
 class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
     """A stream handler that drops lines when its stream is gone (a closed pipe).
 
-    Lines from `log_fields` are written without a flush each: a flush `FLUSH_AFTER` seconds
-    after the first of them sends them all (a record through `emit` flushes them too, in
-    order, and so does `logging.shutdown` at exit).
+    Lines from `log_fields` wait, unformatted, until `FLUSH_AFTER` seconds after the first of
+    them, or until `MAX_WAITING` of them wait; then they are formatted and written together.
+    Anything else written to the stream first writes the lines waiting before it, so the
+    order stays: a record through `emit`, `flush()` (`logging.shutdown` at exit calls it),
+    and the commands' `==>` output.
     """
 
     def __init__(self, stream: object, formatter: _HCLogFormatter) -> None:
         super().__init__(stream)
         self.setFormatter(formatter)
         self.line_formatter = formatter
-        # The loop whose timer will flush what is written now; None when none will.
+        self._waiting: list[_Line] = []
+        # The loop whose timer will write the waiting lines; None when none will.
         self._flush_loop: asyncio.AbstractEventLoop | None = None
 
     def handleError(self, record: logging.LogRecord) -> None:
@@ -164,28 +172,54 @@ class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             return
         super().handleError(record)
 
-    def write_line(self, line: str) -> None:
+    def defer(self, line: _Line) -> None:
+        """Keep `line` for the next write of the waiting lines (and make sure there is one)."""
         with self.lock:  # type: ignore[union-attr]
-            try:
-                self.stream.write(line + self.terminator)
-            except (OSError, ValueError):
-                return
+            self._waiting.append(line)
+            full = len(self._waiting) >= MAX_WAITING
         pending = self._flush_loop
-        if pending is not None and not pending.is_closed():
+        if not full and pending is not None and not pending.is_closed():
             return  # a closed loop dropped its timer: a new one is set below
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
-            self._flush_loop = None
-            self.flush()
+            loop = None
+        if full or loop is None:
+            self._flush_now()
             return
         self._flush_loop = loop
         loop.call_later(FLUSH_AFTER, self._flush_now)
+
+    def _write_waiting(self) -> None:
+        """Format and write the waiting lines (the caller holds the lock)."""
+        waiting, self._waiting = self._waiting, []
+        if waiting:
+            line, end = self.line_formatter.line, self.terminator
+            with contextlib.suppress(OSError, ValueError):
+                self.stream.write("".join([line(*parts) + end for parts in waiting]))
+
+    def emit(self, record: logging.LogRecord) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_waiting()
+        super().emit(record)
+
+    def flush(self) -> None:
+        with self.lock:  # type: ignore[union-attr]
+            self._write_waiting()
+        super().flush()
 
     def _flush_now(self) -> None:
         self._flush_loop = None
         with contextlib.suppress(OSError, ValueError):
             self.flush()
+
+
+def _write_waiting_lines() -> None:
+    """Write the console's waiting access-log lines (before other output to the terminal)."""
+    for handler in logging.getLogger().handlers:
+        if type(handler) is _QuietStreamHandler:
+            with contextlib.suppress(OSError, ValueError):
+                handler.flush()
 
 
 def setup_logging(level: str, json_format: bool = False, stream: object = None) -> None:
@@ -228,19 +262,19 @@ def log_fields(
     """`logger.log(level, message, extra={"fields": fields})` for a line per connection.
 
     With the commands' console handler alone on the way (the usual case), the line it would
-    write is formatted and written here, without a `LogRecord` and the handler chain, and
-    flushed once per turn of the event loop: a third of what the same line costs through
-    `logging` (bench/README.md, "Per-connection work, third pass"). Otherwise (another
-    handler, a filter, pytest's caplog) it goes through `logging` as any record. The caller
-    has checked `logger.isEnabledFor(level)`.
+    write is handed to it without a `LogRecord` and the handler chain (a third of what the
+    same line costs through `logging`, bench/README.md, "Per-connection work, third pass"),
+    to be formatted and written with the others of the next `FLUSH_AFTER` seconds. The
+    caller must not change `fields` afterwards. Otherwise (another handler, a filter,
+    pytest's caplog) it goes through `logging` as any record. The caller has checked
+    `logger.isEnabledFor(level)`.
     """
     handler = _console_alone(logger, level)
     if handler is None:
         # No arguments: the message is the text (a `%` in it stays as it is).
         logger.log(level, message, extra={"fields": fields})
         return
-    name = logging.getLevelName(level)
-    handler.write_line(handler.line_formatter.line(time.time(), name, logger.name, message, fields))
+    handler.defer((time.time(), logging.getLevelName(level), logger.name, message, fields))
 
 
 def install_uvloop() -> None:
@@ -266,6 +300,7 @@ def raise_descriptor_limit() -> None:
 def _print(text: str, stream: object) -> None:
     # The output may be a pipe whose reader has gone (`| head`); that must never stop the
     # proxy, and above all not its signal handling.
+    _write_waiting_lines()
     with contextlib.suppress(OSError, ValueError):
         print(text, file=stream, flush=True)  # type: ignore[call-overload]
 

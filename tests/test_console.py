@@ -183,6 +183,38 @@ def test_a_flush_lost_with_its_loop_is_set_again(restore_logging: None) -> None:
     ]
 
 
+async def test_waiting_lines_are_bounded(restore_logging: None) -> None:
+    stream = CountingStream()
+    console.setup_logging("INFO", False, stream)
+    logger = logging.getLogger("proxy.inbound")
+    for i in range(console.MAX_WAITING - 1):
+        console.log_fields(logger, logging.INFO, f"connection {i}", {})
+    assert stream.getvalue() == ""
+    # The last one the bound allows: all are written now, with no turn of the loop.
+    console.log_fields(logger, logging.INFO, "connection last", {})
+    assert stream.flushes == 1
+    lines = stream.flushed.splitlines()
+    assert len(lines) == console.MAX_WAITING and lines[-1].endswith("connection last")
+
+
+async def test_waiting_lines_go_before_other_output(
+    restore_logging: None, capsys: pytest.CaptureFixture[str]
+) -> None:
+    console.setup_logging("INFO", False)  # the process's stdout, as the commands do
+    logger = logging.getLogger("proxy.inbound")
+    console.log_fields(logger, logging.INFO, "connection first", {})
+    console.output("Caught signal: SIGTERM, draining connections")
+    console.log_fields(logger, logging.INFO, "connection second", {})
+    for handler in logging.getLogger().handlers:
+        handler.flush()  # as logging.shutdown() does at exit
+    out = capsys.readouterr().out.splitlines()
+    assert [line.split(": ", 1)[-1] if "proxy." in line else line for line in out] == [
+        "connection first",
+        "==> Caught signal: SIGTERM, draining connections",
+        "connection second",
+    ]
+
+
 def test_a_closed_stream_is_ignored(restore_logging: None) -> None:
     stream = io.StringIO()
     console.setup_logging("INFO", False, stream)
