@@ -137,8 +137,9 @@ def _pairs(fields: Mapping[str, object]) -> str:
 # How long lines of `log_fields` may wait before they are formatted and written, all at once.
 # Written as they came, with a flush per turn of the event loop, they cost about one write
 # to a pipe per connection, each waking the reader; formatted one by one amid a
-# connection's other work they cost an inbound proxy about 28 µs each, 5 % of its CPU
-# (bench/README.md, "The access log's cost"); in a batch, 13 µs less.
+# connection's other work they cost an inbound proxy about 28 µs each, 5 % of its CPU, for
+# some 90,000 instructions; in a batch the same instructions cost about 10 µs less per line
+# (bench/README.md, "The access log's cost").
 FLUSH_AFTER = 0.1
 # ... or once this many wait, whichever comes first (a bound on memory and on the delay
 # under a flood of connections).
