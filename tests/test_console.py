@@ -131,7 +131,11 @@ async def _flushed(stream: CountingStream, flushes: int) -> None:
     stream.on_flush = None
 
 
-async def test_lines_wait_for_one_flush_in_order(restore_logging: None) -> None:
+async def test_lines_wait_for_one_flush_in_order(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Longer than the shipped 0.1 s: 100 turns of the loop must fit in it on a loaded machine.
+    monkeypatch.setattr(console, "FLUSH_AFTER", 0.5)
     stream = CountingStream()
     console.setup_logging("INFO", False, stream)
     logger = logging.getLogger("proxy.inbound")
@@ -160,8 +164,11 @@ async def test_lines_wait_for_one_flush_in_order(restore_logging: None) -> None:
     assert lines[-1].endswith("[WARN]  proxy: a warning")
 
 
-def test_a_flush_lost_with_its_loop_is_set_again(restore_logging: None) -> None:
+def test_a_flush_lost_with_its_loop_is_set_again(
+    restore_logging: None, monkeypatch: pytest.MonkeyPatch
+) -> None:
     """A loop closed before its flush ran does not keep the lines of the next one waiting."""
+    monkeypatch.setattr(console, "FLUSH_AFTER", 0.5)  # the first loop surely closes before
     stream = CountingStream()
     console.setup_logging("INFO", False, stream)
     logger = logging.getLogger("proxy.inbound")
