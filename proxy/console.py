@@ -179,8 +179,9 @@ class _QuietStreamHandler(logging.StreamHandler):  # type: ignore[type-arg]
             self._waiting.append(line)
             full = len(self._waiting) >= MAX_WAITING
         pending = self._flush_loop
+        # A timer is set already, unless its loop was closed since (which dropped it).
         if not full and pending is not None and not pending.is_closed():
-            return  # a closed loop dropped its timer: a new one is set below
+            return
         try:
             loop = asyncio.get_running_loop()
         except RuntimeError:
