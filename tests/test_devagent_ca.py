@@ -103,6 +103,18 @@ def test_serials_are_sequential_and_keys_fresh() -> None:
     assert a.private_key_pem != b.private_key_pem
 
 
+def test_a_new_root_is_valid_at_once_by_openssls_clock() -> None:
+    """The root is backdated a minute like the leaves: OpenSSL checks validity against
+    time(), whose clock can lag datetime.now() by a tick, so a root dated "now" could be
+    "not yet valid" in a handshake made the same millisecond."""
+    made = dt.datetime.now(dt.UTC)
+    root = CertificateAuthority(CLUSTER, root_ttl=3600).active_root.cert
+    assert dt.timedelta(seconds=59) <= made - root.not_valid_before_utc < dt.timedelta(seconds=61)
+    # The TTL still counts from the moment it was made.
+    lifetime = root.not_valid_after_utc - made
+    assert dt.timedelta(minutes=59) < lifetime < dt.timedelta(minutes=61)
+
+
 def test_leaf_ttl_is_configurable() -> None:
     ca = CertificateAuthority(CLUSTER, leaf_ttl=3600)
     cert = ca.sign_leaf("web", datacenter="dc1").cert

@@ -43,7 +43,10 @@ DEFAULT_ROOT_TTL = 87600 * 3600.0
 DEFAULT_INTERMEDIATE_TTL = 8760 * 3600.0
 CROSS_SIGN_TTL = 7 * 24 * 3600.0
 # Consul backdates leaves and intermediates by one minute to absorb clock skew between
-# the agent that signs and the peers that verify.
+# the agent that signs and the peers that verify. The dev agent backdates its roots too:
+# OpenSSL checks validity against time(), which on Linux reads a clock that lags the one
+# datetime.now() reads by up to a tick, so a root dated "now" and used within the same
+# millisecond could be "not yet valid" (a test saw it once).
 BACKDATE = dt.timedelta(minutes=1)
 
 _BASE36 = string.digits + string.ascii_lowercase
@@ -251,7 +254,7 @@ class CertificateAuthority:
             .issuer_name(name)
             .public_key(key.public_key())
             .serial_number(serial)
-            .not_valid_before(now)
+            .not_valid_before(now - BACKDATE)
             .not_valid_after(now + dt.timedelta(seconds=self.root_ttl))
         )
         builder = _ca_extensions(
