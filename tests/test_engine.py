@@ -286,55 +286,63 @@ def test_openssl_take_gives_every_record_in_order_by_either_path(
 _LARGE = bytes(range(256)) * (3 * RECORD_SIZE // 256 + 7)  # three records and a bit
 
 
-def _outcomes(ca: CertificateAuthority, stranger: TLSContext) -> list[object]:
+def _outcomes(ca: CertificateAuthority, stranger: TLSContext, composed: bool) -> list[object]:
     """What the openssl engine gives, call by call, on paths that end each way OpenSSL can:
     data small and large, a closure with and without close_notify, a damaged record, a
-    refused client."""
+    refused client. `composed`: ciphertext goes in with `feed_read` and out with `seal`
+    instead of `feed` then `read`, and `write` then `take`."""
+
+    def send(sender: TLSEngine, payload: bytes) -> bytes:
+        if composed:
+            return sender.seal(payload)
+        sender.write(payload)
+        return sender.take()
+
+    def receive(receiver: TLSEngine, data: bytes, size: int = 1024) -> object:
+        if composed:
+            return receiver.feed_read(data, size)
+        receiver.feed(data)
+        return receiver.read(size)
+
+    def receive_all(receiver: TLSEngine, data: bytes, size: int) -> bytes:
+        first = receive(receiver, data, 256 * 1024)
+        assert isinstance(first, bytes | bytearray)
+        return bytes(first) + _read_all(receiver, size)
+
     seen: list[object] = []
     large = _LARGE
     server_ctx, client_ctx = _server(ca, "openssl"), _client(ca, "openssl")
     srv, cli = handshake_in_memory(server_ctx, client_ctx)
     seen.append((srv.read(1024), cli.read(1024)))  # nothing yet; the client takes its tickets
     for sender, receiver, payload in ((cli, srv, b"ping"), (srv, cli, large)):
-        sender.write(payload)
-        receiver.feed(sender.take())
-        seen.append(_read_all(receiver, len(payload)) == payload)
+        seen.append(receive_all(receiver, send(sender, payload), len(payload)) == payload)
     srv.shutdown()
-    cli.feed(srv.take())
-    seen.append((cli.read(1024), cli.read(1024)))  # close_notify: EOF, and EOF again
+    seen.append((receive(cli, srv.take()), cli.read(1024)))  # close_notify: EOF, and again
     srv, cli = handshake_in_memory(server_ctx, client_ctx)
-    cli.write(b"cut short")
-    srv.feed(cli.take()[:-3])
+    seen.append(receive(srv, send(cli, b"cut short")[:-3]))  # a record not yet whole
     srv.feed_eof()  # a "ragged" EOF: no close_notify
     seen.append(srv.read(1024))
     srv, cli = handshake_in_memory(server_ctx, client_ctx)
-    cli.write(b"x" * 100)
-    damaged = bytearray(cli.take())
+    damaged = bytearray(send(cli, b"x" * 100))
     damaged[-1] ^= 0xFF
-    srv.feed(bytes(damaged))
     with pytest.raises(TLSError) as bad:
-        srv.read(1024)
+        receive(srv, bytes(damaged))
     seen.append(str(bad.value))
     # The same endings behind more than a record: the path that gathers records.
     srv, cli = handshake_in_memory(server_ctx, client_ctx)
-    cli.write(large)
+    wire = send(cli, large)
     cli.shutdown()
-    srv.feed(cli.take())
-    seen.append((_read_all(srv, len(large)) == large, srv.read(1024)))
+    seen.append((receive_all(srv, wire + cli.take(), len(large)) == large, srv.read(1024)))
     srv, cli = handshake_in_memory(server_ctx, client_ctx)
-    cli.write(large)
-    srv.feed(cli.take()[:-3])
+    seen.append(len(receive_all(srv, send(cli, large)[:-3], len(large))))
     srv.feed_eof()
-    seen.append((len(_read_all(srv, len(large))), srv.read(1024)))
+    seen.append(srv.read(1024))
     srv, cli = handshake_in_memory(server_ctx, client_ctx)
-    cli.write(large)
-    good = cli.take()
-    cli.write(b"x" * 100)
-    damaged = bytearray(cli.take())
+    good = send(cli, large)
+    damaged = bytearray(send(cli, b"x" * 100))
     damaged[-1] ^= 0xFF
-    srv.feed(good + bytes(damaged))
-    seen.append(srv.read(256 * 1024) == large)  # what came whole; the failure comes next
-    with pytest.raises(TLSError) as late:
+    seen.append(receive(srv, good + bytes(damaged), 256 * 1024) == large)  # what came whole
+    with pytest.raises(TLSError) as late:  # the failure comes next
         srv.read(1024)
     seen.append(str(late.value))
     with pytest.raises(TLSError) as refused:
@@ -348,34 +356,67 @@ def test_the_openssl_engine_calls_openssl_straight_with_pyopenssls_outcomes(
 ) -> None:
     """Handshakes, reads, writes and incoming ciphertext go straight to OpenSSL through
     pyOpenSSL's pointers (`listeners.tls.openssl.DIRECT`); every outcome is the one
-    pyOpenSSL's public methods give."""
+    pyOpenSSL's public methods give, and the same by `feed_read` and `seal` as by the calls
+    they stand for."""
     stranger = CertificateAuthority().sign_leaf("web", datacenter="dc1")
     stranger_ctx = build_contexts(
         _roots(ca), stranger.cert_pem, stranger.private_key_pem, "openssl"
     )[1]
     engine = new_engine(_server(ca, "openssl"), server_side=True)
     assert engine._ptr is not None  # type: ignore[attr-defined]  # with this pyOpenSSL
-    straight = _outcomes(ca, stranger_ctx)
+    straight = _outcomes(ca, stranger_ctx, composed=False)
+    assert _outcomes(ca, stranger_ctx, composed=True) == straight
     monkeypatch.setattr(openssl_engine, "DIRECT", False)
     assert new_engine(_server(ca, "openssl"), server_side=True)._ptr is None  # type: ignore[attr-defined]
-    public = _outcomes(ca, stranger_ctx)
-    assert straight == public
+    assert _outcomes(ca, stranger_ctx, composed=False) == straight
+    assert _outcomes(ca, stranger_ctx, composed=True) == straight
     records = len(_LARGE) // RECORD_SIZE * RECORD_SIZE  # the last, cut short, never comes
     assert straight == [
         (None, None),
         True,
         True,
         (b"", b""),
+        None,
         b"",
-        straight[5],
+        straight[6],
         (True, b""),
-        (records, b""),
+        records,
+        b"",
         True,
-        straight[5],
-        straight[10],
+        straight[6],
+        straight[12],
     ]
-    assert "decryption failed or bad record mac" in str(straight[5])
-    assert "unable to get local issuer certificate" in str(straight[10])
+    assert "decryption failed or bad record mac" in str(straight[6])
+    assert "unable to get local issuer certificate" in str(straight[12])
+
+
+@pytest.mark.parametrize("engine", ENGINES)
+def test_feed_read_and_seal_carry_a_handshakes_last_flight_and_what_follows(
+    ca: CertificateAuthority, engine: str
+) -> None:
+    """`seal` on a client whose last handshake flight has not been taken yet sends that
+    flight first; `feed_read` on a server that has not read the client's Finished yet
+    completes nothing by itself (the handshake does), and then reads what came behind."""
+    server = new_engine(_server(ca, engine), server_side=True, session=None)
+    client = new_engine(_client(ca, engine), server_side=False, session=None)
+    assert not client.do_handshake()
+    server.feed(client.take())
+    assert not server.do_handshake()
+    client.feed(server.take())
+    assert client.do_handshake()
+    wire = client.seal(b"right behind the Finished")  # the Finished, then the record
+    if engine == "openssl":  # and its memory BIOs were renewed, as `take` does
+        assert client._renew == 2  # type: ignore[attr-defined]
+    server.feed(wire)
+    assert server.do_handshake()
+    assert server.read(1024) == b"right behind the Finished"
+    tickets = server.take()
+    assert client.feed_read(tickets + server.seal(b"and back"), 1024) == b"and back"
+    assert client.read(1024) is None
+    big = os.urandom(3 * BIO_SLICE + 5)  # written a slice at a time
+    first = server.feed_read(client.seal(big), 256 * 1024)
+    assert isinstance(first, bytes | bytearray)
+    assert bytes(first) + _read_all(server, len(big)) == big
 
 
 @pytest.mark.parametrize("client_engine", ENGINES)

@@ -105,6 +105,13 @@ class TLSEngine(Protocol):
             TLSError: the connection can no longer send.
         """
 
+    def feed_read(self, data: bytes, size: int) -> bytearray | bytes | None:
+        """`feed(data)`, then `read(size)`: one call on the path of every record received
+        once the handshake is over (each call saved shortens a relayed message's way)."""
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        """`write(data)`, then `take()`: the ciphertext to send, and anything that waited."""
+
     def shutdown(self) -> None:
         """Queue a close_notify (TLS half-close); reading goes on until the peer's EOF."""
 
@@ -148,8 +155,9 @@ class SlicedBIOs:
     its BIO empties (`_feed_more`, called by the engine when OpenSSL wants more); an EOF fed
     meanwhile waits until all of it is in. Plaintext written beyond a slice is encrypted a
     slice at a time, each slice's records taken out of the BIO at once and kept here until
-    `take()`. An engine gives `_bio_write`, `_bio_eof`, `_encrypt` and `_bio_take`, and sets
-    `_held`, `_eof_held` and `_out` when it is made.
+    `take()`. An engine gives `read`, `_bio_write`, `_bio_eof`, `_encrypt` and `_bio_take`,
+    and sets `_held`, `_eof_held` and `_out` when it is made; `feed_read` and `seal` are the
+    plain compositions, which an engine may shorten.
     """
 
     __slots__ = ("_eof_held", "_held", "_out")
@@ -206,6 +214,17 @@ class SlicedBIOs:
             self._encrypt(view[start : start + BIO_SLICE])
             out.append(self._bio_take())
         self._out = out
+
+    def feed_read(self, data: bytes, size: int) -> bytearray | bytes | None:
+        self.feed(data)
+        return self.read(size)
+
+    def read(self, size: int) -> bytearray | bytes | None:
+        raise NotImplementedError
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        self.write(data)
+        return self.take()
 
     def take(self) -> bytes:
         data = self._bio_take()

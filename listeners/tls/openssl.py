@@ -38,7 +38,7 @@ from typing import Any
 from cryptography.hazmat.bindings.openssl.binding import Binding
 from OpenSSL import SSL, crypto
 
-from listeners.tls.engine import RECORD_SIZE, RECORD_WIRE_SIZE, SlicedBIOs, TLSError
+from listeners.tls.engine import BIO_SLICE, RECORD_SIZE, RECORD_WIRE_SIZE, SlicedBIOs, TLSError
 from listeners.tls.hello import offers_resumption
 
 # Smallest ciphertext read: a whole handshake flight (certificates included) fits.
@@ -131,6 +131,7 @@ class OpenSSLEngine(SlicedBIOs):
     """The engine on pyOpenSSL: `OpenSSL.SSL.Connection(context, None)` (memory BIOs)."""
 
     __slots__ = (
+        "_buffer",
         "_conn",
         "_eof",
         "_error",
@@ -192,6 +193,8 @@ class OpenSSLEngine(SlicedBIOs):
         self._out_hint = _TAKE_MIN
         self._reused: bool | None = None
         self._hello = server_side  # the client's first bytes are still to come
+        # This thread's scratch buffer: an engine is driven by one event loop's thread.
+        self._buffer = _scratch_buffer()
 
     def _failure(self, exc: SSL.Error) -> TLSError:
         error = TLSError(error_text(self._conn, exc))
@@ -253,7 +256,7 @@ class OpenSSLEngine(SlicedBIOs):
                 if bio != _ffi.NULL:
                     _lib.BIO_free(bio)
             return
-        buffer = _scratch_buffer()
+        buffer = self._buffer
         while (got := _lib.BIO_read(old_in, buffer, _TAKE_MIN)) > 0:
             _lib.BIO_write(new_in, buffer, got)
         # Both differ from the BIOs in place: OpenSSL frees those and owns these.
@@ -269,7 +272,7 @@ class OpenSSLEngine(SlicedBIOs):
         if bio is None:
             return self._take_public()
         self._out_hint = _TAKE_MIN
-        read, buffer = _lib.BIO_read, _scratch_buffer()
+        read, buffer = _lib.BIO_read, self._buffer
         got = read(bio, buffer, _TAKE_MIN)
         if got <= 0:  # empty (a memory BIO never fails otherwise)
             return b""
@@ -333,34 +336,9 @@ class OpenSSLEngine(SlicedBIOs):
         held = 0 if self._held is None else len(self._held)
         if not self._fed and not self._fed_eof and not held:
             return None  # nothing new since OpenSSL last asked for more
-        conn, ptr = self._conn, self._ptr
         if self._fed <= RECORD_WIRE_SIZE and not held:
-            # One record at most (small messages): nothing to gather, no buffer to size.
-            try:
-                if ptr is None:
-                    return conn.recv(min(size, RECORD_SIZE))
-                buffer = _scratch_buffer()
-                got = _lib.SSL_read(ptr, buffer, min(size, RECORD_SIZE))
-                if got > 0:
-                    return _ffi.buffer(buffer, got)[:]  # type: ignore[no-any-return]
-                if _lib.SSL_get_error(ptr, got) == _WANT_READ:
-                    self._fed = 0
-                    return None
-                conn._raise_ssl_error(ptr, got)
-                return b""  # nothing raised: pyOpenSSL's recv gives no bytes too
-            except SSL.WantReadError:
-                self._fed = 0
-                return None
-            except SSL.ZeroReturnError:
-                self._eof = True
-                return b""
-            except SSL.SysCallError as exc:
-                if not self._fed_eof:
-                    raise self._failure(exc) from exc
-                self._eof = True  # a "ragged" EOF, as below
-                return b""
-            except SSL.Error as exc:
-                raise self._failure(exc) from exc
+            return self._read_one(size)
+        conn, ptr = self._conn, self._ptr
         # The plaintext to come is smaller than the ciphertext fed since then (but for the rest
         # of a record begun before, which the next call reads: `_fed` stays set until OpenSSL
         # wants more). pyOpenSSL does not show how full its memory BIO is.
@@ -416,6 +394,57 @@ class OpenSSLEngine(SlicedBIOs):
             return b"" if self._eof else None
         del buf[got:]
         return buf
+
+    def feed_read(self, data: bytes, size: int) -> bytearray | bytes | None:
+        if (
+            self._hello
+            or self._held is not None
+            or self._error is not None
+            or self._eof
+            or self._fed + len(data) > RECORD_WIRE_SIZE
+        ):
+            self.feed(data)
+            return self.read(size)
+        # What `feed` and `read` would do here, without the calls in between.
+        self._bio_write(data)
+        return self._read_one(size)
+
+    def _read_one(self, size: int) -> bytes | None:
+        """`read` of one record at most (small messages): nothing to gather, no buffer to
+        size. Something has been fed since OpenSSL last wanted more."""
+        conn, ptr = self._conn, self._ptr
+        try:
+            if ptr is None:
+                return conn.recv(min(size, RECORD_SIZE))
+            buffer = self._buffer
+            got = _lib.SSL_read(ptr, buffer, min(size, RECORD_SIZE))
+            if got > 0:
+                return _ffi.buffer(buffer, got)[:]  # type: ignore[no-any-return]
+            if _lib.SSL_get_error(ptr, got) == _WANT_READ:
+                self._fed = 0
+                return None
+            conn._raise_ssl_error(ptr, got)
+            return b""  # nothing raised: pyOpenSSL's recv gives no bytes too
+        except SSL.WantReadError:
+            self._fed = 0
+            return None
+        except SSL.ZeroReturnError:
+            self._eof = True
+            return b""
+        except SSL.SysCallError as exc:
+            if not self._fed_eof:
+                raise self._failure(exc) from exc
+            self._eof = True  # a "ragged" EOF, as in `read`
+            return b""
+        except SSL.Error as exc:
+            raise self._failure(exc) from exc
+
+    def seal(self, data: bytes | bytearray | memoryview) -> bytes:
+        if self._renew == 1 or self._out is not None or len(data) > BIO_SLICE:
+            return super().seal(data)
+        # What `write` and `take` would do here, without the calls in between.
+        self._encrypt(data)
+        return self._bio_take()
 
     def _encrypt(self, data: bytes | bytearray | memoryview) -> None:
         conn, ptr = self._conn, self._ptr

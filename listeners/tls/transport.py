@@ -111,6 +111,9 @@ class TLSTransport(asyncio.Protocol):
             self._step_handshake()
 
     def data_received(self, data: bytes) -> None:
+        if self._app is not None and not self._reading_paused and not self._eof_received:
+            self._read_records(data)
+            return
         self._engine.feed(data)
         if not self._handshake.done():
             self.received_any = True
@@ -215,12 +218,15 @@ class TLSTransport(asyncio.Protocol):
         if self._writing_paused:
             app.pause_writing()
 
-    def _read_records(self) -> None:
-        app = cast(asyncio.Protocol, self._app)
+    def _read_records(self, fed: bytes | None = None) -> None:
+        app: Any = self._app
         engine = self._engine
         while not self._reading_paused and not self._eof_received:
             try:
-                chunk = engine.read(READ_SIZE)
+                if fed is None:
+                    chunk = engine.read(READ_SIZE)
+                else:
+                    chunk, fed = engine.feed_read(fed, READ_SIZE), None
             except TLSError as exc:
                 self._flush()
                 self._abort_with(exc)
@@ -268,8 +274,9 @@ class TLSTransport(asyncio.Protocol):
             raise RuntimeError("write after write_eof() or close()")
         if not data:
             return
-        self._engine.write(data)
-        self._flush()
+        out = self._engine.seal(data)
+        if out and self._raw is not None and not self._raw.is_closing():
+            self._raw.write(out)
 
     def writelines(self, chunks: Any) -> None:
         for chunk in chunks:
