@@ -209,7 +209,7 @@ def _openssl_contexts(
     # pyOpenSSL is loaded on first use only, as in `new_engine`.
     from OpenSSL import SSL, crypto
 
-    from listeners.tls.openssl import error_text
+    from listeners.tls.openssl_errors import error_text
     from listeners.tls.verified import VerifiedChains, VerifyingContext
 
     try:
