@@ -182,7 +182,10 @@ class OpenSSLEngine(SlicedBIOs):
         bio = self._in_bio
         if bio is None:
             self._conn.bio_write(data)
-        elif _lib.BIO_write(bio, _ffi.from_buffer(data), len(data)) != len(data):
+        # bytes go as they are (cffi passes their own pointer): no buffer object to make.
+        elif _lib.BIO_write(
+            bio, data if type(data) is bytes else _ffi.from_buffer(data), len(data)
+        ) != len(data):
             # A memory BIO takes all or, out of memory, nothing.
             _lib.ERR_clear_error()
             raise MemoryError("OpenSSL could not grow its memory BIO")
@@ -242,12 +245,12 @@ class OpenSSLEngine(SlicedBIOs):
         got = read(bio, buffer, _TAKE_MIN)
         if got <= 0:  # empty (a memory BIO never fails otherwise)
             return b""
-        data: bytes = _ffi.buffer(buffer, got)[:]
+        data: bytes = _ffi.unpack(buffer, got)
         if got < _TAKE_MIN:
             return data
         chunks = [data]
         while (got := read(bio, buffer, _TAKE_MIN)) > 0:
-            chunks.append(_ffi.buffer(buffer, got)[:])
+            chunks.append(_ffi.unpack(buffer, got))
         return b"".join(chunks)
 
     def _take_public(self) -> bytes:
@@ -385,7 +388,7 @@ class OpenSSLEngine(SlicedBIOs):
             buffer = self._buffer
             got = _lib.SSL_read(ptr, buffer, min(size, RECORD_SIZE))
             if got > 0:
-                return _ffi.buffer(buffer, got)[:]  # type: ignore[no-any-return]
+                return _ffi.unpack(buffer, got)  # type: ignore[no-any-return]
             if _lib.SSL_get_error(ptr, got) == _WANT_READ:
                 self._fed = 0
                 return None
@@ -418,8 +421,11 @@ class OpenSSLEngine(SlicedBIOs):
             if ptr is None:
                 sent = conn.send(data)
             else:
-                with _ffi.from_buffer(data) as plain:
-                    sent = _lib.SSL_write(ptr, plain, len(plain))
+                if type(data) is bytes:  # as it is, as in `_bio_write`
+                    sent = _lib.SSL_write(ptr, data, len(data))
+                else:
+                    with _ffi.from_buffer(data) as plain:
+                        sent = _lib.SSL_write(ptr, plain, len(plain))
                 if sent <= 0:
                     conn._raise_ssl_error(ptr, sent)
             if sent < len(data):
