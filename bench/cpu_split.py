@@ -49,6 +49,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -58,7 +59,7 @@ import bench_goload  # noqa: E402
 import bench_goref  # noqa: E402
 from bench_load import Target  # noqa: E402
 from bench_procs import Processes, Scene  # noqa: E402
-from bench_util import AgentHTTP, free_port, proc_cpu_seconds  # noqa: E402
+from bench_util import AgentHTTP, TLSMaterial, free_port, proc_cpu_seconds  # noqa: E402
 
 PROXY_CPU, LOAD_CPU = 0, 1
 CONCURRENCY = 64
@@ -107,11 +108,20 @@ def perf_shares(data: Path) -> dict[str, float]:
     return shares
 
 
-def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+@dataclass
+class Layout:
+    """The proxies of one layout, started: name -> (PID, port), and how goload reaches them."""
+
+    proxies: dict[str, tuple[int, int]]
+    client: TLSMaterial | None  # the client leaf for the proxies' ports (inbound), or None
+    goload: Path
+    plain_port: int  # the backend's plain echo port (a direct connection)
+    work: Path
+
+
+def add_layout_arguments(parser: argparse.ArgumentParser) -> None:
+    """The flags that choose the layout and the proxies in it (this script's and others')."""
     parser.add_argument("--layout", choices=("inbound", "outbound"), default="inbound")
-    parser.add_argument("--windows", type=int, default=3, help="conn/s windows per proxy")
-    parser.add_argument("--seconds", type=float, default=3.0, help="length of each window")
     parser.add_argument(
         "--baseline", metavar="DIR", type=Path, help="also ours from this other checkout"
     )
@@ -128,86 +138,115 @@ def main() -> int:
         default=[],
         help="one more flag for our proxy only, not the --baseline one (repeatable)",
     )
-    args = parser.parse_args()
+
+
+def layout_problem(args: argparse.Namespace, tools: tuple[str, ...]) -> str | None:
+    """Why the layout cannot be run (a bad --baseline, a tool not on PATH), or None."""
     if args.baseline is not None and not (args.baseline / "proxy" / "__main__.py").is_file():
-        print(f"--baseline {args.baseline}: not a checkout of this project", file=sys.stderr)
-        return 2
-    for tool in ("go", "perf"):
+        return f"--baseline {args.baseline}: not a checkout of this project"
+    for tool in tools:
         if shutil.which(tool) is None:
-            print(f"{tool} is not on PATH", file=sys.stderr)
-            return 2
+            return f"{tool} is not on PATH"
+    return None
+
+
+def start_layout(procs: Processes, scene: Scene, args: argparse.Namespace) -> Layout:
+    """The dev agent, goload's backend, our proxy, the Go reference and (with --baseline) ours
+    from the other checkout, each proxy on the proxy CPU, in the layout `args` names.
+
+    Raises:
+        RuntimeError: goload or the Go reference could not be built.
+    """
+    work = Path(procs.tmpdir("cpu-split-"))
+    goload, why = bench_goload.build(work)
+    goref, why_ref = bench_goref.build(work)
+    if goload is None or goref is None:
+        raise RuntimeError(why or why_ref)
+    _, agent = procs.agent()
+    api = AgentHTTP(agent)
+    web, db = api.material("web"), api.material("db")
+    # goload's backend: the plain port echoes, the mTLS one presents the db leaf.
+    _, plain_port, tls_port = procs.gobackend(goload, db)
+    ours_port, base_port = free_port(), free_port()
+    if args.layout == "inbound":
+
+        def ours_args(port: int) -> list[str]:
+            return [
+                *("-service", "db", "-listen", f"127.0.0.1:{port}"),
+                *("-service-addr", f"127.0.0.1:{plain_port}"),
+            ]
+
+        go_argv = bench_goref.inbound_argv(
+            goref, agent, "db", "127.0.0.1:0", f"127.0.0.1:{plain_port}"
+        )
+        go_material, client = db, web
+    else:
+        api.put(
+            "/v1/agent/service/register",
+            {
+                "Name": "db",
+                "Address": "127.0.0.1",
+                "Port": tls_port,
+                "Connect": {"Native": True},
+            },
+        )
+        api.wait_connect_instance("db", tls_port)
+
+        def ours_args(port: int) -> list[str]:
+            return ["-service", "web", "-upstream", f"db:{port}"]
+
+        roots, _ = api.get("/v1/agent/connect/ca/roots")
+        go_argv = bench_goref.outbound_argv(
+            goref,
+            agent,
+            "db",
+            "127.0.0.1:0",
+            roots["TrustDomain"],
+            discovery="watch",
+            session_cache=False,
+        )
+        go_material, client = web, None
+    ours = procs.proxy(scene, "ours", [*ours_args(ours_port), *args.ours_flag], agent, None)
+    go_port = procs.goref(scene, "go-reference", go_argv, go_material, 1)
+    go = scene.proxies[-1]
+    proxies = {"ours": (ours.pid, ours_port), "Go reference": (go.pid, go_port)}
+    if args.baseline is not None:
+        # Safe path: not the current directory first, so the other checkout's packages
+        # come before this one's (installed in editable mode).
+        where = {"PYTHONPATH": str(args.baseline.resolve()), "PYTHONSAFEPATH": "1"}
+        base = procs.proxy(
+            scene,
+            "baseline",
+            ours_args(base_port),
+            agent,
+            None,
+            env=where,
+            python=args.baseline_python,
+        )
+        proxies["baseline"] = (base.pid, base_port)
+    return Layout(proxies, client, goload, plain_port, work)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0] if __doc__ else None)
+    add_layout_arguments(parser)
+    parser.add_argument("--windows", type=int, default=3, help="conn/s windows per proxy")
+    parser.add_argument("--seconds", type=float, default=3.0, help="length of each window")
+    args = parser.parse_args()
+    problem = layout_problem(args, ("go", "perf"))
+    if problem is not None:
+        print(problem, file=sys.stderr)
+        return 2
     os.sched_setaffinity(0, {LOAD_CPU})
     procs = Processes(PROXY_CPU, LOAD_CPU)
     scene = Scene("cpu-split")
     try:
-        work = Path(procs.tmpdir("cpu-split-"))
-        goload, why = bench_goload.build(work)
-        goref, why_ref = bench_goref.build(work)
-        if goload is None or goref is None:
-            print(why or why_ref, file=sys.stderr)
+        try:
+            layout = start_layout(procs, scene, args)
+        except RuntimeError as exc:
+            print(exc, file=sys.stderr)
             return 2
-        _, agent = procs.agent()
-        api = AgentHTTP(agent)
-        web, db = api.material("web"), api.material("db")
-        # goload's backend: the plain port echoes, the mTLS one presents the db leaf.
-        _, plain_port, tls_port = procs.gobackend(goload, db)
-        ours_port, base_port = free_port(), free_port()
-        if args.layout == "inbound":
-
-            def ours_args(port: int) -> list[str]:
-                return [
-                    *("-service", "db", "-listen", f"127.0.0.1:{port}"),
-                    *("-service-addr", f"127.0.0.1:{plain_port}"),
-                ]
-
-            go_argv = bench_goref.inbound_argv(
-                goref, agent, "db", "127.0.0.1:0", f"127.0.0.1:{plain_port}"
-            )
-            go_material, client = db, web
-        else:
-            api.put(
-                "/v1/agent/service/register",
-                {
-                    "Name": "db",
-                    "Address": "127.0.0.1",
-                    "Port": tls_port,
-                    "Connect": {"Native": True},
-                },
-            )
-            api.wait_connect_instance("db", tls_port)
-
-            def ours_args(port: int) -> list[str]:
-                return ["-service", "web", "-upstream", f"db:{port}"]
-
-            roots, _ = api.get("/v1/agent/connect/ca/roots")
-            go_argv = bench_goref.outbound_argv(
-                goref,
-                agent,
-                "db",
-                "127.0.0.1:0",
-                roots["TrustDomain"],
-                discovery="watch",
-                session_cache=False,
-            )
-            go_material, client = web, None
-        ours = procs.proxy(scene, "ours", [*ours_args(ours_port), *args.ours_flag], agent, None)
-        go_port = procs.goref(scene, "go-reference", go_argv, go_material, 1)
-        go = scene.proxies[-1]
-        proxies = {"ours": (ours.pid, ours_port), "Go reference": (go.pid, go_port)}
-        if args.baseline is not None:
-            # Safe path: not the current directory first, so the other checkout's packages
-            # come before this one's (installed in editable mode).
-            where = {"PYTHONPATH": str(args.baseline.resolve()), "PYTHONSAFEPATH": "1"}
-            base = procs.proxy(
-                scene,
-                "baseline",
-                ours_args(base_port),
-                agent,
-                None,
-                env=where,
-                python=args.baseline_python,
-            )
-            proxies["baseline"] = (base.pid, base_port)
+        proxies, client, goload, work = layout.proxies, layout.client, layout.goload, layout.work
         for pid, port in proxies.values():  # warm-up: pools, caches, sessions
             window(goload, Target("127.0.0.1", port, client), pid, 1.0)
         per_conn: dict[str, list[float]] = {name: [] for name in proxies}
