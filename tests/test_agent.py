@@ -468,9 +468,27 @@ def test_readers_refuse_a_body_of_another_shape(
     ],
 )
 def test_authorize_result_errors(status: int, content: bytes, text: str) -> None:
-    with pytest.raises(AgentResponseError) as info:
-        authorize_result("/v1/agent/connect/authorize", status, content)
-    assert str(info.value).startswith(text)
+    for _ in range(2):  # a body once refused is refused again: failures are never kept
+        with pytest.raises(AgentResponseError) as info:
+            authorize_result("/v1/agent/connect/authorize", status, content)
+        assert str(info.value).startswith(text)
+
+
+def test_each_authorize_body_is_decoded_once_and_read_alike() -> None:
+    """A body the agent sends again is decoded once; a denial and an allow of other bodies
+    are their own answers, and a body without a boolean `Authorized` is refused each time."""
+    path = "/v1/agent/connect/authorize"
+    allow = b'{"Authorized":true,"Reason":"Matched L4 intention: web => db (allow)"}\n'
+    deny = b'{"Authorized":false,"Reason":"Matched L4 intention: web => db (deny)"}\n'
+    first = authorize_result(path, 200, allow)
+    assert authorize_result(path, 200, bytes(allow)) is first
+    assert first == AuthorizeResult(True, "Matched L4 intention: web => db (allow)")
+    assert authorize_result(path, 200, deny) == AuthorizeResult(
+        False, "Matched L4 intention: web => db (deny)"
+    )
+    for _ in range(2):
+        with pytest.raises(AgentResponseError):
+            authorize_result(path, 200, b'{"Authorized":"yes"}')
 
 
 def test_json_body_of_nothing_is_none() -> None:
