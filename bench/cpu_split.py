@@ -42,6 +42,7 @@ error). Every process is started here and stopped by its PID.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
 import re
 import shutil
@@ -49,6 +50,7 @@ import signal
 import statistics
 import subprocess
 import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -150,18 +152,40 @@ def layout_problem(args: argparse.Namespace, tools: tuple[str, ...]) -> str | No
     return None
 
 
+class LayoutError(RuntimeError):
+    """The layout could not be started: goload or the Go reference did not build."""
+
+
+@contextlib.contextmanager
+def running_layout(args: argparse.Namespace, name: str) -> Iterator[tuple[Layout, Processes]]:
+    """This process on the load CPU, the layout of `args` started; every process of it
+    stopped when the block ends.
+
+    Raises:
+        LayoutError: as `start_layout`.
+    """
+    os.sched_setaffinity(0, {LOAD_CPU})
+    procs = Processes(PROXY_CPU, LOAD_CPU)
+    scene = Scene(name)
+    try:
+        yield start_layout(procs, scene, args), procs
+    finally:
+        procs.end(scene)
+        procs.close()
+
+
 def start_layout(procs: Processes, scene: Scene, args: argparse.Namespace) -> Layout:
     """The dev agent, goload's backend, our proxy, the Go reference and (with --baseline) ours
     from the other checkout, each proxy on the proxy CPU, in the layout `args` names.
 
     Raises:
-        RuntimeError: goload or the Go reference could not be built.
+        LayoutError: goload or the Go reference could not be built.
     """
     work = Path(procs.tmpdir("cpu-split-"))
     goload, why = bench_goload.build(work)
     goref, why_ref = bench_goref.build(work)
     if goload is None or goref is None:
-        raise RuntimeError(why or why_ref)
+        raise LayoutError(why or why_ref)
     _, agent = procs.agent()
     api = AgentHTTP(agent)
     web, db = api.material("web"), api.material("db")
@@ -237,42 +261,37 @@ def main() -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
-    os.sched_setaffinity(0, {LOAD_CPU})
-    procs = Processes(PROXY_CPU, LOAD_CPU)
-    scene = Scene("cpu-split")
     try:
-        try:
-            layout = start_layout(procs, scene, args)
-        except RuntimeError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        proxies, client, goload, work = layout.proxies, layout.client, layout.goload, layout.work
-        for pid, port in proxies.values():  # warm-up: pools, caches, sessions
-            window(goload, Target("127.0.0.1", port, client), pid, 1.0)
-        per_conn: dict[str, list[float]] = {name: [] for name in proxies}
-        for i in range(args.windows):
-            order = list(proxies) if i % 2 == 0 else list(reversed(proxies))
-            for name in order:
-                pid, port = proxies[name]
-                cpu, count = window(goload, Target("127.0.0.1", port, client), pid, args.seconds)
-                per_conn[name].append(cpu / max(count, 1) * 1e6)
-        shares: dict[str, dict[str, float]] = {}
-        for name, (pid, port) in proxies.items():
-            data = work / f"perf.{pid}.data"
-            recorder = subprocess.Popen(
-                ["perf", "record", "-p", str(pid), "-o", str(data)],
-                stdout=subprocess.DEVNULL,
-                stderr=subprocess.DEVNULL,
-            )
-            try:
-                window(goload, Target("127.0.0.1", port, client), pid, args.seconds)
-            finally:
-                recorder.send_signal(signal.SIGINT)
-                recorder.wait(30)
-            shares[name] = perf_shares(data)
-    finally:
-        procs.end(scene)
-        procs.close()
+        with running_layout(args, "cpu-split") as (layout, procs):
+            proxies, client, goload = layout.proxies, layout.client, layout.goload
+            for pid, port in proxies.values():  # warm-up: pools, caches, sessions
+                window(goload, Target("127.0.0.1", port, client), pid, 1.0)
+            per_conn: dict[str, list[float]] = {name: [] for name in proxies}
+            for i in range(args.windows):
+                order = list(proxies) if i % 2 == 0 else list(reversed(proxies))
+                for name in order:
+                    pid, port = proxies[name]
+                    cpu, count = window(
+                        goload, Target("127.0.0.1", port, client), pid, args.seconds
+                    )
+                    per_conn[name].append(cpu / max(count, 1) * 1e6)
+            shares: dict[str, dict[str, float]] = {}
+            for name, (pid, port) in proxies.items():
+                data = layout.work / f"perf.{pid}.data"
+                recorder = subprocess.Popen(
+                    ["perf", "record", "-p", str(pid), "-o", str(data)],
+                    stdout=subprocess.DEVNULL,
+                    stderr=subprocess.DEVNULL,
+                )
+                try:
+                    window(goload, Target("127.0.0.1", port, client), pid, args.seconds)
+                finally:
+                    recorder.send_signal(signal.SIGINT)
+                    recorder.wait(30)
+                shares[name] = perf_shares(data)
+    except LayoutError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     print(f"layout {args.layout}, goload at concurrency {CONCURRENCY}:")
     for name, values in per_conn.items():
         median = statistics.median(values)

@@ -31,6 +31,7 @@ import signal
 import statistics
 import subprocess
 import sys
+import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -39,9 +40,14 @@ sys.path.insert(0, str(ROOT))
 
 import bench_goload  # noqa: E402
 from bench_load import Target  # noqa: E402
-from bench_procs import Processes, Scene  # noqa: E402
 from bench_util import proc_cpu_seconds  # noqa: E402
-from cpu_split import LOAD_CPU, PROXY_CPU, add_layout_arguments, layout_problem, start_layout  # noqa: E402
+from cpu_split import (  # noqa: E402
+    LOAD_CPU,
+    LayoutError,
+    add_layout_arguments,
+    layout_problem,
+    running_layout,
+)
 
 DIRECT = "direct"
 _EVENT = re.compile(
@@ -102,6 +108,13 @@ def traced(goload: Path, target: Target, pid: int, count: int, data: Path) -> di
         stderr=subprocess.DEVNULL,
     )
     try:
+        # perf writes its file's header once the tracepoints are attached: the window
+        # starts after that, or its first round trips would go unseen.
+        deadline = time.monotonic() + 10
+        while not (data.exists() and data.stat().st_size > 0):
+            if time.monotonic() > deadline or recorder.poll() is not None:
+                raise RuntimeError("perf record did not start")
+            time.sleep(0.05)
         rtt_window(goload, target, pid, count)
     finally:
         recorder.send_signal(signal.SIGINT)
@@ -120,34 +133,27 @@ def main() -> int:
     if problem is not None:
         print(problem, file=sys.stderr)
         return 2
-    os.sched_setaffinity(0, {LOAD_CPU})
-    procs = Processes(PROXY_CPU, LOAD_CPU)
-    scene = Scene("rtt-path")
     gaps: dict[str, dict[str, float]] = {}
     try:
-        try:
-            layout = start_layout(procs, scene, args)
-        except RuntimeError as exc:
-            print(exc, file=sys.stderr)
-            return 2
-        targets: dict[str, tuple[int | None, Target]] = {
-            name: (pid, Target("127.0.0.1", port, layout.client))
-            for name, (pid, port) in layout.proxies.items()
-        }
-        targets[DIRECT] = (None, Target("127.0.0.1", layout.plain_port, None))
-        seen: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
-        for i in range(args.windows):
-            for name in list(targets) if i % 2 == 0 else list(reversed(targets)):
-                pid, target = targets[name]
-                seen[name].append(rtt_window(layout.goload, target, pid, args.count))
-        if args.trace:
-            for name, (pid, target) in targets.items():
-                if pid is not None:
-                    data = layout.work / f"syscalls.{pid}.data"
-                    gaps[name] = traced(layout.goload, target, pid, args.count // 2, data)
-    finally:
-        procs.end(scene)
-        procs.close()
+        with running_layout(args, "rtt-path") as (layout, _):
+            targets: dict[str, tuple[int | None, Target]] = {
+                name: (pid, Target("127.0.0.1", port, layout.client))
+                for name, (pid, port) in layout.proxies.items()
+            }
+            targets[DIRECT] = (None, Target("127.0.0.1", layout.plain_port, None))
+            seen: dict[str, list[tuple[float, float]]] = {name: [] for name in targets}
+            for i in range(args.windows):
+                for name in list(targets) if i % 2 == 0 else list(reversed(targets)):
+                    pid, target = targets[name]
+                    seen[name].append(rtt_window(layout.goload, target, pid, args.count))
+            if args.trace:
+                for name, (pid, target) in targets.items():
+                    if pid is not None:
+                        data = layout.work / f"syscalls.{pid}.data"
+                        gaps[name] = traced(layout.goload, target, pid, max(args.count, 2000), data)
+    except LayoutError as exc:
+        print(exc, file=sys.stderr)
+        return 2
     direct = statistics.median(p50 for p50, _ in seen[DIRECT])
     print(f"layout {args.layout}: {args.windows} windows of {args.count} 64-byte round trips")
     for name, windows in seen.items():
