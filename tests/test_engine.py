@@ -395,8 +395,9 @@ def test_feed_read_and_seal_carry_a_handshakes_last_flight_and_what_follows(
     ca: CertificateAuthority, engine: str
 ) -> None:
     """`seal` on a client whose last handshake flight has not been taken yet sends that
-    flight first; `feed_read` on a server that has not read the client's Finished yet
-    completes nothing by itself (the handshake does), and then reads what came behind."""
+    flight first (and renews the `openssl` engine's BIOs, as `take` does); `feed_read` reads
+    the data behind a server's session tickets, and the first slice of a write that was
+    encrypted a slice at a time."""
     server = new_engine(_server(ca, engine), server_side=True, session=None)
     client = new_engine(_client(ca, engine), server_side=False, session=None)
     assert not client.do_handshake()
