@@ -146,6 +146,19 @@ def test_a_bad_record_after_good_ones_delivers_them_then_fails(
         srv.read(256 * 1024)
 
 
+def _client_done(server_ctx: TLSContext, client_ctx: TLSContext) -> tuple[TLSEngine, TLSEngine]:
+    """A server and a client engine, the client's handshake complete and its last flight
+    (its Finished) not yet taken: the server still waits for it."""
+    server = new_engine(server_ctx, server_side=True, session=None)
+    client = new_engine(client_ctx, server_side=False, session=None)
+    assert not client.do_handshake()
+    server.feed(client.take())
+    assert not server.do_handshake()
+    client.feed(server.take())
+    assert client.do_handshake()
+    return server, client
+
+
 def _read_all(engine: TLSEngine, size: int) -> bytes:
     got = bytearray()
     for _ in range(size // RECORD_SIZE + 4):  # bounded: a record per call at the least
@@ -163,13 +176,7 @@ def test_data_beyond_a_slice_arrives_whole_with_the_handshake_and_an_eof(
     """A client's last handshake flight, application data several slices long and the end
     of its transport, fed as one: the server completes its handshake, reads every byte in
     order, and only then sees the EOF."""
-    server = new_engine(_server(ca, server_engine), server_side=True, session=None)
-    client = new_engine(_client(ca, client_engine), server_side=False, session=None)
-    assert not client.do_handshake()
-    server.feed(client.take())
-    assert not server.do_handshake()
-    client.feed(server.take())
-    assert client.do_handshake()
+    server, client = _client_done(_server(ca, server_engine), _client(ca, client_engine))
     payload = os.urandom(5 * BIO_SLICE + 77)
     client.write(payload)
     server.feed(client.take())  # the client's Finished, then the data: one feed
@@ -398,13 +405,7 @@ def test_feed_read_and_seal_carry_a_handshakes_last_flight_and_what_follows(
     flight first (and renews the `openssl` engine's BIOs, as `take` does); `feed_read` reads
     the data behind a server's session tickets, and the first slice of a write that was
     encrypted a slice at a time."""
-    server = new_engine(_server(ca, engine), server_side=True, session=None)
-    client = new_engine(_client(ca, engine), server_side=False, session=None)
-    assert not client.do_handshake()
-    server.feed(client.take())
-    assert not server.do_handshake()
-    client.feed(server.take())
-    assert client.do_handshake()
+    server, client = _client_done(_server(ca, engine), _client(ca, engine))
     wire = client.seal(b"right behind the Finished")  # the Finished, then the record
     if engine == "openssl":  # and its memory BIOs were renewed, as `take` does
         assert client._renew == 2  # type: ignore[attr-defined]
