@@ -7,10 +7,11 @@ in-memory sink (always; `dump()` is the SIGUSR1 text), statsd and dogstatsd (UDP
 Prometheus (`collector()`). The wire formats live in `proxy.telemetry_sinks`.
 
 Rule 1: `set_gauge`, `incr_counter` and `add_sample` do no I/O and take no lock: they append
-one tuple to a deque. The flush task (every 100 ms, as the Go clients flush), `dump()`, a
-scrape and `aclose()` drain it into the sinks, under a lock of their own.
-Rule 2: a send error never reaches a caller and never ends the flush task; it is logged at
-debug, at most once per 5 s per sink.
+one tuple to a deque. A flush 100 ms after the first call into an empty deque (the Go clients
+flush every 100 ms), `dump()`, a scrape and `aclose()` drain it into the sinks, under a lock
+of their own. Nothing is scheduled while nothing is pending: an idle proxy is not woken.
+Rule 2: a send error never reaches a caller and never stops later flushes; it is logged at
+debug, at most once per 5 s per sink. A drain that a bug cut short is tried again 100 ms later.
 Rule 3: a value is rounded to float32 before any sink sees it, as go-metrics' API takes
 float32.
 """
@@ -291,8 +292,9 @@ class Telemetry:
         self._inmem = InmemSink()
         self._prom: dict[tuple[int, str], PromSeries] = {}
         self._bad_names: set[str] = set()
-        self._lock = threading.Lock()  # between drainers only: flush task, dump, a scrape
-        self._task: asyncio.Task[None] | None = None
+        self._lock = threading.Lock()  # between drainers only: the flush, dump, a scrape
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._timer: asyncio.TimerHandle | None = None
         self._closed = False
         self._next_report = -math.inf
 
@@ -300,26 +302,35 @@ class Telemetry:
 
     def set_gauge(self, key: Sequence[str], value: float, labels: Labels = ()) -> None:
         """go-metrics SetGaugeWithLabels."""
-        self._pending.append((GAUGE, tuple(key), value, tuple(labels), self._clock()))
-        if len(self._pending) > _BACKLOG:
+        pending = self._pending
+        pending.append((GAUGE, tuple(key), value, tuple(labels), self._clock()))
+        if len(pending) == 1:
+            self._arm()
+        elif len(pending) > _BACKLOG:
             self._drain()
 
     def incr_counter(self, key: Sequence[str], value: float, labels: Labels = ()) -> None:
         """go-metrics IncrCounterWithLabels."""
-        self._pending.append((COUNTER, tuple(key), value, tuple(labels), self._clock()))
-        if len(self._pending) > _BACKLOG:
+        pending = self._pending
+        pending.append((COUNTER, tuple(key), value, tuple(labels), self._clock()))
+        if len(pending) == 1:
+            self._arm()
+        elif len(pending) > _BACKLOG:
             self._drain()
 
     def add_sample(self, key: Sequence[str], value: float, labels: Labels = ()) -> None:
         """go-metrics AddSampleWithLabels (a timer's value is in milliseconds)."""
-        self._pending.append((SAMPLE, tuple(key), value, tuple(labels), self._clock()))
-        if len(self._pending) > _BACKLOG:
+        pending = self._pending
+        pending.append((SAMPLE, tuple(key), value, tuple(labels), self._clock()))
+        if len(pending) == 1:
+            self._arm()
+        elif len(pending) > _BACKLOG:
             self._drain()
 
     # Lifecycle.
 
     async def start(self) -> None:
-        """Open the UDP sockets and start the flush task.
+        """Open the UDP sockets; from now on a pending call is flushed within 100 ms.
 
         Raises:
             ConfigError: naming the key and the address of a sink that does not resolve or
@@ -337,17 +348,18 @@ class Telemetry:
             for sink in self._udp:
                 sink.close()
             raise
-        loop = asyncio.get_running_loop()
-        self._task = loop.create_task(self._flush_forever(), name="telemetry-flush")
+        self._loop = asyncio.get_running_loop()
+        if self._pending:  # calls made before the start
+            self._arm()
 
     async def aclose(self) -> None:
-        """Stop the flush task, send what is buffered and close the sockets. Idempotent."""
+        """Cancel the flush, send what is buffered and close the sockets. Idempotent."""
         if self._closed:
             return
         self._closed = True
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait([self._task])
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
         self._flush()
         for sink in self._udp:
             sink.close()
@@ -355,15 +367,27 @@ class Telemetry:
         self._udp = []
         self._statsd = self._dogstatsd = None
 
-    async def _flush_forever(self) -> None:
-        while True:
-            await asyncio.sleep(_FLUSH_INTERVAL)
-            self._flush()
+    @property
+    def flush_scheduled(self) -> bool:
+        """Whether a flush waits on the loop's clock (only while calls are pending)."""
+        return self._timer is not None
+
+    def _arm(self) -> None:
+        # Before start() there is no loop yet (start arms); after aclose() only the readers
+        # drain, as no UDP sink is left.
+        if self._timer is None and self._loop is not None and not self._closed:
+            self._timer = self._loop.call_later(_FLUSH_INTERVAL, self._flush_due)
+
+    def _flush_due(self) -> None:
+        self._timer = None
+        self._flush()
+        if self._pending:  # a drain cut short by a bug (Rule 2): try again, never spin
+            self._arm()
 
     def _flush(self) -> None:
         try:
             self._drain()
-        except Exception:  # Rule 2: a bug here must not end the flush task
+        except Exception:  # Rule 2: a bug here must not stop later flushes
             now = time.monotonic()
             if now >= self._next_report:
                 self._next_report = now + _ERROR_EVERY

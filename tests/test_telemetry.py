@@ -10,7 +10,7 @@ import asyncio
 import logging
 import socket
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Awaitable, Callable, Iterator
 from typing import Any
 
 import pytest
@@ -275,7 +275,7 @@ async def test_a_closed_port_never_raises_and_is_logged_at_debug(
     try:
 
         def refused() -> bool:
-            # Each poll queues one more line; the flush task keeps sending into the ICMP errors.
+            # Each poll queues one more line, which a flush sends into the ICMP errors.
             telemetry.set_gauge(["inbound", "conns"], 1, DB)
             return any("sending to statsd" in r.getMessage() for r in caplog.records)
 
@@ -299,6 +299,114 @@ async def test_an_address_that_does_not_resolve_is_a_config_error_naming_it() ->
     ):
         await telemetry.start()
     await telemetry.aclose()
+
+
+# -- when the flush runs ---------------------------------------------------------------------
+
+
+class TimerLoop(asyncio.SelectorEventLoop):
+    """Plain asyncio that keeps the timers it has yet to fire: each one is a wake-up."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.timers: set[asyncio.TimerHandle] = set()
+
+    def call_at(
+        self, when: float, callback: Callable[..., object], *args: object, context: Any = None
+    ) -> asyncio.TimerHandle:
+        def fire(*fired: object) -> None:
+            self.timers.discard(handle)
+            callback(*fired)
+
+        handle = super().call_at(when, fire, *args, context=context)
+        self.timers.add(handle)
+        return handle
+
+    def waiting(self) -> int:
+        return sum(not handle.cancelled() for handle in self.timers)
+
+
+def on_timer_loop(test: Callable[[TimerLoop, UdpServer], Awaitable[None]]) -> None:
+    loop = TimerLoop()
+    with asyncio.Runner(loop_factory=lambda: loop) as runner:
+
+        async def main() -> None:
+            transport, server = await loop.create_datagram_endpoint(
+                UdpServer, local_addr=("127.0.0.1", 0)
+            )
+            server.address = f"127.0.0.1:{transport.get_extra_info('sockname')[1]}"
+            try:
+                await test(loop, server)
+            finally:
+                transport.close()
+
+        runner.run(main())
+
+
+def test_an_idle_telemetry_leaves_no_timer_and_a_call_arms_one_flush() -> None:
+    async def check(loop: TimerLoop, udp: UdpServer) -> None:
+        telemetry = Telemetry(TelemetryConfig(statsd_address=udp.address), hostname="h1")
+        await telemetry.start()
+        try:
+            assert loop.waiting() == 0 and not telemetry.flush_scheduled
+            telemetry.incr_counter(["inbound", "rx_bytes"], 7, DB)
+            telemetry.incr_counter(["inbound", "tx_bytes"], 3, DB)
+            assert loop.waiting() == 1 and telemetry.flush_scheduled
+            assert await udp.next() == (
+                b"inbound.rx_bytes.db:7.000000|c\ninbound.tx_bytes.db:3.000000|c\n"
+            )
+            # The flush that sent it has run, and nothing is pending: nothing to wake for.
+            assert loop.waiting() == 0 and not telemetry.flush_scheduled
+            telemetry.set_gauge(["inbound", "conns"], 0, DB)
+            assert await udp.next() == b"h1.inbound.conns.db:0.000000|g\n"
+            assert loop.waiting() == 0
+        finally:
+            await telemetry.aclose()
+        assert loop.waiting() == 0
+
+    on_timer_loop(check)
+
+
+def test_calls_made_before_the_start_are_flushed_after_it() -> None:
+    async def check(loop: TimerLoop, udp: UdpServer) -> None:
+        telemetry = Telemetry(TelemetryConfig(statsd_address=udp.address), hostname="h1")
+        telemetry.incr_counter(["inbound", "rx_bytes"], 7, DB)
+        assert not telemetry.flush_scheduled
+        await telemetry.start()
+        try:
+            assert telemetry.flush_scheduled
+            assert await udp.next() == b"inbound.rx_bytes.db:7.000000|c\n"
+        finally:
+            await telemetry.aclose()
+
+    on_timer_loop(check)
+
+
+def test_a_drain_cut_short_by_a_bug_is_retried_and_logged(
+    caplog: pytest.LogCaptureFixture,
+) -> None:
+    async def check(loop: TimerLoop, udp: UdpServer) -> None:
+        telemetry = Telemetry(TelemetryConfig(statsd_address=udp.address), hostname="h1")
+        describe = telemetry._describe
+
+        def buggy(kind: int, key: tuple[str, ...], labels: Any) -> Any:
+            if key == ("bug",):
+                raise RuntimeError("a bug in naming")
+            return describe(kind, key, labels)
+
+        telemetry._describe = buggy  # type: ignore[method-assign]
+        await telemetry.start()
+        try:
+            telemetry.incr_counter(["bug"], 1)
+            telemetry.incr_counter(["inbound", "rx_bytes"], 7, DB)
+            # The first flush stops at the bug; the next one, armed again, sends the rest.
+            assert await udp.next() == b"inbound.rx_bytes.db:7.000000|c\n"
+            assert loop.waiting() == 0
+        finally:
+            await telemetry.aclose()
+        assert any("metrics dropped" in r.getMessage() for r in caplog.records)
+
+    on_timer_loop(check)
 
 
 # -- dogstatsd -------------------------------------------------------------------------------
