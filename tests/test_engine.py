@@ -685,6 +685,65 @@ async def test_nothing_is_decrypted_before_an_app_is_attached(
         server.close()
 
 
+@pytest.mark.parametrize(("server_engine", "tickets"), [("ssl", 1), ("openssl", 2)])
+async def test_a_tls13_servers_tickets_go_out_with_its_first_write(
+    ca: CertificateAuthority, server_engine: str, tickets: int
+) -> None:
+    """Nothing follows the handshake on the wire until the server writes: then its session
+    tickets and its first record come in one segment, the tickets first, and resume."""
+    loop = asyncio.get_running_loop()
+    read: list[int] = []
+
+    def message(
+        _conn: object, direction: str, _v: object, kind: object, _m: object, data: bytes
+    ) -> None:
+        if direction == "read" and kind == ssl._TLSContentType.HANDSHAKE and data[:1] == b"\x04":
+            read.append(len(data))
+
+    client_ctx = _client(ca, "ssl")
+    assert isinstance(client_ctx, ssl.SSLContext)
+    client_ctx._msg_callback = message  # type: ignore[attr-defined]
+    server = TLSTransport(_server(ca, server_engine), server_side=True)
+    client = new_engine(client_ctx, server_side=False)
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        lsock.setblocking(False)
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, lsock.getsockname()[:2])
+        accepted, _ = await loop.sock_accept(lsock)
+    await loop.connect_accepted_socket(lambda: server, accepted)
+    try:
+        async with asyncio.timeout(5):
+            client.do_handshake()
+            await loop.sock_sendall(sock, client.take())
+            while not client.do_handshake():
+                data = await loop.sock_recv(sock, 65536)
+                assert data, "the server closed the connection during the handshake"
+                client.feed(data)
+            await loop.sock_sendall(sock, client.take())  # the client's Finished
+            await server.handshake(5)
+            assert server.version() == "TLSv1.3"
+            # A loopback write is in the peer's queue when it returns: the tickets are held.
+            with pytest.raises(BlockingIOError):
+                sock.recv(65536)
+            assert server.get_write_buffer_size() > 0
+
+            attach(server, Sink(echo=True))
+            client.write(b"ping")
+            await loop.sock_sendall(sock, client.take())
+            client.feed(await loop.sock_recv(sock, 65536))  # one segment
+            assert client.read(64) == b"ping"
+            assert len(read) == tickets
+            assert server.get_write_buffer_size() == 0
+            session = client.session
+    finally:
+        sock.close()
+        server.close()
+    assert session is not None
+    async with asyncio.timeout(5):
+        assert (await _dial(server.context, client_ctx, session))[:2] == (True, True)
+
+
 # -- session resumption -------------------------------------------------------------------
 
 
