@@ -641,6 +641,50 @@ async def test_large_transfer_each_way_is_intact_and_read_in_large_chunks(
         await _close(client, server)
 
 
+def _counting_tickets(ca: CertificateAuthority) -> tuple[ssl.SSLContext, list[int]]:
+    """A CPython `ssl` client context, and the sizes of the NewSessionTicket messages its
+    connections read, as they read them (OpenSSL's message callback)."""
+    read: list[int] = []
+
+    def message(
+        _conn: object, direction: str, _v: object, kind: object, _m: object, data: bytes
+    ) -> None:
+        if direction == "read" and kind == ssl._TLSContentType.HANDSHAKE and data[:1] == b"\x04":
+            read.append(len(data))
+
+    client_ctx = _client(ca, "ssl")
+    assert isinstance(client_ctx, ssl.SSLContext)
+    client_ctx._msg_callback = message  # type: ignore[attr-defined]
+    return client_ctx, read
+
+
+async def _raw_client_of(server: TLSTransport) -> socket.socket:
+    """A non-blocking client socket over loopback whose accepted end has `server` as its
+    protocol."""
+    loop = asyncio.get_running_loop()
+    with socket.create_server(("127.0.0.1", 0)) as lsock:
+        lsock.setblocking(False)
+        sock = socket.socket()
+        sock.setblocking(False)
+        await loop.sock_connect(sock, lsock.getsockname()[:2])
+        accepted, _ = await loop.sock_accept(lsock)
+    await loop.connect_accepted_socket(lambda: server, accepted)
+    return sock
+
+
+async def _last_flight(client: TLSEngine, sock: socket.socket) -> bytes:
+    """Drive `client`'s handshake over `sock` until only its last flight is left to send
+    (a TLS 1.3 client's Finished); return that flight, untaken until now."""
+    loop = asyncio.get_running_loop()
+    client.do_handshake()
+    await loop.sock_sendall(sock, client.take())
+    while not client.do_handshake():
+        data = await loop.sock_recv(sock, 65536)
+        assert data, "the server closed the connection during the handshake"
+        client.feed(data)
+    return client.take()
+
+
 @pytest.mark.tls_engines()
 async def test_nothing_is_decrypted_before_an_app_is_attached(
     ca: CertificateAuthority, tls_engine: str
@@ -651,22 +695,10 @@ async def test_nothing_is_decrypted_before_an_app_is_attached(
     loop = asyncio.get_running_loop()
     server = TLSTransport(_server(ca, tls_engine), server_side=True)
     client = new_engine(_client(ca, "ssl"), server_side=False)
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        lsock.setblocking(False)
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, lsock.getsockname()[:2])
-        accepted, _ = await loop.sock_accept(lsock)
-    await loop.connect_accepted_socket(lambda: server, accepted)
+    sock = await _raw_client_of(server)
     try:
         async with asyncio.timeout(5):
-            client.do_handshake()
-            await loop.sock_sendall(sock, client.take())
-            while not client.do_handshake():
-                data = await loop.sock_recv(sock, 65536)
-                assert data, "the server closed the connection during the handshake"
-                client.feed(data)
-            finished = client.take()
+            finished = await _last_flight(client, sock)
             client.write(b"secret")
             record = bytearray(client.take())
             record[-1] ^= 0xFF  # breaks the record's authentication tag
@@ -692,35 +724,13 @@ async def test_a_tls13_servers_tickets_go_out_with_its_first_write(
     """Nothing follows the handshake on the wire until the server writes: then its session
     tickets and its first record come in one segment, the tickets first, and resume."""
     loop = asyncio.get_running_loop()
-    read: list[int] = []
-
-    def message(
-        _conn: object, direction: str, _v: object, kind: object, _m: object, data: bytes
-    ) -> None:
-        if direction == "read" and kind == ssl._TLSContentType.HANDSHAKE and data[:1] == b"\x04":
-            read.append(len(data))
-
-    client_ctx = _client(ca, "ssl")
-    assert isinstance(client_ctx, ssl.SSLContext)
-    client_ctx._msg_callback = message  # type: ignore[attr-defined]
+    client_ctx, read = _counting_tickets(ca)
     server = TLSTransport(_server(ca, server_engine), server_side=True)
     client = new_engine(client_ctx, server_side=False)
-    with socket.create_server(("127.0.0.1", 0)) as lsock:
-        lsock.setblocking(False)
-        sock = socket.socket()
-        sock.setblocking(False)
-        await loop.sock_connect(sock, lsock.getsockname()[:2])
-        accepted, _ = await loop.sock_accept(lsock)
-    await loop.connect_accepted_socket(lambda: server, accepted)
+    sock = await _raw_client_of(server)
     try:
         async with asyncio.timeout(5):
-            client.do_handshake()
-            await loop.sock_sendall(sock, client.take())
-            while not client.do_handshake():
-                data = await loop.sock_recv(sock, 65536)
-                assert data, "the server closed the connection during the handshake"
-                client.feed(data)
-            await loop.sock_sendall(sock, client.take())  # the client's Finished
+            await loop.sock_sendall(sock, await _last_flight(client, sock))
             await server.handshake(5)
             assert server.version() == "TLSv1.3"
             # A loopback write is in the peer's queue when it returns: the tickets are held.
@@ -849,17 +859,7 @@ async def test_tickets_a_server_sends_as_a_real_client_sees_them(
     # A CPython ssl client over a real socket counts the NewSessionTicket messages it reads
     # (OpenSSL's message callback). The `ssl` engine's servers send one, as Go does; the
     # `openssl` engine keeps OpenSSL's two (no binding sets the count, bench/README.md).
-    seen: list[int] = []
-
-    def message(
-        _conn: object, direction: str, _v: object, kind: object, _m: object, data: bytes
-    ) -> None:
-        if direction == "read" and kind == ssl._TLSContentType.HANDSHAKE and data[:1] == b"\x04":
-            seen.append(len(data))
-
-    client_ctx = _client(ca, "ssl")
-    assert isinstance(client_ctx, ssl.SSLContext)
-    client_ctx._msg_callback = message  # type: ignore[attr-defined]
+    client_ctx, seen = _counting_tickets(ca)
     server_ctx = _server(ca, server_engine)
     loop = asyncio.get_running_loop()
     accepted: asyncio.Future[TLSTransport] = loop.create_future()
