@@ -2,7 +2,7 @@
 the progress log and the state of the code measured.
 
 Rule 1: nothing here writes key material to a regular file: keys are loaded into `ssl`
-through an anonymous memory file (memfd), as the proxy itself does.
+through an anonymous memory file (memfd), by the proxy's own `proxy.keyload`.
 Rule 2: nothing here imports another bench module (they all import this one).
 """
 
@@ -32,6 +32,10 @@ from typing import Any
 
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 ROOT = Path(__file__).resolve().parent.parent  # the repository
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from proxy.keyload import load_cert_chain  # noqa: E402  # the proxy's own memfd loading
 
 
 def log(msg: str) -> None:
@@ -48,15 +52,6 @@ class TLSMaterial:
     roots_pem: str
 
 
-def _load_chain(ctx: ssl.SSLContext, cert_pem: str, key_pem: str) -> None:
-    fd = os.memfd_create("bench-leaf", os.MFD_CLOEXEC)
-    try:
-        os.write(fd, (cert_pem + key_pem).encode())
-        ctx.load_cert_chain(f"/proc/self/fd/{fd}")
-    finally:
-        os.close(fd)
-
-
 def client_context(mat: TLSMaterial) -> ssl.SSLContext:
     """An mTLS client context: presents the leaf, verifies the server against the roots."""
     ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
@@ -64,7 +59,7 @@ def client_context(mat: TLSMaterial) -> ssl.SSLContext:
     ctx.check_hostname = False
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=mat.roots_pem)
-    _load_chain(ctx, mat.cert_pem, mat.key_pem)
+    load_cert_chain(ctx, mat.cert_pem, mat.key_pem, name="bench-leaf")
     return ctx
 
 
@@ -74,7 +69,7 @@ def server_context(mat: TLSMaterial) -> ssl.SSLContext:
     ctx.minimum_version = ssl.TLSVersion.TLSv1_2
     ctx.verify_mode = ssl.CERT_REQUIRED
     ctx.load_verify_locations(cadata=mat.roots_pem)
-    _load_chain(ctx, mat.cert_pem, mat.key_pem)
+    load_cert_chain(ctx, mat.cert_pem, mat.key_pem, name="bench-leaf")
     return ctx
 
 

@@ -9,7 +9,7 @@ import os
 import signal
 from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import pytest
@@ -20,6 +20,9 @@ from proxy.demo import ReservedPorts
 from proxy.devagent import AgentConfig, DevAgent
 from proxy.devagent.ca import CertificateAuthority
 from tests.certs import CLUSTER
+
+if TYPE_CHECKING:
+    from tests.peerfix import Cluster
 
 
 def pytest_asyncio_loop_factories(
@@ -160,6 +163,15 @@ async def register(client: httpx.AsyncClient, body: dict[str, Any], token: str =
     headers = {"X-Consul-Token": token} if token else {}
     r = await client.put("/v1/agent/service/register", json=body, headers=headers)
     assert r.status_code == 200, r.text
+
+
+@pytest.fixture
+async def clusters() -> AsyncIterator[tuple[Cluster, Cluster]]:
+    """Two dev agents, dc1 and dc2, peered (`tests.peerfix.two_clusters`)."""
+    from tests.peerfix import two_clusters  # it imports this module
+
+    async with two_clusters() as pair:
+        yield pair
 
 
 @pytest.fixture

@@ -17,7 +17,7 @@ from proxy.devagent import DevAgent
 from proxy.peeranswers import TrustBundle
 from tests.certs import issue_leaf, load_chain
 from tests.conftest import wait_until
-from tests.peerfix import Cluster, two_clusters, wait_imported, web_config
+from tests.peerfix import Cluster, wait_imported, web_config
 from tests.proxyfix import (
     custom_leaf,
     db_sidecar,
@@ -32,12 +32,6 @@ pytestmark = [
     pytest.mark.tls_engines(),
     pytest.mark.one_loop,
 ]  # engines matter here; the loop is covered elsewhere
-
-
-@pytest.fixture
-async def clusters() -> AsyncIterator[tuple[Cluster, Cluster]]:
-    async with two_clusters() as pair:
-        yield pair
 
 
 @dataclass

@@ -4,7 +4,6 @@ of dc2 against a peer's client. On both TLS engines."""
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
 from dataclasses import asdict
 
 import pytest
@@ -23,7 +22,6 @@ from tests.peerfix import (
     Cluster,
     peer_client_ctx,
     peered_upstream,
-    two_clusters,
     wait_imported,
     web_config,
 )
@@ -40,12 +38,6 @@ pytestmark = [
     pytest.mark.tls_engines(),
     pytest.mark.one_loop,
 ]  # engines matter here; the loop is covered elsewhere
-
-
-@pytest.fixture
-async def clusters() -> AsyncIterator[tuple[Cluster, Cluster]]:
-    async with two_clusters() as pair:
-        yield pair
 
 
 async def test_web_in_dc1_reaches_db_in_dc2(clusters: tuple[Cluster, Cluster]) -> None:
